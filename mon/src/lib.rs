@@ -1,0 +1,1 @@
+//! mon: filled by a later issue.

@@ -1,0 +1,1 @@
+//! osd: filled by a later issue.

@@ -1,0 +1,1 @@
+//! rados: filled by a later issue.

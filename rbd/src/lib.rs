@@ -1,0 +1,1 @@
+//! rbd: filled by a later issue.

@@ -1,0 +1,1 @@
+//! tools: binaries only; filled by later issues.
