@@ -1,0 +1,487 @@
+//! The wire format: banner, frame preamble, segments, and the transmit queue. No IO.
+//!
+//! ```text
+//! banner   : "cuttle1\n" | le64 supported features | le64 required features              (24 bytes)
+//! preamble : u8 tag | u8 segment count | le16 flags (0) | 3 x le32 segment length
+//!            | le32 reserved (0) | le32 crc32c(preamble bytes 0..20)                      (24 bytes)
+//! segments : for each non-empty segment i in order: its bytes, then le32 crc32c(segment)
+//! ```
+//! The preamble is fixed-size and checksums itself, so a reader sizes the rest of the frame from one read and
+//! rejects an oversized length before buffering anything. Each segment's crc follows it, so the header segment is
+//! verified (and usable) before a large data segment is complete. See docs/wire.md for every field.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{de::DeserializeOwned, Serialize};
+
+pub const BANNER_MAGIC: [u8; 8] = *b"cuttle1\n";
+pub const BANNER_BYTES: usize = 24;
+/// Feature bits this build speaks. None are defined yet; a peer requiring one we lack is refused.
+pub const FEATURES_SUPPORTED: u64 = 0;
+pub const FEATURES_REQUIRED: u64 = 0;
+
+pub const PREAMBLE_BYTES: usize = 24;
+pub const SEGMENTS: usize = 3;
+pub const CRC_BYTES: usize = 4;
+/// Handshake and other control frames carry one small postcard segment.
+pub const CONTROL_BYTES_MAX: u32 = 4096;
+pub const MSG_HEADER_BYTES: usize = 32;
+/// Fronts and data segments no larger than this are copied into the staging buffer so that small messages go
+/// out as one contiguous iovec; larger ones are sent from their own `Bytes` without a copy.
+pub const COPY_BYTES_MAX: usize = 16 * 1024;
+/// `writev` takes at most this many slices per call (Linux's IOV_MAX is 1024).
+pub const IOV_MAX: usize = 64;
+
+const _: () = assert!(PREAMBLE_BYTES == 1 + 1 + 2 + 4 * SEGMENTS + 4 + 4);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    ClientIdent = 1,
+    ServerIdent = 2,
+    SessionReconnect = 3,
+    SessionReconnectOk = 4,
+    SessionReset = 5,
+    SessionRetry = 6,
+    SessionRetryGlobal = 7,
+    Wait = 8,
+    Message = 9,
+    Keepalive = 10,
+    KeepaliveAck = 11,
+    Ack = 12,
+}
+
+impl Tag {
+    fn from_u8(v: u8) -> Option<Tag> {
+        use Tag::*;
+        Some(match v {
+            1 => ClientIdent,
+            2 => ServerIdent,
+            3 => SessionReconnect,
+            4 => SessionReconnectOk,
+            5 => SessionReset,
+            6 => SessionRetry,
+            7 => SessionRetryGlobal,
+            8 => Wait,
+            9 => Message,
+            10 => Keepalive,
+            11 => KeepaliveAck,
+            12 => Ack,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum FrameError {
+    #[error("bad banner magic {0:02x?}")]
+    BadBanner([u8; 8]),
+    #[error("peer requires features {0:#x} we do not support")]
+    MissingFeatures(u64),
+    #[error("preamble crc mismatch (got {got:#010x}, computed {computed:#010x})")]
+    PreambleCrc { got: u32, computed: u32 },
+    #[error("unknown frame tag {0}")]
+    UnknownTag(u8),
+    #[error("malformed preamble: {0}")]
+    BadPreamble(&'static str),
+    #[error("segment {index} is {len} bytes, over the limit of {max} for a {tag:?} frame")]
+    SegmentTooLong { tag: Tag, index: usize, len: u32, max: u32 },
+    #[error("segment {index} crc mismatch")]
+    SegmentCrc { index: usize },
+    #[error("cannot decode {tag:?} payload: {why}")]
+    BadPayload { tag: Tag, why: String },
+}
+
+/// Per-segment limits, from the messenger's config.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameLimits {
+    pub front_bytes_max: u32,
+    pub data_bytes_max: u32,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        FrameLimits { front_bytes_max: 16 << 20, data_bytes_max: 128 << 20 }
+    }
+}
+
+pub fn encode_banner() -> [u8; BANNER_BYTES] {
+    let mut b = [0u8; BANNER_BYTES];
+    b[..8].copy_from_slice(&BANNER_MAGIC);
+    b[8..16].copy_from_slice(&FEATURES_SUPPORTED.to_le_bytes());
+    b[16..24].copy_from_slice(&FEATURES_REQUIRED.to_le_bytes());
+    b
+}
+
+/// Checks a peer's banner; returns its supported features.
+pub fn decode_banner(b: &[u8; BANNER_BYTES]) -> Result<u64, FrameError> {
+    let magic: [u8; 8] = b[..8].try_into().expect("slice of 8");
+    if magic != BANNER_MAGIC {
+        return Err(FrameError::BadBanner(magic));
+    }
+    let supported = u64::from_le_bytes(b[8..16].try_into().expect("slice of 8"));
+    let required = u64::from_le_bytes(b[16..24].try_into().expect("slice of 8"));
+    let missing = required & !FEATURES_SUPPORTED;
+    if missing != 0 {
+        return Err(FrameError::MissingFeatures(missing));
+    }
+    Ok(supported)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preamble {
+    pub tag: Tag,
+    pub lens: [u32; SEGMENTS],
+}
+
+impl Preamble {
+    /// Bytes of the whole frame, preamble included.
+    pub fn frame_bytes(&self) -> usize {
+        PREAMBLE_BYTES
+            + self.lens.iter().map(|&l| if l > 0 { l as usize + CRC_BYTES } else { 0 }).sum::<usize>()
+    }
+
+    /// Bytes of the segments alone (what a receive throttle charges).
+    pub fn payload_bytes(&self) -> usize {
+        self.lens.iter().map(|&l| l as usize).sum()
+    }
+
+    fn encode(&self) -> [u8; PREAMBLE_BYTES] {
+        let mut p = [0u8; PREAMBLE_BYTES];
+        p[0] = self.tag as u8;
+        p[1] = self.lens.iter().rposition(|&l| l > 0).map_or(0, |i| i + 1) as u8;
+        for (i, l) in self.lens.iter().enumerate() {
+            p[4 + 4 * i..8 + 4 * i].copy_from_slice(&l.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&p[..20]);
+        p[20..24].copy_from_slice(&crc.to_le_bytes());
+        p
+    }
+
+    /// Parses and validates a preamble against the limits: crc first (so garbage never reaches the length
+    /// checks as if it were meant), then the tag, then each segment length for that tag.
+    pub fn decode(p: &[u8; PREAMBLE_BYTES], limits: &FrameLimits) -> Result<Preamble, FrameError> {
+        let got = u32::from_le_bytes(p[20..24].try_into().expect("slice of 4"));
+        let computed = crc32c::crc32c(&p[..20]);
+        if got != computed {
+            return Err(FrameError::PreambleCrc { got, computed });
+        }
+        let tag = Tag::from_u8(p[0]).ok_or(FrameError::UnknownTag(p[0]))?;
+        if p[2] != 0 || p[3] != 0 || p[16..20] != [0; 4] {
+            return Err(FrameError::BadPreamble("reserved bytes are not zero"));
+        }
+        let mut lens = [0u32; SEGMENTS];
+        for (i, l) in lens.iter_mut().enumerate() {
+            *l = u32::from_le_bytes(p[4 + 4 * i..8 + 4 * i].try_into().expect("slice of 4"));
+        }
+        let count = lens.iter().rposition(|&l| l > 0).map_or(0, |i| i + 1);
+        if p[1] as usize != count {
+            return Err(FrameError::BadPreamble("segment count disagrees with the lengths"));
+        }
+        let max: [u32; SEGMENTS] = if tag == Tag::Message {
+            if lens[0] as usize != MSG_HEADER_BYTES {
+                return Err(FrameError::BadPreamble("message header segment has the wrong size"));
+            }
+            [MSG_HEADER_BYTES as u32, limits.front_bytes_max, limits.data_bytes_max]
+        } else {
+            [CONTROL_BYTES_MAX, 0, 0]
+        };
+        for (index, (&len, &max)) in lens.iter().zip(max.iter()).enumerate() {
+            if len > max {
+                return Err(FrameError::SegmentTooLong { tag, index, len, max });
+            }
+        }
+        Ok(Preamble { tag, lens })
+    }
+}
+
+/// A whole, verified frame. Segments are slices of the receive buffer: no copy was made.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub tag: Tag,
+    pub segments: [Bytes; SEGMENTS],
+}
+
+impl Frame {
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, FrameError> {
+        postcard::from_bytes(&self.segments[0])
+            .map_err(|e| FrameError::BadPayload { tag: self.tag, why: e.to_string() })
+    }
+}
+
+/// Decodes one frame from the front of `rx` if it is complete; `Ok(None)` means more bytes are needed (and `rx`
+/// has reserved room for the whole frame, so the reads that follow land in one buffer and the segments can be
+/// split off without a copy).
+pub fn decode_frame(rx: &mut BytesMut, limits: &FrameLimits) -> Result<Option<Frame>, FrameError> {
+    let Some(pre) = peek_preamble(rx, limits)? else { return Ok(None) };
+    let total = pre.frame_bytes();
+    if rx.len() < total {
+        rx.reserve(total - rx.len());
+        return Ok(None);
+    }
+    let mut buf = rx.split_to(total).freeze();
+    buf.advance(PREAMBLE_BYTES);
+    let mut segments: [Bytes; SEGMENTS] = Default::default();
+    for (index, &len) in pre.lens.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        let seg = buf.split_to(len as usize);
+        let crc = buf.get_u32_le();
+        if crc32c::crc32c(&seg) != crc {
+            return Err(FrameError::SegmentCrc { index });
+        }
+        segments[index] = seg;
+    }
+    assert!(buf.is_empty(), "frame_bytes() covers every byte of the frame");
+    Ok(Some(Frame { tag: pre.tag, segments }))
+}
+
+/// The preamble at the front of `rx`, if 24 bytes have arrived.
+pub fn peek_preamble(rx: &[u8], limits: &FrameLimits) -> Result<Option<Preamble>, FrameError> {
+    if rx.len() < PREAMBLE_BYTES {
+        return Ok(None);
+    }
+    Preamble::decode(rx[..PREAMBLE_BYTES].try_into().expect("length checked"), limits).map(Some)
+}
+
+/// Bytes waiting to be written, as a list of chunks: small pieces are gathered into a staging buffer, large
+/// segments stay in their own `Bytes`. The shell writes them with one `writev` per batch.
+#[derive(Debug, Default)]
+pub struct TxQueue {
+    chunks: VecDeque<Bytes>,
+    staging: BytesMut,
+    queued_bytes: usize,
+}
+
+impl TxQueue {
+    pub fn new() -> TxQueue {
+        TxQueue::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queued_bytes == 0
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    pub fn push_raw(&mut self, b: &[u8]) {
+        self.staging.extend_from_slice(b);
+        self.queued_bytes += b.len();
+    }
+
+    fn push_bytes(&mut self, b: &Bytes) {
+        if b.len() <= COPY_BYTES_MAX {
+            self.staging.extend_from_slice(b);
+        } else {
+            self.seal_staging();
+            self.chunks.push_back(b.clone());
+        }
+        self.queued_bytes += b.len();
+    }
+
+    fn seal_staging(&mut self) {
+        if !self.staging.is_empty() {
+            self.chunks.push_back(self.staging.split().freeze());
+        }
+    }
+
+    /// Appends one frame. `segments[0]` is always small (header or control payload).
+    pub fn push_frame(&mut self, tag: Tag, seg0: &[u8], front: &Bytes, data: &Bytes) {
+        let lens = [seg0.len() as u32, front.len() as u32, data.len() as u32];
+        self.push_raw(&Preamble { tag, lens }.encode());
+        if !seg0.is_empty() {
+            self.push_raw(seg0);
+            self.push_raw(&crc32c::crc32c(seg0).to_le_bytes());
+        }
+        for seg in [front, data] {
+            if !seg.is_empty() {
+                self.push_bytes(seg);
+                self.push_raw(&crc32c::crc32c(seg).to_le_bytes());
+            }
+        }
+    }
+
+    pub fn push_control<T: Serialize>(&mut self, tag: Tag, payload: &T) {
+        assert!(tag != Tag::Message);
+        let seg0 = postcard::to_stdvec(payload).expect("control payloads always encode");
+        assert!(seg0.len() <= CONTROL_BYTES_MAX as usize, "control payload over the limit");
+        self.push_frame(tag, &seg0, &Bytes::new(), &Bytes::new());
+    }
+
+    /// Fills `out` with the chunks to write next; returns how many slices were filled.
+    pub fn io_slices<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> usize {
+        self.seal_staging();
+        let mut n = 0;
+        for (slot, chunk) in out.iter_mut().zip(self.chunks.iter()) {
+            *slot = IoSlice::new(chunk);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn advance(&mut self, mut n: usize) {
+        assert!(n <= self.queued_bytes);
+        self.queued_bytes -= n;
+        while n > 0 {
+            let front = self.chunks.front_mut().expect("advance within queued bytes");
+            if front.len() <= n {
+                n -= front.len();
+                self.chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    /// Everything queued, as one buffer (tests and the in-memory simulator).
+    pub fn take_all(&mut self) -> Vec<u8> {
+        self.seal_staging();
+        let mut v = Vec::with_capacity(self.queued_bytes);
+        for c in self.chunks.drain(..) {
+            v.put_slice(&c);
+        }
+        self.queued_bytes = 0;
+        v
+    }
+
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.staging.clear();
+        self.queued_bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn one_frame(tag: Tag, seg0: &[u8], front: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut tx = TxQueue::new();
+        tx.push_frame(tag, seg0, &Bytes::copy_from_slice(front), &Bytes::copy_from_slice(data));
+        tx.take_all()
+    }
+
+    fn decode_all(wire: &[u8]) -> Result<Option<Frame>, FrameError> {
+        let mut rx = BytesMut::from(wire);
+        decode_frame(&mut rx, &FrameLimits::default())
+    }
+
+    #[test]
+    fn banner_round_trips_and_rejects_garbage() {
+        assert_eq!(decode_banner(&encode_banner()), Ok(FEATURES_SUPPORTED));
+        let mut b = encode_banner();
+        b[0] = b'X';
+        assert!(matches!(decode_banner(&b), Err(FrameError::BadBanner(_))));
+        let mut b = encode_banner();
+        b[16] = 0x80;
+        assert_eq!(decode_banner(&b), Err(FrameError::MissingFeatures(0x80)));
+    }
+
+    #[test]
+    fn pinned_preamble_layout() {
+        // A Keepalive frame with a 3-byte payload: the bytes below are the wire format; changing them breaks
+        // every deployed peer.
+        let wire = one_frame(Tag::Keepalive, &[1, 2, 3], &[], &[]);
+        let pre = &wire[..PREAMBLE_BYTES];
+        assert_eq!(&pre[..20], &[10, 1, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(wire.len(), PREAMBLE_BYTES + 3 + 4);
+        assert_eq!(&wire[24..27], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn message_frame_round_trips_without_copying_data() {
+        let data = vec![7u8; 100_000];
+        let wire = one_frame(Tag::Message, &[9; MSG_HEADER_BYTES], b"front", &data);
+        let f = decode_all(&wire).unwrap().unwrap();
+        assert_eq!(f.tag, Tag::Message);
+        assert_eq!(&f.segments[0][..], &[9; MSG_HEADER_BYTES]);
+        assert_eq!(&f.segments[1][..], b"front");
+        assert_eq!(&f.segments[2][..], &data[..]);
+    }
+
+    #[test]
+    fn truncated_frames_wait_for_more() {
+        let wire = one_frame(Tag::Message, &[0; MSG_HEADER_BYTES], b"abc", b"defg");
+        for cut in 0..wire.len() {
+            assert!(decode_all(&wire[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bad_preamble_crc_is_rejected() {
+        let mut wire = one_frame(Tag::Ack, &[1], &[], &[]);
+        wire[4] ^= 1;
+        assert!(matches!(decode_all(&wire), Err(FrameError::PreambleCrc { .. })));
+    }
+
+    #[test]
+    fn bad_segment_crc_is_rejected() {
+        let mut wire = one_frame(Tag::Message, &[0; MSG_HEADER_BYTES], b"abc", b"defg");
+        let last = wire.len() - 6;
+        wire[last] ^= 0xff;
+        assert_eq!(decode_all(&wire).unwrap_err(), FrameError::SegmentCrc { index: 2 });
+    }
+
+    #[test]
+    fn unknown_tag_is_rejected() {
+        let mut wire = one_frame(Tag::Ack, &[1], &[], &[]);
+        wire[0] = 200;
+        let crc = crc32c::crc32c(&wire[..20]);
+        wire[20..24].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_all(&wire).unwrap_err(), FrameError::UnknownTag(200));
+    }
+
+    #[test]
+    fn oversized_lengths_are_rejected_from_the_preamble_alone() {
+        let limits = FrameLimits { front_bytes_max: 10, data_bytes_max: 1000 };
+        let pre = Preamble { tag: Tag::Message, lens: [MSG_HEADER_BYTES as u32, 11, 0] }.encode();
+        assert!(matches!(Preamble::decode(&pre, &limits), Err(FrameError::SegmentTooLong { index: 1, .. })));
+        let pre = Preamble { tag: Tag::Ack, lens: [CONTROL_BYTES_MAX + 1, 0, 0] }.encode();
+        assert!(matches!(Preamble::decode(&pre, &limits), Err(FrameError::SegmentTooLong { index: 0, .. })));
+        let pre = Preamble { tag: Tag::Ack, lens: [1, 1, 0] }.encode();
+        assert!(matches!(Preamble::decode(&pre, &limits), Err(FrameError::SegmentTooLong { index: 1, .. })));
+        let pre = Preamble { tag: Tag::Message, lens: [3, 0, 0] }.encode();
+        assert!(matches!(Preamble::decode(&pre, &limits), Err(FrameError::BadPreamble(_))));
+    }
+
+    #[test]
+    fn tx_queue_advances_across_chunks() {
+        let mut tx = TxQueue::new();
+        let big = Bytes::from(vec![1u8; COPY_BYTES_MAX + 1]);
+        tx.push_frame(Tag::Message, &[0; MSG_HEADER_BYTES], &Bytes::new(), &big);
+        tx.push_control(Tag::Ack, &5u64);
+        let total = tx.queued_bytes();
+        let mut slices = [IoSlice::new(&[]); IOV_MAX];
+        let n = tx.io_slices(&mut slices);
+        assert_eq!(n, 3, "header, big data, crc + ack");
+        let sum: usize = slices[..n].iter().map(|s| s.len()).sum();
+        assert_eq!(sum, total);
+        tx.advance(10);
+        tx.advance(PREAMBLE_BYTES + MSG_HEADER_BYTES + 4 - 10 + 5);
+        assert_eq!(tx.queued_bytes(), total - (PREAMBLE_BYTES + MSG_HEADER_BYTES + 4 + 5));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_all(&bytes);
+        }
+
+        #[test]
+        fn frames_round_trip(front in proptest::collection::vec(any::<u8>(), 0..300),
+                             data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let wire = one_frame(Tag::Message, &[3; MSG_HEADER_BYTES], &front, &data);
+            let f = decode_all(&wire).unwrap().unwrap();
+            prop_assert_eq!(&f.segments[1][..], &front[..]);
+            prop_assert_eq!(&f.segments[2][..], &data[..]);
+        }
+    }
+}

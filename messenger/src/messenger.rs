@@ -1,0 +1,663 @@
+//! The public API: `Messenger` (one per entity and purpose), `Connection` handles, `Dispatcher`s and the queued
+//! dispatch thread. Lifecycle as Ceph's: create, bind, add dispatchers, start, ready (accepting), connect/send,
+//! mark_down, shutdown, wait.
+
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::config::MessengerConfig;
+use crate::counters::{Counters, CountersSnapshot};
+use crate::entity::{EntityName, EntityType, PeerKey};
+use crate::message::Message;
+use crate::policy::Policy;
+use crate::session::{CloseReason, Session, SessionConfig};
+use crate::throttle::Throttle;
+use crate::worker::{Task, WorkerPool};
+
+/// Upper layers implement this to receive messages and connection events. A dispatcher that returns
+/// `can_fast_dispatch == true` for a message gets it inline on the worker thread: it must be quick and must
+/// not block. The others are delivered in priority order on the messenger's dispatch thread.
+pub trait Dispatcher: Send + Sync {
+    /// Decided from the message alone (its type), never from mutable state.
+    fn can_fast_dispatch(&self, _msg: &Message) -> bool {
+        false
+    }
+    /// Handles a message, or gives it back for the next dispatcher in the chain.
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message>;
+    /// A session we initiated, or one a peer initiated, is established.
+    fn handle_connect(&self, _conn: &Connection) {}
+    /// A lossy session ended on a fault; what was queued on it was dropped.
+    fn handle_reset(&self, _conn: &Connection) {}
+    /// The peer lost its session state (it restarted); what was queued on the connection was dropped.
+    fn handle_remote_reset(&self, _conn: &Connection) {}
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    #[error("connection is closed")]
+    Closed,
+    #[error("send throttle stayed full for {0:?}")]
+    Timeout(Duration),
+    #[error("message of {0} bytes is over the limit")]
+    TooLarge(usize),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessengerError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("messenger is already bound")]
+    AlreadyBound,
+    #[error("messenger is shut down")]
+    ShutDown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnEvent {
+    Ready,
+    Reset,
+    RemoteReset,
+}
+
+/// A handle on a session with one peer. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct Connection(pub(crate) Arc<ConnShared>);
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Connection({} to {:?} {})", self.0.id, self.0.peer_name(), self.0.key)
+    }
+}
+
+impl PartialEq for Connection {
+    fn eq(&self, o: &Connection) -> bool {
+        Arc::ptr_eq(&self.0, &o.0)
+    }
+}
+impl Eq for Connection {}
+
+impl Connection {
+    /// Queues a message. It never blocks unless the peer type's policy sets a send throttle, in which case it
+    /// waits (up to the messenger's send timeout) while that many bytes are unacknowledged.
+    pub fn send_message(&self, m: Message) -> Result<(), SendError> {
+        self.0.send(m)
+    }
+
+    /// Sends a keepalive now; its echo updates `rtt()`.
+    pub fn send_keepalive(&self) {
+        self.0.inbox.lock().keepalive = true;
+        self.0.kick();
+    }
+
+    /// Ends the session at once, dropping anything queued.
+    pub fn mark_down(&self) {
+        self.0.inbox.lock().mark_down = true;
+        self.0.kick();
+    }
+
+    pub fn peer_name(&self) -> Option<EntityName> {
+        self.0.peer_name()
+    }
+    pub fn peer_key(&self) -> PeerKey {
+        self.0.key
+    }
+    /// Round-trip time measured by the last keepalive echo.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.0.rtt_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+    /// True once the session has been established at least once.
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Acquire)
+    }
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+    /// Messages queued or awaiting acknowledgement, as of the last time the worker looked.
+    pub fn unacked_messages(&self) -> usize {
+        self.0.unacked.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Inbox {
+    msgs: VecDeque<Message>,
+    keepalive: bool,
+    mark_down: bool,
+}
+
+pub(crate) struct ConnShared {
+    pub id: u64,
+    pub key: PeerKey,
+    pub msgr: Arc<MsgrInner>,
+    connect_addr: Option<SocketAddr>,
+    peer_name: Mutex<Option<EntityName>>,
+    /// The owning worker, and the session's slab token there (usize::MAX until the worker has installed it).
+    home_worker: AtomicUsize,
+    home_token: AtomicUsize,
+    inbox: Mutex<Inbox>,
+    kicked: AtomicBool,
+    closed: AtomicBool,
+    ready: AtomicBool,
+    rtt_ns: AtomicU64,
+    unacked: AtomicUsize,
+    send_throttle: Option<Throttle>,
+}
+
+impl ConnShared {
+    fn send(self: &Arc<Self>, m: Message) -> Result<(), SendError> {
+        let max =
+            self.msgr.cfg.limits.data_bytes_max as usize + self.msgr.cfg.limits.front_bytes_max as usize;
+        if m.payload_bytes() > max {
+            return Err(SendError::TooLarge(m.payload_bytes()));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SendError::Closed);
+        }
+        if let Some(t) = &self.send_throttle {
+            let timeout = self.msgr.cfg.send_timeout;
+            if !t.take_wait(1, m.payload_bytes() as u64, timeout) {
+                return Err(SendError::Timeout(timeout));
+            }
+        }
+        Counters::add(&self.msgr.counters.msgs_out, 1);
+        {
+            let mut inbox = self.inbox.lock();
+            if self.closed.load(Ordering::Acquire) {
+                drop(inbox);
+                self.released(1, m.payload_bytes() as u64);
+                return Err(SendError::Closed);
+            }
+            inbox.msgs.push_back(m);
+        }
+        self.kick();
+        Ok(())
+    }
+
+    fn kick(self: &Arc<Self>) {
+        if !self.kicked.swap(true, Ordering::AcqRel) {
+            let w = self.home_worker();
+            self.msgr.pool.workers[w].post(Task::Kick(Arc::clone(self)));
+        }
+    }
+
+    pub fn set_home(&self, worker: usize, token: usize) {
+        self.home_worker.store(worker, Ordering::Release);
+        self.home_token.store(token, Ordering::Release);
+    }
+    pub fn home_worker(&self) -> usize {
+        self.home_worker.load(Ordering::Acquire)
+    }
+    pub fn token(&self) -> Option<usize> {
+        match self.home_token.load(Ordering::Acquire) {
+            usize::MAX => None,
+            t => Some(t),
+        }
+    }
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.connect_addr.or(match self.key {
+            PeerKey::Listening(a) => Some(a),
+            PeerKey::Anonymous(..) => None,
+        })
+    }
+    pub fn peer_name(&self) -> Option<EntityName> {
+        *self.peer_name.lock()
+    }
+
+    pub fn set_ready(&self, name: Option<EntityName>) {
+        if name.is_some() {
+            *self.peer_name.lock() = name;
+        }
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Moves what upper layers queued into the session. Runs on the owning worker.
+    pub fn drain_inbox(&self, sess: &mut Session, now: Instant) {
+        self.kicked.store(false, Ordering::Release);
+        let inbox = std::mem::take(&mut *self.inbox.lock());
+        for m in inbox.msgs {
+            sess.queue_message(now, m);
+        }
+        if inbox.keepalive {
+            sess.send_keepalive(now);
+        }
+        if inbox.mark_down {
+            sess.mark_down(CloseReason::MarkedDown);
+        }
+        self.unacked.store(sess.unacked_messages(), Ordering::Relaxed);
+        if let Some(rtt) = sess.rtt() {
+            self.rtt_ns.store(rtt.as_nanos().max(1) as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn released(&self, messages: u64, bytes: u64) {
+        if let Some(t) = &self.send_throttle {
+            t.put(messages, bytes);
+        }
+    }
+
+    /// The session is gone: refuse new sends, give back the budget of anything still in the inbox, and leave
+    /// the registry.
+    pub fn closed(self: &Arc<Self>, sess: &mut Session) {
+        self.closed.store(true, Ordering::Release);
+        let leftover = std::mem::take(&mut self.inbox.lock().msgs);
+        for m in &leftover {
+            self.released(1, m.payload_bytes() as u64);
+        }
+        if let Some(rtt) = sess.rtt() {
+            self.rtt_ns.store(rtt.as_nanos().max(1) as u64, Ordering::Relaxed);
+        }
+        let mut reg = self.msgr.sessions.lock();
+        if reg.get(&self.key).is_some_and(|c| Arc::ptr_eq(c, self)) {
+            reg.remove(&self.key);
+        }
+    }
+}
+
+enum DispatchItem {
+    Message(Connection, Message),
+    Event(Connection, ConnEvent),
+}
+
+struct Queued {
+    priority: u8,
+    order: u64,
+    item: DispatchItem,
+}
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.priority, self.order) == (o.priority, o.order)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    // Higher priority first; within a priority, first in first out.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.priority.cmp(&o.priority).then(o.order.cmp(&self.order))
+    }
+}
+
+/// The queued dispatcher's queue. It is bounded by the dispatch throttle: every queued message holds budget.
+#[derive(Default)]
+struct DispatchQueue {
+    heap: Mutex<(BinaryHeap<Queued>, u64, bool)>,
+    cond: Condvar,
+}
+
+pub(crate) struct MsgrInner {
+    pub name: EntityName,
+    pub cfg: MessengerConfig,
+    pub pool: Arc<WorkerPool>,
+    pub counters: Arc<Counters>,
+    pub dispatch_throttle: Arc<Throttle>,
+    nonce: u64,
+    my_addr: OnceLock<SocketAddr>,
+    policies: RwLock<(Policy, HashMap<EntityType, (Policy, Option<Arc<Throttle>>)>)>,
+    dispatchers: RwLock<Vec<Arc<dyn Dispatcher>>>,
+    pub sessions: Mutex<HashMap<PeerKey, Arc<ConnShared>>>,
+    queue: DispatchQueue,
+    next_conn_id: AtomicU64,
+    cookie_state: AtomicU64,
+    shut_down: AtomicBool,
+}
+
+impl MsgrInner {
+    pub fn session_config(&self, peer_type: EntityType) -> SessionConfig {
+        SessionConfig {
+            my_name: self.name,
+            my_addr: self.my_addr.get().copied(),
+            my_nonce: self.nonce,
+            policy: self.policy(peer_type),
+            limits: self.cfg.limits,
+            connect_timeout: self.cfg.connect_timeout,
+            idle_timeout: self.cfg.idle_timeout,
+            keepalive_interval: self.cfg.keepalive_interval,
+            initial_backoff: self.cfg.initial_backoff,
+            max_backoff: self.cfg.max_backoff,
+            outgoing_bytes_soft_max: self.cfg.outgoing_bytes_soft_max,
+        }
+    }
+
+    fn policy(&self, ty: EntityType) -> Policy {
+        let p = self.policies.read();
+        p.1.get(&ty).map_or(p.0, |x| x.0)
+    }
+
+    pub fn policy_throttle(&self, peer: Option<EntityName>) -> Option<Arc<Throttle>> {
+        let p = self.policies.read();
+        peer.and_then(|n| p.1.get(&n.ty)).and_then(|x| x.1.clone())
+    }
+
+    /// A fresh, non-zero session cookie (splitmix64 over a per-messenger seed: unique, not secret).
+    pub fn new_cookie(&self) -> u64 {
+        let mut z = self.cookie_state.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)).max(1)
+    }
+
+    fn new_conn(
+        self: &Arc<Self>,
+        key: PeerKey,
+        connect_addr: Option<SocketAddr>,
+        peer_ty: EntityType,
+        worker: usize,
+    ) -> Arc<ConnShared> {
+        let p = self.policy(peer_ty);
+        Arc::new(ConnShared {
+            id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            key,
+            msgr: Arc::clone(self),
+            connect_addr,
+            peer_name: Mutex::new(None),
+            home_worker: AtomicUsize::new(worker),
+            home_token: AtomicUsize::new(usize::MAX),
+            inbox: Mutex::new(Inbox::default()),
+            kicked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            rtt_ns: AtomicU64::new(0),
+            unacked: AtomicUsize::new(0),
+            send_throttle: (p.send_throttle_bytes > 0)
+                .then(|| Throttle::new("send", 0, p.send_throttle_bytes)),
+        })
+    }
+
+    /// The session an accepted socket belongs to, creating it (owned by `worker`) if there is none.
+    pub fn session_for_incoming(
+        self: &Arc<Self>,
+        key: PeerKey,
+        peer: EntityName,
+        worker: usize,
+    ) -> (Arc<ConnShared>, bool) {
+        let mut reg = self.sessions.lock();
+        if let Some(c) = reg.get(&key) {
+            if !c.closed.load(Ordering::Acquire) {
+                return (Arc::clone(c), false);
+            }
+        }
+        let c = self.new_conn(key, None, peer.ty, worker);
+        *c.peer_name.lock() = Some(peer);
+        reg.insert(key, Arc::clone(&c));
+        (c, true)
+    }
+
+    pub fn deliver(self: &Arc<Self>, conn: &Arc<ConnShared>, m: Message) {
+        let conn = Connection(Arc::clone(conn));
+        let ds = self.dispatchers.read();
+        if let Some(d) = ds.iter().find(|d| d.can_fast_dispatch(&m)) {
+            let d = Arc::clone(d);
+            drop(ds);
+            if let Err(m) = d.dispatch(&conn, m) {
+                tracing::warn!(msg = ?m, "fast dispatcher declined a message it claimed; dropped");
+            }
+            return;
+        }
+        drop(ds);
+        self.enqueue(m.priority, DispatchItem::Message(conn, m));
+    }
+
+    pub fn deliver_event(self: &Arc<Self>, conn: &Arc<ConnShared>, ev: ConnEvent) {
+        self.enqueue(u8::MAX, DispatchItem::Event(Connection(Arc::clone(conn)), ev));
+    }
+
+    fn enqueue(&self, priority: u8, item: DispatchItem) {
+        let mut q = self.queue.heap.lock();
+        if q.2 {
+            return; // shut down
+        }
+        q.1 += 1;
+        let order = q.1;
+        q.0.push(Queued { priority, order, item });
+        drop(q);
+        self.queue.cond.notify_one();
+    }
+
+    fn dispatch_loop(self: Arc<Self>) {
+        loop {
+            let item = {
+                let mut q = self.queue.heap.lock();
+                loop {
+                    if let Some(x) = q.0.pop() {
+                        break x.item;
+                    }
+                    if q.2 {
+                        return;
+                    }
+                    self.queue.cond.wait(&mut q);
+                }
+            };
+            let ds: Vec<Arc<dyn Dispatcher>> = self.dispatchers.read().clone();
+            match item {
+                DispatchItem::Message(conn, mut m) => {
+                    for d in &ds {
+                        match d.dispatch(&conn, m) {
+                            Ok(()) => break,
+                            Err(back) => m = back,
+                        }
+                    }
+                }
+                DispatchItem::Event(conn, ev) => {
+                    for d in &ds {
+                        match ev {
+                            ConnEvent::Ready => d.handle_connect(&conn),
+                            ConnEvent::Reset => d.handle_reset(&conn),
+                            ConnEvent::RemoteReset => d.handle_remote_reset(&conn),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One endpoint: an entity's identity, its policies, its dispatchers and (optionally) a listening socket.
+pub struct Messenger {
+    inner: Arc<MsgrInner>,
+    listener: Mutex<Option<mio::net::TcpListener>>,
+    dispatch_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Messenger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Messenger({} at {:?})", self.inner.name, self.inner.my_addr.get())
+    }
+}
+
+impl Messenger {
+    /// `nonce` distinguishes instances of the same entity (a restarted daemon); pass something random, such as
+    /// the process id mixed with the start time.
+    pub fn new(pool: Arc<WorkerPool>, name: EntityName, nonce: u64, cfg: MessengerConfig) -> Messenger {
+        let dispatch_throttle = Arc::new(Throttle::new("dispatch", 0, cfg.dispatch_throttle_bytes));
+        let inner = Arc::new(MsgrInner {
+            name,
+            cfg,
+            pool,
+            counters: Arc::new(Counters::default()),
+            dispatch_throttle,
+            nonce,
+            my_addr: OnceLock::new(),
+            policies: RwLock::new((Policy::lossless_peer(), HashMap::new())),
+            dispatchers: RwLock::new(Vec::new()),
+            sessions: Mutex::new(HashMap::new()),
+            queue: DispatchQueue::default(),
+            next_conn_id: AtomicU64::new(1),
+            cookie_state: AtomicU64::new(nonce ^ 0x6375_7474_6c65),
+            shut_down: AtomicBool::new(false),
+        });
+        Messenger { inner, listener: Mutex::new(None), dispatch_thread: Mutex::new(None) }
+    }
+
+    pub fn name(&self) -> EntityName {
+        self.inner.name
+    }
+
+    pub fn set_default_policy(&self, p: Policy) {
+        self.inner.policies.write().0 = p;
+    }
+
+    /// The policy for peers of one type, with its receive throttle.
+    pub fn set_policy(&self, peer_type: EntityType, p: Policy) {
+        let t = (p.throttle_messages > 0 || p.throttle_bytes > 0)
+            .then(|| Arc::new(Throttle::new("policy", p.throttle_messages, p.throttle_bytes)));
+        self.inner.policies.write().1.insert(peer_type, (p, t));
+    }
+
+    /// Binds the listening socket (non-blocking, TCP_NODELAY on accepted sockets, SO_REUSEADDR, the configured
+    /// backlog). Port 0 picks a free port; the bound address is returned.
+    pub fn bind(&self, addr: SocketAddr) -> Result<SocketAddr, MessengerError> {
+        if self.inner.my_addr.get().is_some() {
+            return Err(MessengerError::AlreadyBound);
+        }
+        let err = |source| MessengerError::Bind { addr, source };
+        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+            .map_err(err)?;
+        s.set_reuse_address(true).map_err(err)?;
+        s.set_nonblocking(true).map_err(err)?;
+        s.bind(&addr.into()).map_err(err)?;
+        s.listen(self.inner.cfg.listen_backlog).map_err(err)?;
+        let std_listener: std::net::TcpListener = s.into();
+        let bound = std_listener.local_addr().map_err(err)?;
+        self.inner.my_addr.set(bound).map_err(|_| MessengerError::AlreadyBound)?;
+        *self.listener.lock() = Some(mio::net::TcpListener::from_std(std_listener));
+        tracing::info!(name = %self.inner.name, %bound, "bound");
+        Ok(bound)
+    }
+
+    pub fn my_addr(&self) -> Option<SocketAddr> {
+        self.inner.my_addr.get().copied()
+    }
+
+    pub fn add_dispatcher_head(&self, d: Arc<dyn Dispatcher>) {
+        self.inner.dispatchers.write().insert(0, d);
+    }
+
+    pub fn add_dispatcher_tail(&self, d: Arc<dyn Dispatcher>) {
+        self.inner.dispatchers.write().push(d);
+    }
+
+    /// Starts the dispatch thread.
+    pub fn start(&self) -> io::Result<()> {
+        let mut t = self.dispatch_thread.lock();
+        if t.is_none() {
+            let inner = Arc::clone(&self.inner);
+            let name = format!("ms-dispatch-{}", self.inner.name);
+            *t = Some(std::thread::Builder::new().name(name).spawn(move || inner.dispatch_loop())?);
+        }
+        Ok(())
+    }
+
+    /// Starts accepting connections (the listener goes to worker 0, as in Ceph).
+    pub fn ready(&self) {
+        if let Some(l) = self.listener.lock().take() {
+            self.inner.pool.workers[0].post(Task::Listen(l, Arc::clone(&self.inner)));
+        }
+    }
+
+    /// The connection to a peer at `addr`, creating the session (and its first socket) if needed.
+    pub fn connect(&self, peer: EntityName, addr: SocketAddr) -> Result<Connection, MessengerError> {
+        if self.inner.shut_down.load(Ordering::Acquire) {
+            return Err(MessengerError::ShutDown);
+        }
+        let key = PeerKey::Listening(addr);
+        let mut reg = self.inner.sessions.lock();
+        if let Some(c) = reg.get(&key) {
+            if !c.closed.load(Ordering::Acquire) {
+                return Ok(Connection(Arc::clone(c)));
+            }
+        }
+        let w = self.inner.pool.least_loaded();
+        let conn = self.inner.new_conn(key, Some(addr), peer.ty, w.idx);
+        *conn.peer_name.lock() = Some(peer);
+        reg.insert(key, Arc::clone(&conn));
+        drop(reg);
+        let sess = Session::connect(
+            self.inner.session_config(peer.ty),
+            addr,
+            self.inner.new_cookie(),
+            Instant::now(),
+        );
+        // Kicks posted before the worker installs the session queue behind this task on the same channel.
+        w.post(Task::Connect(Arc::clone(&conn), sess));
+        Ok(Connection(conn))
+    }
+
+    /// Sends to a peer, connecting if needed.
+    pub fn send_to(&self, peer: EntityName, addr: SocketAddr, m: Message) -> Result<(), SendError> {
+        self.connect(peer, addr).map_err(|_| SendError::Closed)?.send_message(m)
+    }
+
+    /// Ends the session with the peer at `addr`, if there is one.
+    pub fn mark_down(&self, addr: SocketAddr) {
+        let c = self.inner.sessions.lock().get(&PeerKey::Listening(addr)).cloned();
+        if let Some(c) = c {
+            Connection(c).mark_down();
+        }
+    }
+
+    pub fn counters(&self) -> CountersSnapshot {
+        self.inner.counters.snapshot()
+    }
+
+    /// (messages, bytes) currently held by the dispatch throttle, and the most bytes it ever held.
+    pub fn dispatch_throttle_usage(&self) -> ((u64, u64), u64) {
+        (self.inner.dispatch_throttle.in_use(), self.inner.dispatch_throttle.high_water_bytes())
+    }
+
+    /// Closes every socket and session of this messenger and stops its dispatch thread. Returns once every
+    /// worker has let go of them.
+    pub fn shutdown(&self) {
+        if self.inner.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.listener.lock().take();
+        let (tx, rx) = crossbeam_channel::bounded(self.inner.pool.len());
+        for w in &self.inner.pool.workers {
+            w.post(Task::ShutdownMessenger(Arc::clone(&self.inner), tx.clone()));
+        }
+        for _ in 0..self.inner.pool.len() {
+            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                tracing::error!("a worker did not confirm messenger shutdown within 10 s");
+                break;
+            }
+        }
+        let mut q = self.inner.queue.heap.lock();
+        q.2 = true;
+        q.0.clear();
+        drop(q);
+        self.inner.queue.cond.notify_all();
+    }
+
+    /// Waits for the dispatch thread to exit (after `shutdown`).
+    pub fn wait(&self) {
+        if let Some(t) = self.dispatch_thread.lock().take() {
+            if t.join().is_err() {
+                tracing::error!("dispatch thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Messenger {
+    fn drop(&mut self) {
+        self.shutdown();
+        self.wait();
+    }
+}

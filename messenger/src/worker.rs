@@ -1,0 +1,938 @@
+//! The mio shell: a pool of worker threads, each owning one `mio::Poll` (its event center) with socket events,
+//! timers and a queue of external tasks. This is the only code in the project that touches sockets. It moves
+//! bytes between sockets and the sans-IO state machines in `session.rs`, and turns their outputs into socket
+//! operations and dispatcher calls.
+//!
+//! A socket is owned by exactly one worker for its life on that worker. Sockets move between workers only as a
+//! whole (deregistered here, registered there), when an accepted socket's handshake names a session that lives
+//! on another worker.
+
+use std::collections::BTreeSet;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::counters::Counters;
+use crate::frame::{TxQueue, IOV_MAX};
+use crate::messenger::{ConnShared, MsgrInner};
+use crate::session::{Acceptor, Adoption, CloseReason, HandshakeRequest, Output, Session};
+use crate::throttle::ThrottleGrant;
+
+const WAKER_TOKEN: Token = Token(usize::MAX);
+/// Reads for frames in progress that fit in this go through a per-worker scratch buffer (one small copy);
+/// larger frames are read straight into the session's receive buffer.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// A connection blocked on a throttle looks again after this long (Ceph re-arms a 1 ms timer too).
+const THROTTLE_RETRY: Duration = Duration::from_millis(1);
+/// Events handled per `poll` call.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// Cross-thread work for a worker. The queue is bounded by construction: each connection posts at most one
+/// `Kick` until the worker has drained it (the `kicked` edge flag), and the other tasks are one per socket or
+/// per messenger operation.
+pub(crate) enum Task {
+    Listen(TcpListener, Arc<MsgrInner>),
+    Accepted(TcpStream, Arc<MsgrInner>),
+    Connect(Arc<ConnShared>, Session),
+    Route { conn: Arc<ConnShared>, stream: TcpStream, req: HandshakeRequest, rx: BytesMut },
+    Kick(Arc<ConnShared>),
+    ShutdownMessenger(Arc<MsgrInner>, Sender<()>),
+    Stop,
+}
+
+pub(crate) struct WorkerShared {
+    pub idx: usize,
+    tx: Sender<Task>,
+    waker: Waker,
+    /// Set while a wakeup is pending; the waker is written only on the empty-to-non-empty edge.
+    woken: AtomicBool,
+    /// Sockets owned: new connections go to the least-loaded worker.
+    pub load: AtomicUsize,
+}
+
+impl WorkerShared {
+    pub fn post(&self, t: Task) {
+        if self.tx.send(t).is_err() {
+            return; // The worker has stopped; the pool is shutting down.
+        }
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                tracing::error!("cannot wake worker {}: {e}", self.idx);
+            }
+        }
+    }
+}
+
+/// N event-loop threads shared by every messenger in the process.
+pub struct WorkerPool {
+    pub(crate) workers: Vec<Arc<WorkerShared>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WorkerPool({} workers)", self.workers.len())
+    }
+}
+
+/// Default worker count (Ceph's ms_async_op_threads).
+pub const WORKERS_DEFAULT: usize = 3;
+pub const WORKERS_MAX: usize = 24;
+
+impl WorkerPool {
+    pub fn new(n: usize) -> io::Result<Arc<WorkerPool>> {
+        assert!((1..=WORKERS_MAX).contains(&n), "worker count {n} outside 1..={WORKERS_MAX}");
+        let mut workers = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for idx in 0..n {
+            let poll = Poll::new()?;
+            let waker = Waker::new(poll.registry(), WAKER_TOKEN)?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let shared = Arc::new(WorkerShared {
+                idx,
+                tx,
+                waker,
+                woken: AtomicBool::new(false),
+                load: AtomicUsize::new(0),
+            });
+            let worker = Worker::new(Arc::clone(&shared), poll, rx);
+            let handle =
+                std::thread::Builder::new().name(format!("msgr-worker-{idx}")).spawn(move || worker.run())?;
+            workers.push(shared);
+            threads.push(handle);
+        }
+        Ok(Arc::new(WorkerPool { workers, threads: Mutex::new(threads) }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    pub(crate) fn least_loaded(&self) -> &Arc<WorkerShared> {
+        self.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one worker")
+    }
+
+    /// Sockets owned by each worker.
+    pub fn loads(&self) -> Vec<usize> {
+        self.workers.iter().map(|w| w.load.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Stops every worker and joins its thread. Messengers should be shut down first.
+    pub fn shutdown(&self) {
+        for w in &self.workers {
+            w.post(Task::Stop);
+        }
+        for t in self.threads.lock().drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a messenger worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+enum Role {
+    Listener(TcpListener),
+    Acceptor {
+        stream: TcpStream,
+        acc: Acceptor,
+    },
+    /// A rejected handshake: write the reply, then close.
+    Closing {
+        stream: TcpStream,
+        tx: TxQueue,
+    },
+    Session(Box<SessionEntry>),
+}
+
+struct SessionEntry {
+    sess: Session,
+    conn: Arc<ConnShared>,
+    stream: Option<TcpStream>,
+    /// The TCP connect is in progress (waiting for writable).
+    connecting: bool,
+    throttle_retry: Option<Instant>,
+}
+
+struct Entry {
+    role: Role,
+    msgr: Arc<MsgrInner>,
+    deadline: Option<Instant>,
+}
+
+struct Worker {
+    shared: Arc<WorkerShared>,
+    poll: Poll,
+    rx: Receiver<Task>,
+    entries: Slab<Entry>,
+    timers: BTreeSet<(Instant, usize)>,
+    scratch: Vec<u8>,
+    op_count: u64,
+    stopping: bool,
+}
+
+impl Worker {
+    fn new(shared: Arc<WorkerShared>, poll: Poll, rx: Receiver<Task>) -> Worker {
+        Worker {
+            shared,
+            poll,
+            rx,
+            entries: Slab::new(),
+            timers: BTreeSet::new(),
+            scratch: vec![0; SCRATCH_BYTES],
+            op_count: 0,
+            stopping: false,
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        while !self.stopping {
+            let timeout =
+                self.timers.first().map(|&(t, _)| round_up_ms(t.saturating_duration_since(Instant::now())));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("worker {} poll failed: {e}", self.shared.idx);
+                }
+                continue;
+            }
+            for ev in events.iter() {
+                if ev.token() == WAKER_TOKEN {
+                    continue; // tasks are drained below on every iteration
+                }
+                self.on_ready(ev.token().0, ev.is_readable() || ev.is_read_closed() || ev.is_error());
+            }
+            self.drain_tasks();
+            self.run_timers();
+        }
+        for e in self.entries.drain() {
+            close_entry_quietly(e);
+        }
+    }
+
+    fn drain_tasks(&mut self) {
+        self.shared.woken.store(false, Ordering::Release);
+        while let Ok(t) = self.rx.try_recv() {
+            self.handle_task(t);
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(&(t, token)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(e) = self.entries.get_mut(token) else { continue };
+            if e.deadline != Some(t) {
+                continue;
+            }
+            e.deadline = None;
+            match &mut e.role {
+                Role::Acceptor { acc, .. } => acc.handle_timeout(now),
+                Role::Closing { .. } => {
+                    self.remove(token, "reply to a rejected handshake was not taken in time");
+                    continue;
+                }
+                Role::Session(se) => {
+                    if se.throttle_retry.is_some_and(|r| r <= now) {
+                        se.throttle_retry = None;
+                    }
+                    se.sess.handle_timeout(now);
+                }
+                Role::Listener(_) => {}
+            }
+            self.drive(token);
+        }
+    }
+
+    fn handle_task(&mut self, t: Task) {
+        let now = Instant::now();
+        match t {
+            Task::Listen(listener, msgr) => {
+                let token = self.insert(Role::Listener(listener), msgr);
+                if let Role::Listener(l) = &mut self.entries[token].role {
+                    if let Err(e) = self.poll.registry().register(l, Token(token), Interest::READABLE) {
+                        tracing::error!("cannot register listener: {e}");
+                    }
+                }
+                self.accept_all(token);
+            }
+            Task::Accepted(stream, msgr) => self.add_acceptor(stream, msgr, now),
+            Task::Connect(conn, sess) => {
+                let msgr = Arc::clone(&conn.msgr);
+                let se = SessionEntry { sess, conn, stream: None, connecting: false, throttle_retry: None };
+                let token = self.insert(Role::Session(Box::new(se)), msgr);
+                if let Role::Session(se) = &self.entries[token].role {
+                    se.conn.set_home(self.shared.idx, token);
+                }
+                self.drive(token);
+            }
+            Task::Route { conn, stream, req, rx } => self.route_here(conn, stream, req, rx, now),
+            Task::Kick(conn) => {
+                let Some(token) = conn.token() else { return };
+                let Some(Entry { role: Role::Session(se), .. }) = self.entries.get_mut(token) else { return };
+                if !Arc::ptr_eq(&se.conn, &conn) {
+                    return;
+                }
+                conn.drain_inbox(&mut se.sess, now);
+                self.drive(token);
+            }
+            Task::ShutdownMessenger(msgr, done) => {
+                let mine: Vec<usize> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| Arc::ptr_eq(&e.msgr, &msgr))
+                    .map(|(k, _)| k)
+                    .collect();
+                for token in mine {
+                    if let Role::Session(se) = &mut self.entries[token].role {
+                        se.sess.mark_down(CloseReason::Shutdown);
+                        self.drive(token);
+                    }
+                    if self.entries.contains(token) {
+                        self.remove(token, "messenger shut down");
+                    }
+                }
+                let _ = done.send(());
+            }
+            Task::Stop => self.stopping = true,
+        }
+    }
+
+    fn insert(&mut self, role: Role, msgr: Arc<MsgrInner>) -> usize {
+        self.shared.load.fetch_add(1, Ordering::Relaxed);
+        self.entries.insert(Entry { role, msgr, deadline: None })
+    }
+
+    fn remove(&mut self, token: usize, why: &str) {
+        let e = self.entries.remove(token);
+        self.shared.load.fetch_sub(1, Ordering::Relaxed);
+        if let Some(d) = e.deadline {
+            self.timers.remove(&(d, token));
+        }
+        tracing::trace!(token, why, "entry removed");
+        let registry = self.poll.registry();
+        match e.role {
+            Role::Listener(mut l) => {
+                let _ = registry.deregister(&mut l);
+            }
+            Role::Acceptor { mut stream, .. } | Role::Closing { mut stream, .. } => {
+                let _ = registry.deregister(&mut stream);
+            }
+            Role::Session(mut se) => {
+                if let Some(mut s) = se.stream.take() {
+                    let _ = registry.deregister(&mut s);
+                }
+                se.conn.closed(&mut se.sess);
+            }
+        }
+    }
+
+    fn add_acceptor(&mut self, stream: TcpStream, msgr: Arc<MsgrInner>, now: Instant) {
+        if let Err(e) = stream.set_nodelay(msgr.cfg.tcp_nodelay) {
+            tracing::debug!("set_nodelay: {e}");
+        }
+        let acc = Acceptor::new(now, msgr.cfg.connect_timeout, msgr.cfg.limits);
+        let token = self.insert(Role::Acceptor { stream, acc }, msgr);
+        if let Role::Acceptor { stream, .. } = &mut self.entries[token].role {
+            if let Err(e) =
+                self.poll.registry().register(stream, Token(token), Interest::READABLE | Interest::WRITABLE)
+            {
+                tracing::warn!("cannot register accepted socket: {e}");
+                self.remove(token, "register failed");
+                return;
+            }
+        }
+        self.drive(token);
+    }
+
+    fn accept_all(&mut self, token: usize) {
+        loop {
+            let Entry { role: Role::Listener(l), msgr, .. } = &self.entries[token] else { return };
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    let msgr = Arc::clone(msgr);
+                    Counters::add(&msgr.counters.accepts, 1);
+                    tracing::debug!(%peer, "accepted");
+                    let target = Arc::clone(msgr.pool.least_loaded());
+                    if target.idx == self.shared.idx {
+                        self.add_acceptor(stream, msgr, Instant::now());
+                    } else {
+                        target.post(Task::Accepted(stream, msgr));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of fds or similar: log and wait for the next readiness event rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self, token: usize, _readable: bool) {
+        let Some(e) = self.entries.get_mut(token) else { return };
+        match &mut e.role {
+            Role::Listener(_) => self.accept_all(token),
+            Role::Session(se) if se.connecting => {
+                let Some(stream) = se.stream.as_ref() else { return };
+                match stream.take_error() {
+                    Ok(Some(err)) | Err(err) => {
+                        se.connecting = false;
+                        se.sess.socket_closed(Instant::now(), CloseReason::SocketError(err.to_string()));
+                    }
+                    Ok(None) => match stream.peer_addr() {
+                        Ok(_) => {
+                            se.connecting = false;
+                            Counters::add(&e.msgr.counters.connects, 1);
+                            se.sess.socket_connected(Instant::now());
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::NotConnected => return,
+                        Err(err) => {
+                            se.connecting = false;
+                            se.sess.socket_closed(Instant::now(), CloseReason::SocketError(err.to_string()));
+                        }
+                    },
+                }
+                self.drive(token);
+            }
+            _ => self.drive(token),
+        }
+    }
+
+    /// Moves bytes for one entry until its socket would block, then applies the state machine's outputs and
+    /// re-arms its timer. Every path that changes an entry ends here.
+    fn drive(&mut self, token: usize) {
+        let now = Instant::now();
+        let Some(e) = self.entries.get_mut(token) else { return };
+        let inject = e.msgr.cfg.inject_socket_failures;
+        let counters = Arc::clone(&e.msgr.counters);
+        match &mut e.role {
+            Role::Listener(_) => {}
+            Role::Closing { stream, tx, .. } => {
+                let r = write_all(stream, tx, &mut self.op_count, inject, &counters);
+                if r.is_err() || tx.is_empty() {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    self.remove(token, "rejected handshake answered");
+                }
+                return;
+            }
+            Role::Acceptor { stream, acc } => {
+                let mut failed = write_all(stream, acc.tx(), &mut self.op_count, inject, &counters).err();
+                if failed.is_none() {
+                    failed = read_into(stream, &mut self.scratch, &mut self.op_count, inject, &counters, acc)
+                        .err();
+                }
+                if let Some(reason) = failed {
+                    counters.faults.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(token, %reason, "closing accepted socket");
+                    self.remove(token, "accept failed");
+                    return;
+                }
+                if acc.is_done() && acc.tx().is_empty() {
+                    match acc.take_outcome().expect("done") {
+                        Err(reason) => {
+                            counters.faults.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(token, %reason, "closing accepted socket");
+                            self.remove(token, "handshake failed");
+                        }
+                        Ok((req, rx)) => self.route(token, req, rx, now),
+                    }
+                    return;
+                }
+                let d = if acc.is_done() { None } else { Some(acc.deadline()) };
+                self.set_deadline(token, d);
+            }
+            Role::Session(_) => self.drive_session(token, now, inject, counters),
+        }
+    }
+
+    fn drive_session(&mut self, token: usize, now: Instant, inject: u64, counters: Arc<Counters>) {
+        loop {
+            let e = &mut self.entries[token];
+            let msgr = Arc::clone(&e.msgr);
+            let Role::Session(se) = &mut e.role else { unreachable!("drive_session on a session") };
+            let mut progressed = false;
+            // Write what is queued.
+            if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
+                if se.sess.has_socket() && !se.sess.tx().is_empty() {
+                    match write_session(stream, &mut se.sess, now, &mut self.op_count, inject, &counters) {
+                        Ok(()) => {}
+                        Err(reason) => se.sess.socket_closed(now, reason),
+                    }
+                }
+            }
+            // Throttle budget for the next message frame.
+            if let Some(bytes) = se.sess.grant_wanted() {
+                if se.throttle_retry.is_none() {
+                    let policy_t = msgr.policy_throttle(se.sess.peer_name());
+                    let mut ts = vec![&msgr.dispatch_throttle];
+                    if let Some(t) = policy_t.as_ref() {
+                        ts.push(t);
+                    }
+                    match ThrottleGrant::try_take(&ts, 1, bytes as u64) {
+                        Some(g) => {
+                            se.sess.give_grant(now, g);
+                            progressed = true;
+                        }
+                        None => {
+                            counters.throttle_stalls.fetch_add(1, Ordering::Relaxed);
+                            se.throttle_retry = Some(now + THROTTLE_RETRY);
+                        }
+                    }
+                }
+            }
+            // Read what has arrived.
+            if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
+                if se.sess.read_hint().is_some() {
+                    match read_into(
+                        stream,
+                        &mut self.scratch,
+                        &mut self.op_count,
+                        inject,
+                        &counters,
+                        &mut se.sess,
+                    ) {
+                        Ok(n) => progressed |= n > 0,
+                        Err(reason) => se.sess.socket_closed(now, reason),
+                    }
+                }
+            }
+            // Apply outputs.
+            let mut removed = false;
+            loop {
+                let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                let Some(out) = se.sess.poll_output() else { break };
+                progressed = true;
+                if self.apply_output(token, out, now, &msgr) {
+                    removed = true;
+                    break;
+                }
+            }
+            if removed {
+                return;
+            }
+            let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+            let flushed = se.sess.tx().is_empty() || se.stream.is_none() || se.connecting;
+            if !progressed && flushed {
+                break;
+            }
+            if !progressed {
+                break; // the socket would block on write; wait for writable
+            }
+        }
+        let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+        let mut d = se.sess.poll_timeout();
+        if let Some(r) = se.throttle_retry {
+            d = Some(d.map_or(r, |d| d.min(r)));
+        }
+        self.set_deadline(token, d);
+    }
+
+    /// Returns true when the entry was removed.
+    fn apply_output(&mut self, token: usize, out: Output, now: Instant, msgr: &Arc<MsgrInner>) -> bool {
+        let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+        match out {
+            Output::OpenSocket => {
+                if let Some(mut s) = se.stream.take() {
+                    let _ = self.poll.registry().deregister(&mut s);
+                }
+                let addr = se.sess_peer_addr();
+                match open_socket(addr, msgr.cfg.tcp_nodelay) {
+                    Ok(mut s) => {
+                        match self.poll.registry().register(
+                            &mut s,
+                            Token(token),
+                            Interest::READABLE | Interest::WRITABLE,
+                        ) {
+                            Ok(()) => {
+                                se.stream = Some(s);
+                                se.connecting = true;
+                            }
+                            Err(e) => se.sess.socket_closed(now, CloseReason::SocketError(e.to_string())),
+                        }
+                    }
+                    Err(e) => {
+                        se.sess
+                            .socket_closed(now, CloseReason::SocketError(format!("connect to {addr}: {e}")));
+                    }
+                }
+            }
+            Output::CloseSocket(reason) => {
+                if !matches!(reason, CloseReason::Replaced | CloseReason::MarkedDown | CloseReason::Shutdown)
+                {
+                    msgr.counters.faults.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(
+                    peer = ?se.sess.peer_name(), conn = se.conn.id, %reason, "closing socket"
+                );
+                se.connecting = false;
+                if let Some(mut s) = se.stream.take() {
+                    let _ = self.poll.registry().deregister(&mut s);
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+            Output::Ready { reconnected } => {
+                if reconnected {
+                    msgr.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                se.conn.set_ready(se.sess.peer_name());
+                tracing::debug!(peer = ?se.sess.peer_name(), conn = se.conn.id, reconnected, "session open");
+                if !reconnected {
+                    msgr.deliver_event(&se.conn, crate::messenger::ConnEvent::Ready);
+                }
+            }
+            Output::Message(m) => {
+                msgr.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
+                msgr.deliver(&se.conn, m);
+            }
+            Output::Reset => {
+                msgr.counters.resets.fetch_add(1, Ordering::Relaxed);
+                msgr.deliver_event(&se.conn, crate::messenger::ConnEvent::Reset);
+            }
+            Output::RemoteReset => {
+                msgr.counters.remote_resets.fetch_add(1, Ordering::Relaxed);
+                msgr.deliver_event(&se.conn, crate::messenger::ConnEvent::RemoteReset);
+            }
+            Output::Released { messages, bytes } => se.conn.released(messages, bytes),
+            Output::Resent(n) => {
+                msgr.counters.resent.fetch_add(n, Ordering::Relaxed);
+            }
+            Output::Closed => {
+                self.remove(token, "session closed");
+                return true;
+            }
+        }
+        false
+    }
+
+    /// An accepted socket's handshake is complete: find or create its session.
+    fn route(&mut self, token: usize, req: HandshakeRequest, rx: BytesMut, now: Instant) {
+        let e = self.entries.remove(token);
+        self.shared.load.fetch_sub(1, Ordering::Relaxed);
+        if let Some(d) = e.deadline {
+            self.timers.remove(&(d, token));
+        }
+        let Role::Acceptor { mut stream, .. } = e.role else { unreachable!("route from an acceptor") };
+        let msgr = e.msgr;
+        let key = req.peer_key();
+        let (conn, created) = msgr.session_for_incoming(key, req.peer_name(), self.shared.idx);
+        if created {
+            let sess = Session::accept(msgr.session_config(req.peer_name().ty), msgr.new_cookie(), now);
+            let se = SessionEntry {
+                sess,
+                conn: Arc::clone(&conn),
+                stream: None,
+                connecting: false,
+                throttle_retry: None,
+            };
+            let t = self.insert(Role::Session(Box::new(se)), Arc::clone(&msgr));
+            conn.set_home(self.shared.idx, t);
+        }
+        let home = conn.home_worker();
+        if home == self.shared.idx {
+            self.route_here(conn, stream, req, rx, now);
+        } else {
+            let _ = self.poll.registry().deregister(&mut stream);
+            msgr.pool.workers[home].post(Task::Route { conn, stream, req, rx });
+        }
+    }
+
+    fn route_here(
+        &mut self,
+        conn: Arc<ConnShared>,
+        mut stream: TcpStream,
+        req: HandshakeRequest,
+        rx: BytesMut,
+        now: Instant,
+    ) {
+        let registry = self.poll.registry();
+        let live = conn.token().and_then(|t| match self.entries.get_mut(t) {
+            Some(Entry { role: Role::Session(se), .. }) if Arc::ptr_eq(&se.conn, &conn) => Some(t),
+            _ => None,
+        });
+        let Some(token) = live else {
+            // The session closed while the socket was on its way: let the peer start over.
+            let _ = registry.deregister(&mut stream);
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        };
+        let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+        conn.drain_inbox(&mut se.sess, now);
+        let adoption = se.sess.adopt(now, req, rx);
+        let registry = self.poll.registry();
+        let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+        match adoption {
+            Adoption::Adopted => {
+                // The old socket, if any, is closed by the CloseSocket(Replaced) output in drive().
+                if let Some(mut old) = se.stream.take() {
+                    let _ = registry.deregister(&mut old);
+                    let _ = old.shutdown(Shutdown::Both);
+                }
+                // A socket routed from another worker is not registered here yet; one from this worker is.
+                let r = registry
+                    .reregister(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)
+                    .or_else(|_| {
+                        registry.register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)
+                    });
+                if let Err(e) = r {
+                    se.sess.socket_closed(now, CloseReason::SocketError(e.to_string()));
+                } else {
+                    se.stream = Some(stream);
+                    se.connecting = false;
+                }
+                self.drive(token);
+            }
+            Adoption::Rejected { reply, reason } => {
+                tracing::info!(peer = ?conn.peer_name(), reason, "rejecting handshake");
+                let mut tx = TxQueue::new();
+                tx.push_raw(&reply);
+                let msgr = Arc::clone(&conn.msgr);
+                let deadline = now + msgr.cfg.connect_timeout;
+                let t = self.insert(Role::Closing { stream, tx }, msgr);
+                let registry = self.poll.registry();
+                if let Role::Closing { stream, .. } = &mut self.entries[t].role {
+                    let r = registry
+                        .reregister(stream, Token(t), Interest::WRITABLE)
+                        .or_else(|_| registry.register(stream, Token(t), Interest::WRITABLE));
+                    if r.is_err() {
+                        self.remove(t, "register failed");
+                        return;
+                    }
+                }
+                self.set_deadline(t, Some(deadline));
+                self.drive(t);
+                self.drive(token);
+            }
+        }
+    }
+
+    fn set_deadline(&mut self, token: usize, d: Option<Instant>) {
+        let Some(e) = self.entries.get_mut(token) else { return };
+        if e.deadline == d {
+            return;
+        }
+        if let Some(old) = e.deadline {
+            self.timers.remove(&(old, token));
+        }
+        e.deadline = d;
+        if let Some(d) = d {
+            self.timers.insert((d, token));
+        }
+    }
+}
+
+impl SessionEntry {
+    fn sess_peer_addr(&self) -> SocketAddr {
+        self.conn.connect_addr().expect("only sessions with an address open sockets")
+    }
+}
+
+fn close_entry_quietly(e: Entry) {
+    if let Role::Session(mut se) = e.role {
+        se.sess.mark_down(CloseReason::Shutdown);
+        se.conn.closed(&mut se.sess);
+    }
+}
+
+fn open_socket(addr: SocketAddr, nodelay: bool) -> io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(nodelay)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(115) /* EINPROGRESS */ || e.kind() == io::ErrorKind::WouldBlock => {
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(s.into()))
+}
+
+/// Rounds a poll timeout up to the next whole millisecond: epoll waits in ms, and rounding down turns a 0.4 ms
+/// wait into a busy loop (Ceph tracker 62512).
+fn round_up_ms(d: Duration) -> Duration {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    Duration::from_millis(ms.min(u64::MAX as u128) as u64)
+}
+
+fn injected(op_count: &mut u64, every: u64, counters: &Counters) -> bool {
+    if every == 0 {
+        return false;
+    }
+    *op_count += 1;
+    if (*op_count).is_multiple_of(every) {
+        counters.injected_faults.fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
+    false
+}
+
+/// Anything with a receive buffer fed by the shell.
+trait Sink {
+    fn read_hint(&self) -> Option<usize>;
+    fn rx(&mut self) -> &mut BytesMut;
+    fn consumed(&mut self, now: Instant);
+}
+
+impl Sink for Acceptor {
+    fn read_hint(&self) -> Option<usize> {
+        Acceptor::read_hint(self)
+    }
+    fn rx(&mut self) -> &mut BytesMut {
+        Acceptor::rx(self)
+    }
+    fn consumed(&mut self, _now: Instant) {
+        self.process_input();
+    }
+}
+
+impl Sink for Session {
+    fn read_hint(&self) -> Option<usize> {
+        Session::read_hint(self)
+    }
+    fn rx(&mut self) -> &mut BytesMut {
+        Session::rx(self)
+    }
+    fn consumed(&mut self, now: Instant) {
+        self.process_input(now);
+    }
+}
+
+/// Reads until the socket would block or the sink stops wanting input. Returns bytes read.
+fn read_into<S: Sink>(
+    stream: &mut TcpStream,
+    scratch: &mut [u8],
+    op_count: &mut u64,
+    inject: u64,
+    counters: &Counters,
+    sink: &mut S,
+) -> Result<usize, CloseReason> {
+    let mut total = 0;
+    while let Some(hint) = sink.read_hint() {
+        if injected(op_count, inject, counters) {
+            return Err(CloseReason::SocketError("injected read failure".into()));
+        }
+        let r = if hint <= scratch.len() {
+            stream.read(scratch).inspect(|&n| sink.rx().extend_from_slice(&scratch[..n]))
+        } else {
+            // A large frame in progress: read straight into its buffer (zeroing is cheaper than a copy).
+            let rx = sink.rx();
+            let old = rx.len();
+            rx.resize(old + hint, 0);
+            let r = stream.read(&mut rx[old..]);
+            rx.truncate(old + *r.as_ref().unwrap_or(&0));
+            r
+        };
+        match r {
+            Ok(0) => return Err(CloseReason::PeerClosed),
+            Ok(n) => {
+                total += n;
+                counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                sink.consumed(Instant::now());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CloseReason::SocketError(e.to_string())),
+        }
+    }
+    Ok(total)
+}
+
+fn write_all(
+    stream: &mut TcpStream,
+    tx: &mut TxQueue,
+    op_count: &mut u64,
+    inject: u64,
+    counters: &Counters,
+) -> Result<(), CloseReason> {
+    while !tx.is_empty() {
+        if injected(op_count, inject, counters) {
+            return Err(CloseReason::SocketError("injected write failure".into()));
+        }
+        let r = {
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let n = tx.io_slices(&mut slices);
+            stream.write_vectored(&slices[..n])
+        };
+        match r {
+            Ok(0) => return Err(CloseReason::PeerClosed),
+            Ok(n) => {
+                counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                tx.advance(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CloseReason::SocketError(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+fn write_session(
+    stream: &mut TcpStream,
+    sess: &mut Session,
+    now: Instant,
+    op_count: &mut u64,
+    inject: u64,
+    counters: &Counters,
+) -> Result<(), CloseReason> {
+    while !sess.tx().is_empty() {
+        if injected(op_count, inject, counters) {
+            return Err(CloseReason::SocketError("injected write failure".into()));
+        }
+        let r = {
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let n = sess.tx().io_slices(&mut slices);
+            stream.write_vectored(&slices[..n])
+        };
+        match r {
+            Ok(0) => return Err(CloseReason::PeerClosed),
+            Ok(n) => {
+                counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                sess.wrote(now, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CloseReason::SocketError(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_timeouts_round_up_to_the_next_millisecond() {
+        assert_eq!(round_up_ms(Duration::from_micros(1)), Duration::from_millis(1));
+        assert_eq!(round_up_ms(Duration::from_micros(400)), Duration::from_millis(1));
+        assert_eq!(round_up_ms(Duration::from_millis(2)), Duration::from_millis(2));
+        assert_eq!(round_up_ms(Duration::from_micros(2001)), Duration::from_millis(3));
+        assert_eq!(round_up_ms(Duration::ZERO), Duration::ZERO);
+    }
+}
