@@ -583,7 +583,7 @@ impl Messenger {
                 return Ok(Connection(Arc::clone(c)));
             }
         }
-        let w = self.inner.pool.least_loaded();
+        let w = self.inner.pool.pick_worker();
         let conn = self.inner.new_conn(key, Some(addr), peer.ty, w.idx);
         *conn.peer_name.lock() = Some(peer);
         reg.insert(key, Arc::clone(&conn));

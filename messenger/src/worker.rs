@@ -122,8 +122,14 @@ impl WorkerPool {
         self.workers.is_empty()
     }
 
-    pub(crate) fn least_loaded(&self) -> &Arc<WorkerShared> {
-        self.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one worker")
+    /// Picks the least-loaded worker for a new socket and charges it at once, so that a burst of connects
+    /// spreads out instead of all landing on the worker that looked idle when the burst began (Ceph's
+    /// `NetworkStack::get_worker`). The task that carries the socket must be inserted with `precharged`.
+    pub(crate) fn pick_worker(&self) -> &Arc<WorkerShared> {
+        let w =
+            self.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one worker");
+        w.load.fetch_add(1, Ordering::Relaxed);
+        w
     }
 
     /// Sockets owned by each worker.
@@ -282,7 +288,7 @@ impl Worker {
             Task::Connect(conn, sess) => {
                 let msgr = Arc::clone(&conn.msgr);
                 let se = SessionEntry { sess, conn, stream: None, connecting: false, throttle_retry: None };
-                let token = self.insert(Role::Session(Box::new(se)), msgr);
+                let token = self.insert_precharged(Role::Session(Box::new(se)), msgr);
                 if let Role::Session(se) = &self.entries[token].role {
                     se.conn.set_home(self.shared.idx, token);
                 }
@@ -322,6 +328,11 @@ impl Worker {
 
     fn insert(&mut self, role: Role, msgr: Arc<MsgrInner>) -> usize {
         self.shared.load.fetch_add(1, Ordering::Relaxed);
+        self.insert_precharged(role, msgr)
+    }
+
+    /// Inserts an entry whose load was charged by `pick_worker`.
+    fn insert_precharged(&mut self, role: Role, msgr: Arc<MsgrInner>) -> usize {
         self.entries.insert(Entry { role, msgr, deadline: None })
     }
 
@@ -354,7 +365,7 @@ impl Worker {
             tracing::debug!("set_nodelay: {e}");
         }
         let acc = Acceptor::new(now, msgr.cfg.connect_timeout, msgr.cfg.limits);
-        let token = self.insert(Role::Acceptor { stream, acc }, msgr);
+        let token = self.insert_precharged(Role::Acceptor { stream, acc }, msgr);
         if let Role::Acceptor { stream, .. } = &mut self.entries[token].role {
             if let Err(e) =
                 self.poll.registry().register(stream, Token(token), Interest::READABLE | Interest::WRITABLE)
@@ -375,7 +386,7 @@ impl Worker {
                     let msgr = Arc::clone(msgr);
                     Counters::add(&msgr.counters.accepts, 1);
                     tracing::debug!(%peer, "accepted");
-                    let target = Arc::clone(msgr.pool.least_loaded());
+                    let target = Arc::clone(msgr.pool.pick_worker());
                     if target.idx == self.shared.idx {
                         self.add_acceptor(stream, msgr, Instant::now());
                     } else {
