@@ -662,9 +662,14 @@ impl Session {
                 false
             }
             HandshakeRequest::Reconnect(r) => {
-                if !self.established || r.peer_cookie != self.my_cookie || r.cookie != self.peer_cookie {
+                // The peer must know this incarnation of us. If we never saw the session open (our fresh ident
+                // was accepted but the answer was lost), the peer's cookie is new to us but the session is not.
+                let knows_us = r.peer_cookie == self.my_cookie;
+                let same_peer = r.cookie == self.peer_cookie || (!self.established && self.peer_cookie == 0);
+                if !knows_us || !same_peer {
                     return reject(Tag::SessionReset, &true, "SessionReset (unknown session)");
                 }
+                self.peer_cookie = r.cookie;
                 if r.global_seq < self.peer_global_seq {
                     return reject(
                         Tag::SessionRetryGlobal,
@@ -683,10 +688,8 @@ impl Session {
                 true
             }
         };
-        // Take over: whatever socket we had is replaced.
-        if self.has_socket() || self.state == State::Connecting {
-            self.outputs.push_back(Output::CloseSocket(CloseReason::Replaced));
-        }
+        // Take over: whatever socket we had is replaced (the shell closes it on `Adopted`; an output here would
+        // reach the shell after it attached the new socket).
         self.requeue_sent();
         self.tx.clear();
         self.grant = None;
@@ -854,6 +857,8 @@ impl Session {
         self.peer_cookie = 0;
         self.connect_seq = 0;
         self.established = false;
+        // A new incarnation: a peer still holding the old cookie must not resume the dropped session.
+        self.my_cookie = next_cookie(self.my_cookie);
         if notify && had_state {
             self.outputs.push_back(Output::RemoteReset);
         }
@@ -899,6 +904,14 @@ impl Session {
             self.backoff = (self.backoff * 2).min(self.cfg.max_backoff);
         }
     }
+}
+
+/// The cookie after `c` (splitmix64): deterministic, never 0.
+fn next_cookie(c: u64) -> u64 {
+    let mut z = c.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
 }
 
 /// Runs on an accepted socket until the peer has identified itself.
