@@ -211,14 +211,80 @@ impl Frame {
     }
 }
 
-/// Decodes one frame from the front of `rx` if it is complete; `Ok(None)` means more bytes are needed (and `rx`
-/// has reserved room for the whole frame, so the reads that follow land in one buffer and the segments can be
-/// split off without a copy).
-pub fn decode_frame(rx: &mut BytesMut, limits: &FrameLimits) -> Result<Option<Frame>, FrameError> {
-    let Some(pre) = peek_preamble(rx, limits)? else { return Ok(None) };
+/// A receive buffer that the shell reads into without `unsafe`: its spare room is zero-initialised once, when it
+/// is allocated, and then reused, so reading a 4 MiB frame in small pieces does not zero it again and again.
+/// Frames are split off the front as `Bytes` that share the allocation (no copy).
+#[derive(Debug, Default)]
+pub struct RxBuf {
+    /// Initialised bytes; `[..filled]` holds data received and not yet consumed.
+    buf: BytesMut,
+    filled: usize,
+}
+
+impl RxBuf {
+    pub fn new() -> RxBuf {
+        RxBuf::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..self.filled]
+    }
+
+    /// Room for at least `want` more bytes (possibly more, already initialised).
+    pub fn spare(&mut self, want: usize) -> &mut [u8] {
+        if self.buf.len() < self.filled + want {
+            // A fresh zeroed buffer (calloc: large ones come as untouched zero pages) with only the unconsumed
+            // data copied over; the old allocation lives on in the frames split from it.
+            let mut nb = BytesMut::zeroed(self.filled + want);
+            nb[..self.filled].copy_from_slice(&self.buf[..self.filled]);
+            self.buf = nb;
+        }
+        &mut self.buf[self.filled..]
+    }
+
+    /// Marks `n` bytes of the spare room as received.
+    pub fn filled(&mut self, n: usize) {
+        assert!(self.filled + n <= self.buf.len(), "filled past the spare room");
+        self.filled += n;
+    }
+
+    pub fn extend_from_slice(&mut self, b: &[u8]) {
+        self.spare(b.len())[..b.len()].copy_from_slice(b);
+        self.filled += b.len();
+    }
+
+    pub fn split_to(&mut self, n: usize) -> BytesMut {
+        assert!(n <= self.filled, "split past the received data");
+        self.filled -= n;
+        self.buf.split_to(n)
+    }
+
+    pub fn clear(&mut self) {
+        self.filled = 0;
+    }
+}
+
+impl From<&[u8]> for RxBuf {
+    fn from(b: &[u8]) -> RxBuf {
+        let mut r = RxBuf::new();
+        r.extend_from_slice(b);
+        r
+    }
+}
+
+/// Decodes one frame from the front of `rx` if it is complete; `Ok(None)` means more bytes are needed.
+pub fn decode_frame(rx: &mut RxBuf, limits: &FrameLimits) -> Result<Option<Frame>, FrameError> {
+    let Some(pre) = peek_preamble(rx.data(), limits)? else { return Ok(None) };
     let total = pre.frame_bytes();
     if rx.len() < total {
-        rx.reserve(total - rx.len());
         return Ok(None);
     }
     let mut buf = rx.split_to(total).freeze();
@@ -370,7 +436,7 @@ mod tests {
     }
 
     fn decode_all(wire: &[u8]) -> Result<Option<Frame>, FrameError> {
-        let mut rx = BytesMut::from(wire);
+        let mut rx = RxBuf::from(wire);
         decode_frame(&mut rx, &FrameLimits::default())
     }
 
@@ -450,6 +516,19 @@ mod tests {
         assert!(matches!(Preamble::decode(&pre, &limits), Err(FrameError::SegmentTooLong { index: 1, .. })));
         let pre = Preamble { tag: Tag::Message, lens: [3, 0, 0] }.encode();
         assert!(matches!(Preamble::decode(&pre, &limits), Err(FrameError::BadPreamble(_))));
+    }
+
+    #[test]
+    fn rx_buf_keeps_unconsumed_data_across_growth() {
+        let mut rx = RxBuf::from(&b"abc"[..]);
+        assert_eq!(rx.split_to(1).as_ref(), b"a");
+        let room = rx.spare(1000);
+        assert!(room.len() >= 1000);
+        room[..2].copy_from_slice(b"de");
+        rx.filled(2);
+        assert_eq!(rx.data(), b"bcde");
+        rx.clear();
+        assert!(rx.is_empty());
     }
 
     #[test]

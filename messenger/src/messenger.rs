@@ -223,6 +223,11 @@ impl ConnShared {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Something was queued since the worker last drained the inbox (its `Kick` may still be on the way).
+    pub fn kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
+    }
+
     /// Moves what upper layers queued into the session. Runs on the owning worker.
     pub fn drain_inbox(&self, sess: &mut Session, now: Instant) {
         self.kicked.store(false, Ordering::Release);

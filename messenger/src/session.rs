@@ -19,11 +19,10 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use crate::entity::{EntityName, PeerKey};
-use crate::frame::{self, Frame, FrameError, FrameLimits, Tag, TxQueue, BANNER_BYTES};
+use crate::frame::{self, Frame, FrameError, FrameLimits, RxBuf, Tag, TxQueue, BANNER_BYTES};
 use crate::message::{Message, MsgHeader};
 use crate::policy::Policy;
 use crate::throttle::ThrottleGrant;
@@ -230,7 +229,7 @@ pub struct Session {
     /// Written but not acknowledged (lossless only).
     sent: VecDeque<Message>,
 
-    rx: BytesMut,
+    rx: RxBuf,
     tx: TxQueue,
     grant: Option<ThrottleGrant>,
     grant_wanted: Option<usize>,
@@ -281,7 +280,7 @@ impl Session {
             acked_seq_sent: 0,
             out: VecDeque::new(),
             sent: VecDeque::new(),
-            rx: BytesMut::new(),
+            rx: RxBuf::new(),
             tx: TxQueue::new(),
             grant: None,
             grant_wanted: None,
@@ -321,7 +320,7 @@ impl Session {
     pub fn tx(&mut self) -> &mut TxQueue {
         &mut self.tx
     }
-    pub fn rx(&mut self) -> &mut BytesMut {
+    pub fn rx(&mut self) -> &mut RxBuf {
         &mut self.rx
     }
     pub fn has_socket(&self) -> bool {
@@ -333,14 +332,19 @@ impl Session {
         if !self.has_socket() || self.grant_wanted.is_some() {
             return None;
         }
-        if self.tx.queued_bytes() >= self.cfg.outgoing_bytes_soft_max {
+        if self.backlogged() {
             return None;
         }
-        let frame_rest = frame::peek_preamble(&self.rx, &self.cfg.limits)
+        let frame_rest = frame::peek_preamble(self.rx.data(), &self.cfg.limits)
             .ok()
             .flatten()
             .map_or(0, |p| p.frame_bytes().saturating_sub(self.rx.len()));
         Some(frame_rest.max(READ_AHEAD_BYTES))
+    }
+
+    /// So much waits to be written to the peer that we stop reading from it (Ceph's outgoing-bytes soft limit).
+    fn backlogged(&self) -> bool {
+        self.tx.queued_bytes() >= self.cfg.outgoing_bytes_soft_max
     }
 
     /// Payload bytes of the message frame waiting for throttle budget.
@@ -372,7 +376,10 @@ impl Session {
             State::Connecting => consider(self.handshake_deadline),
             State::Open => {
                 consider(self.next_keepalive);
-                consider(Some(self.last_rx + self.cfg.idle_timeout));
+                // While we hold back from reading, the peer's silence is our doing: only writing is timed.
+                if !self.backlogged() {
+                    consider(Some(self.last_rx + self.cfg.idle_timeout));
+                }
                 if !self.tx.is_empty() {
                     consider(Some(self.last_tx_progress + self.cfg.idle_timeout));
                 }
@@ -391,7 +398,7 @@ impl Session {
                 }
             }
             State::Open => {
-                if now >= self.last_rx + self.cfg.idle_timeout {
+                if !self.backlogged() && now >= self.last_rx + self.cfg.idle_timeout {
                     self.fault(now, CloseReason::IdleTimeout);
                 } else if !self.tx.is_empty() && now >= self.last_tx_progress + self.cfg.idle_timeout {
                     self.fault(now, CloseReason::PeerNotReading);
@@ -471,9 +478,14 @@ impl Session {
 
     /// `n` bytes of the transmit queue were written.
     pub fn wrote(&mut self, now: Instant, n: usize) {
+        let was_backlogged = self.backlogged();
         self.tx.advance(n);
         if n > 0 {
             self.last_tx_progress = now;
+        }
+        if was_backlogged && !self.backlogged() {
+            // Reading resumes: the receive idle clock, stopped while we did not read, starts again.
+            self.last_rx = now;
         }
     }
 
@@ -497,7 +509,7 @@ impl Session {
                     self.state = State::Ident;
                 }
                 State::Ident | State::Open => {
-                    match frame::peek_preamble(&self.rx, &self.cfg.limits) {
+                    match frame::peek_preamble(self.rx.data(), &self.cfg.limits) {
                         Err(e) => {
                             self.fault(now, CloseReason::Frame(e));
                             break;
@@ -532,11 +544,17 @@ impl Session {
         }
         if self.state == State::Open {
             self.write_pending(now);
-            if self.in_seq > self.acked_seq_sent && self.tx.is_empty() {
-                let seq = self.in_seq;
-                self.push_control(now, Tag::Ack, &seq);
-                self.acked_seq_sent = seq;
-            }
+        }
+    }
+
+    /// Acknowledges what was received if no message is going out to carry the ack. The shell calls this just
+    /// before it writes, after upper layers had their chance to answer inline, so a request-reply exchange
+    /// costs one frame each way, not two.
+    pub fn flush_acks(&mut self, now: Instant) {
+        if self.state == State::Open && self.in_seq > self.acked_seq_sent {
+            let seq = self.in_seq;
+            self.push_control(now, Tag::Ack, &seq);
+            self.acked_seq_sent = seq;
         }
     }
 
@@ -630,7 +648,7 @@ impl Session {
     }
 
     /// Routes a handshake from a freshly accepted socket to this session.
-    pub fn adopt(&mut self, now: Instant, req: HandshakeRequest, rx: BytesMut) -> Adoption {
+    pub fn adopt(&mut self, now: Instant, req: HandshakeRequest, rx: RxBuf) -> Adoption {
         let reject = |tag: Tag, payload: &dyn erased::Payload, reason: &'static str| {
             let mut tx = TxQueue::new();
             payload.push(&mut tx, tag);
@@ -919,7 +937,7 @@ pub struct Acceptor {
     limits: FrameLimits,
     deadline: Instant,
     banner_seen: bool,
-    rx: BytesMut,
+    rx: RxBuf,
     tx: TxQueue,
     done: Option<Result<HandshakeRequest, CloseReason>>,
 }
@@ -932,13 +950,13 @@ impl Acceptor {
             limits,
             deadline: now + connect_timeout,
             banner_seen: false,
-            rx: BytesMut::new(),
+            rx: RxBuf::new(),
             tx,
             done: None,
         }
     }
 
-    pub fn rx(&mut self) -> &mut BytesMut {
+    pub fn rx(&mut self) -> &mut RxBuf {
         &mut self.rx
     }
     pub fn tx(&mut self) -> &mut TxQueue {
@@ -976,6 +994,14 @@ impl Acceptor {
             }
             self.banner_seen = true;
         }
+        // Judge the first frame by its preamble: a Message may announce megabytes, and an unidentified peer gets
+        // neither the buffer nor the wait for them.
+        if let Ok(Some(p)) = frame::peek_preamble(self.rx.data(), &self.limits) {
+            if !matches!(p.tag, Tag::ClientIdent | Tag::SessionReconnect) {
+                self.done = Some(Err(CloseReason::Protocol("first frame is not an ident or reconnect")));
+                return;
+            }
+        }
         let f = match frame::decode_frame(&mut self.rx, &self.limits) {
             Ok(None) => return,
             Ok(Some(f)) => f,
@@ -987,16 +1013,13 @@ impl Acceptor {
         let req = match f.tag {
             Tag::ClientIdent => f.payload().map(HandshakeRequest::Fresh),
             Tag::SessionReconnect => f.payload().map(HandshakeRequest::Reconnect),
-            _ => {
-                self.done = Some(Err(CloseReason::Protocol("first frame is not an ident or reconnect")));
-                return;
-            }
+            tag => unreachable!("the preamble of a {tag:?} frame was refused above"),
         };
         self.done = Some(req.map_err(CloseReason::Frame));
     }
 
     /// The outcome, once known: the request and the bytes read past it.
-    pub fn take_outcome(&mut self) -> Option<Result<(HandshakeRequest, BytesMut), CloseReason>> {
+    pub fn take_outcome(&mut self) -> Option<Result<(HandshakeRequest, RxBuf), CloseReason>> {
         let done = self.done.take()?;
         Some(done.map(|req| (req, std::mem::take(&mut self.rx))))
     }

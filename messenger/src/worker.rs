@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -23,15 +22,12 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::counters::Counters;
-use crate::frame::{TxQueue, IOV_MAX};
+use crate::frame::{RxBuf, TxQueue, IOV_MAX};
 use crate::messenger::{ConnShared, MsgrInner};
 use crate::session::{Acceptor, Adoption, CloseReason, HandshakeRequest, Output, Session};
 use crate::throttle::ThrottleGrant;
 
 const WAKER_TOKEN: Token = Token(usize::MAX);
-/// Reads for frames in progress that fit in this go through a per-worker scratch buffer (one small copy);
-/// larger frames are read straight into the session's receive buffer.
-const SCRATCH_BYTES: usize = 64 * 1024;
 /// A connection blocked on a throttle looks again after this long (Ceph re-arms a 1 ms timer too).
 const THROTTLE_RETRY: Duration = Duration::from_millis(1);
 /// Events handled per `poll` call.
@@ -44,7 +40,7 @@ pub(crate) enum Task {
     Listen(TcpListener, Arc<MsgrInner>),
     Accepted(TcpStream, Arc<MsgrInner>),
     Connect(Arc<ConnShared>, Session),
-    Route { conn: Arc<ConnShared>, stream: TcpStream, req: HandshakeRequest, rx: BytesMut },
+    Route { conn: Arc<ConnShared>, stream: TcpStream, req: HandshakeRequest, rx: RxBuf },
     Kick(Arc<ConnShared>),
     ShutdownMessenger(Arc<MsgrInner>, Sender<()>),
     Stop,
@@ -60,10 +56,20 @@ pub(crate) struct WorkerShared {
     pub load: AtomicUsize,
 }
 
+thread_local! {
+    /// The worker running on this thread, if any (its `WorkerShared` address), so that a worker posting to
+    /// itself (a fast dispatcher replying inline) skips the eventfd write: its loop drains tasks before it
+    /// polls again.
+    static CURRENT_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl WorkerShared {
     pub fn post(&self, t: Task) {
         if self.tx.send(t).is_err() {
             return; // The worker has stopped; the pool is shutting down.
+        }
+        if CURRENT_WORKER.with(|c| c.get()) == self as *const WorkerShared as usize {
+            return;
         }
         if !self.woken.swap(true, Ordering::AcqRel) {
             if let Err(e) = self.waker.wake() {
@@ -191,7 +197,6 @@ struct Worker {
     rx: Receiver<Task>,
     entries: Slab<Entry>,
     timers: BTreeSet<(Instant, usize)>,
-    scratch: Vec<u8>,
     op_count: u64,
     stopping: bool,
 }
@@ -204,17 +209,20 @@ impl Worker {
             rx,
             entries: Slab::new(),
             timers: BTreeSet::new(),
-            scratch: vec![0; SCRATCH_BYTES],
             op_count: 0,
             stopping: false,
         }
     }
 
     fn run(mut self) {
+        CURRENT_WORKER.with(|c| c.set(Arc::as_ptr(&self.shared) as usize));
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while !self.stopping {
-            let timeout =
-                self.timers.first().map(|&(t, _)| round_up_ms(t.saturating_duration_since(Instant::now())));
+            let timeout = if !self.rx.is_empty() {
+                Some(Duration::ZERO) // tasks this thread posted to itself while handling the last batch
+            } else {
+                self.timers.first().map(|&(t, _)| round_up_ms(t.saturating_duration_since(Instant::now())))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("worker {} poll failed: {e}", self.shared.idx);
@@ -444,7 +452,7 @@ impl Worker {
         match &mut e.role {
             Role::Listener(_) => {}
             Role::Closing { stream, tx, .. } => {
-                let r = write_all(stream, tx, &mut self.op_count, inject, &counters);
+                let r = write_from(stream, &mut self.op_count, inject, &counters, now, tx);
                 if r.is_err() || tx.is_empty() {
                     let _ = stream.shutdown(Shutdown::Both);
                     self.remove(token, "rejected handshake answered");
@@ -452,9 +460,9 @@ impl Worker {
                 return;
             }
             Role::Acceptor { stream, acc } => {
-                let mut failed = write_all(stream, acc.tx(), &mut self.op_count, inject, &counters).err();
+                let mut failed = write_from(stream, &mut self.op_count, inject, &counters, now, acc).err();
                 if failed.is_none() {
-                    failed = read_into(stream, &mut self.scratch, &mut self.op_count, inject, &counters, acc)
+                    failed = read_into(stream, &mut self.op_count, inject, &counters, acc)
                         .err();
                 }
                 if let Some(reason) = failed {
@@ -487,10 +495,17 @@ impl Worker {
             let msgr = Arc::clone(&e.msgr);
             let Role::Session(se) = &mut e.role else { unreachable!("drive_session on a session") };
             let mut progressed = false;
+            // Take what was queued meanwhile (a fast dispatcher's replies to the messages this loop delivered)
+            // now rather than when its Kick runs after this loop: the backlog it makes must stop the reads below,
+            // or a peer that never reads gets all it sends answered into memory.
+            if se.conn.kicked() {
+                se.conn.drain_inbox(&mut se.sess, now);
+            }
             // Write what is queued.
             if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
+                se.sess.flush_acks(now);
                 if se.sess.has_socket() && !se.sess.tx().is_empty() {
-                    match write_session(stream, &mut se.sess, now, &mut self.op_count, inject, &counters) {
+                    match write_from(stream, &mut self.op_count, inject, &counters, now, &mut se.sess) {
                         Ok(()) => {}
                         Err(reason) => se.sess.socket_closed(now, reason),
                     }
@@ -519,14 +534,7 @@ impl Worker {
             // Read what has arrived.
             if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
                 if se.sess.read_hint().is_some() {
-                    match read_into(
-                        stream,
-                        &mut self.scratch,
-                        &mut self.op_count,
-                        inject,
-                        &counters,
-                        &mut se.sess,
-                    ) {
+                    match read_into(stream, &mut self.op_count, inject, &counters, &mut se.sess) {
                         Ok(n) => progressed |= n > 0,
                         Err(reason) => se.sess.socket_closed(now, reason),
                     }
@@ -641,7 +649,7 @@ impl Worker {
     }
 
     /// An accepted socket's handshake is complete: find or create its session.
-    fn route(&mut self, token: usize, req: HandshakeRequest, rx: BytesMut, now: Instant) {
+    fn route(&mut self, token: usize, req: HandshakeRequest, rx: RxBuf, now: Instant) {
         let e = self.entries.remove(token);
         self.shared.load.fetch_sub(1, Ordering::Relaxed);
         if let Some(d) = e.deadline {
@@ -677,7 +685,7 @@ impl Worker {
         conn: Arc<ConnShared>,
         mut stream: TcpStream,
         req: HandshakeRequest,
-        rx: BytesMut,
+        rx: RxBuf,
         now: Instant,
     ) {
         let registry = self.poll.registry();
@@ -802,68 +810,91 @@ fn injected(op_count: &mut u64, every: u64, counters: &Counters) -> bool {
     false
 }
 
-/// Anything with a receive buffer fed by the shell.
-trait Sink {
+/// A sans-IO machine the shell feeds from and drains to a socket.
+trait Endpoint {
     fn read_hint(&self) -> Option<usize>;
-    fn rx(&mut self) -> &mut BytesMut;
+    fn rx(&mut self) -> &mut RxBuf;
     fn consumed(&mut self, now: Instant);
+    fn tx(&mut self) -> &mut TxQueue;
+    fn wrote(&mut self, now: Instant, n: usize) {
+        let _ = now;
+        self.tx().advance(n);
+    }
 }
 
-impl Sink for Acceptor {
+impl Endpoint for Acceptor {
     fn read_hint(&self) -> Option<usize> {
         Acceptor::read_hint(self)
     }
-    fn rx(&mut self) -> &mut BytesMut {
+    fn rx(&mut self) -> &mut RxBuf {
         Acceptor::rx(self)
     }
     fn consumed(&mut self, _now: Instant) {
         self.process_input();
     }
+    fn tx(&mut self) -> &mut TxQueue {
+        Acceptor::tx(self)
+    }
 }
 
-impl Sink for Session {
+impl Endpoint for Session {
     fn read_hint(&self) -> Option<usize> {
         Session::read_hint(self)
     }
-    fn rx(&mut self) -> &mut BytesMut {
+    fn rx(&mut self) -> &mut RxBuf {
         Session::rx(self)
     }
     fn consumed(&mut self, now: Instant) {
         self.process_input(now);
     }
+    fn tx(&mut self) -> &mut TxQueue {
+        Session::tx(self)
+    }
+    fn wrote(&mut self, now: Instant, n: usize) {
+        Session::wrote(self, now, n);
+    }
 }
 
-/// Reads until the socket would block or the sink stops wanting input. Returns bytes read.
-fn read_into<S: Sink>(
+impl Endpoint for TxQueue {
+    fn read_hint(&self) -> Option<usize> {
+        None
+    }
+    fn rx(&mut self) -> &mut RxBuf {
+        unreachable!("a closing socket reads nothing")
+    }
+    fn consumed(&mut self, _now: Instant) {}
+    fn tx(&mut self) -> &mut TxQueue {
+        self
+    }
+}
+
+/// Reads until the socket is drained or the endpoint stops wanting input. Returns the bytes read. A read that
+/// does not fill the room offered means the socket is drained (with edge-triggered epoll, new data raises a new
+/// event), which saves the EAGAIN read.
+fn read_into<E: Endpoint>(
     stream: &mut TcpStream,
-    scratch: &mut [u8],
     op_count: &mut u64,
     inject: u64,
     counters: &Counters,
-    sink: &mut S,
+    ep: &mut E,
 ) -> Result<usize, CloseReason> {
     let mut total = 0;
-    while let Some(hint) = sink.read_hint() {
+    while let Some(hint) = ep.read_hint() {
         if injected(op_count, inject, counters) {
             return Err(CloseReason::SocketError("injected read failure".into()));
         }
-        let r = if hint <= scratch.len() {
-            stream.read(scratch).inspect(|&n| sink.rx().extend_from_slice(&scratch[..n]))
-        } else {
-            // A large frame in progress: read straight into its buffer (zeroing is cheaper than a copy).
-            let rx = sink.rx();
-            let old = rx.len();
-            rx.resize(old + hint, 0);
-            let r = stream.read(&mut rx[old..]);
-            rx.truncate(old + *r.as_ref().unwrap_or(&0));
-            r
-        };
-        match r {
+        let room = ep.rx().spare(hint);
+        let offered = room.len();
+        match stream.read(room) {
             Ok(0) => return Err(CloseReason::PeerClosed),
             Ok(n) => {
+                ep.rx().filled(n);
                 total += n;
                 counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                sink.consumed(Instant::now());
+                ep.consumed(Instant::now());
+                if n < offered {
+                    break;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -873,58 +904,33 @@ fn read_into<S: Sink>(
     Ok(total)
 }
 
-fn write_all(
+/// Writes until the queue is empty or the socket is full (a short write).
+fn write_from<E: Endpoint>(
     stream: &mut TcpStream,
-    tx: &mut TxQueue,
     op_count: &mut u64,
     inject: u64,
     counters: &Counters,
-) -> Result<(), CloseReason> {
-    while !tx.is_empty() {
-        if injected(op_count, inject, counters) {
-            return Err(CloseReason::SocketError("injected write failure".into()));
-        }
-        let r = {
-            let mut slices = [IoSlice::new(&[]); IOV_MAX];
-            let n = tx.io_slices(&mut slices);
-            stream.write_vectored(&slices[..n])
-        };
-        match r {
-            Ok(0) => return Err(CloseReason::PeerClosed),
-            Ok(n) => {
-                counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                tx.advance(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CloseReason::SocketError(e.to_string())),
-        }
-    }
-    Ok(())
-}
-
-fn write_session(
-    stream: &mut TcpStream,
-    sess: &mut Session,
     now: Instant,
-    op_count: &mut u64,
-    inject: u64,
-    counters: &Counters,
+    ep: &mut E,
 ) -> Result<(), CloseReason> {
-    while !sess.tx().is_empty() {
+    while !ep.tx().is_empty() {
         if injected(op_count, inject, counters) {
             return Err(CloseReason::SocketError("injected write failure".into()));
         }
         let r = {
             let mut slices = [IoSlice::new(&[]); IOV_MAX];
-            let n = sess.tx().io_slices(&mut slices);
-            stream.write_vectored(&slices[..n])
+            let n = ep.tx().io_slices(&mut slices);
+            let offered: usize = slices[..n].iter().map(|s| s.len()).sum();
+            stream.write_vectored(&slices[..n]).map(|w| (w, offered))
         };
         match r {
-            Ok(0) => return Err(CloseReason::PeerClosed),
-            Ok(n) => {
+            Ok((0, _)) => return Err(CloseReason::PeerClosed),
+            Ok((n, offered)) => {
                 counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                sess.wrote(now, n);
+                ep.wrote(now, n);
+                if n < offered {
+                    break;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -204,6 +204,7 @@ impl Net {
                     continue;
                 }
                 let s = self.nodes[i].sess.as_mut().unwrap();
+                s.flush_acks(now);
                 let out = s.tx().take_all();
                 let pipe = &mut self.pipes[p];
                 let (outbox, inbox) = if pipe.init == i {

@@ -1,1 +1,49 @@
-//! rados: filled by a later issue.
+//! rados: the protocol library that every cuttle component shares.
+//!
+//! What it is, so far: the pure, IO-free core that clients, monitors and OSDs must agree on bit for bit.
+//! - [`ids`]: newtype identifiers (`OsdId`, `PoolId`, `PgId`, `Epoch`, `Fsid`), re-exported at the root;
+//! - [`map`]: the `OsdMap`, its `Incremental` changes, and their versioned postcard encoding;
+//! - [`placement`]: object name to PG to an ordered set of OSDs (rjenkins hash, stable mod, straw2 with
+//!   hosts as the failure domain).
+//!
+//! What it deliberately is not:
+//! - not IO: nothing here opens a socket, reads a clock, spawns a thread or draws an unseeded random number,
+//!   so it is tested in microseconds and the same map gives the same placement everywhere. The MonClient
+//!   (map subscriptions) and the Objecter (op routing and resends on map change) come later, built on the
+//!   `messenger` crate, as state machines in the same style;
+//! - not the monitor's policy: which OSD to mark down or out, and when, belongs to `mon`; this crate only
+//!   defines the map and how a change applies to it;
+//! - not CRUSH: the hierarchy is fixed at root, host, OSD, and there are no rules, device classes or
+//!   erasure-coded pools.
+//!
+//! ```
+//! use rados::map::{OsdInfo, OsdMap, Pool, WEIGHT_ONE};
+//! use rados::placement::{object_to_pg, Placement};
+//! use rados::{Fsid, OsdId, PoolId};
+//!
+//! // The monitor's first epoch: four OSDs on four hosts (not booted yet) and a pool.
+//! let mut map = OsdMap::new(Fsid([1; 16]));
+//! let mut inc = map.incremental();
+//! for i in 0..4 {
+//!     let host = format!("host{i}");
+//!     inc.new_osds.insert(OsdId(i), OsdInfo { addrs: None, up: false, in_: true, weight: WEIGHT_ONE, host });
+//! }
+//! let pool = Pool { id: PoolId(1), name: "rbd".into(), size: 3, min_size: 2, pg_num: 64 };
+//! inc.new_pools.insert(PoolId(1), pool);
+//! map.apply(&inc)?;
+//!
+//! // A client, from the same epoch, finds where an object lives.
+//! let pg = object_to_pg(&map.pools[&PoolId(1)], b"rbd_header.1234");
+//! let placement = Placement::new(&map);
+//! assert_eq!(placement.raw_osds(pg)?.len(), 3);
+//! assert_eq!(placement.up_acting(pg)?.primary, None, "no OSD is up yet");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod ids;
+pub mod map;
+pub mod placement;
+
+pub use ids::{Epoch, Fsid, IdParseError, OsdId, PgId, PoolId};
