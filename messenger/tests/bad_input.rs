@@ -394,7 +394,8 @@ impl Dispatcher for BigReplier {
         self.served.fetch_add(1, Ordering::Relaxed);
         self.first_conn.lock().unwrap().get_or_insert_with(|| conn.clone());
         let data = Bytes::from(vec![0x5a; self.reply_bytes]);
-        let _ = conn.send_message(Message::new(MSG_REPLY, Bytes::from_static(b"ok")).with_tid(m.tid).with_data(data));
+        let _ = conn
+            .send_message(Message::new(MSG_REPLY, Bytes::from_static(b"ok")).with_tid(m.tid).with_data(data));
         Ok(())
     }
 }
@@ -419,8 +420,11 @@ fn peer_that_stops_reading_is_throttled_then_dropped() {
     };
     let server = server(&pool, cfg);
     server.msgr.set_policy(EntityType::Client, Policy::stateless_server());
-    let replier =
-        Arc::new(BigReplier { reply_bytes: REPLY_BYTES, served: AtomicU64::new(0), first_conn: Mutex::new(None) });
+    let replier = Arc::new(BigReplier {
+        reply_bytes: REPLY_BYTES,
+        served: AtomicU64::new(0),
+        first_conn: Mutex::new(None),
+    });
     server.msgr.add_dispatcher_head(Arc::clone(&replier) as Arc<dyn Dispatcher>);
     let rss_before = proc_status_bytes("VmRSS:");
 

@@ -627,3 +627,101 @@ fn frames_from_tx_queue_are_what_the_acceptor_expects() {
     assert!(rest.is_empty());
     let _ = Bytes::new();
 }
+
+/// A stateless server's session opened by `client.9`'s ClientIdent, as the shell opens it after the acceptor.
+fn opened_server_session(cfg: SessionConfig, now: Instant) -> Session {
+    let mut acc = Acceptor::new(now, Duration::from_secs(1), FrameLimits::default());
+    let mut tx = TxQueue::new();
+    tx.push_raw(&messenger::frame::encode_banner());
+    let ci = messenger::session::ClientIdent {
+        name: EntityName::client(9),
+        addr: None,
+        nonce: 3,
+        cookie: 4,
+        global_seq: 1,
+    };
+    tx.push_control(Tag::ClientIdent, &ci);
+    acc.rx().extend_from_slice(&tx.take_all());
+    acc.process_input();
+    let (req, rx) = acc.take_outcome().unwrap().unwrap();
+    let mut s = Session::accept(cfg, 77, now);
+    assert!(matches!(s.adopt(now, req, rx), Adoption::Adopted));
+    while s.poll_output().is_some() {}
+    s
+}
+
+/// The shell wrote `n` bytes of the session's transmit queue (slicing it first, as the shell does).
+fn peer_takes(s: &mut Session, now: Instant, n: usize) {
+    let mut slices = [std::io::IoSlice::new(&[]); messenger::frame::IOV_MAX];
+    s.tx().io_slices(&mut slices);
+    s.wrote(now, n);
+}
+
+// Goal: an unidentified peer cannot make the acceptor wait for, or buffer, the bytes a Message announces.
+// Method: a banner, then only the preamble of a Message with a 1 MiB front; the acceptor refuses it at once.
+#[test]
+fn acceptor_refuses_a_message_before_the_ident_from_its_preamble() {
+    let mut acc = Acceptor::new(Instant::now(), Duration::from_secs(10), FrameLimits::default());
+    let mut tx = TxQueue::new();
+    let header = [0; messenger::frame::MSG_HEADER_BYTES];
+    tx.push_frame(Tag::Message, &header, &Bytes::from(vec![0; 1 << 20]), &Bytes::new());
+    let wire = tx.take_all();
+    acc.rx().extend_from_slice(&messenger::frame::encode_banner());
+    acc.rx().extend_from_slice(&wire[..messenger::frame::PREAMBLE_BYTES]);
+    acc.process_input();
+    assert!(matches!(acc.take_outcome(), Some(Err(CloseReason::Protocol(_)))));
+}
+
+// Goal: a session that stopped reading because the peer does not take its output is faulted for that, not for
+// the silence its own pause causes, and the receive idle clock restarts when reading resumes. Method: with a
+// 1 MiB soft max and a 1 s idle timeout, a server session queues a 2 MiB reply; the peer takes 1000 bytes at
+// 0.5 s and nothing more: the deadline is 1.5 s and the fault says PeerNotReading. A second session's backlog
+// drains at 0.9 s: it is not faulted at 1 s, and its next deadline is 1.9 s.
+#[test]
+fn a_backlogged_session_is_timed_by_its_writes_not_by_its_silence() {
+    let t0 = Instant::now();
+    let idle = Duration::from_secs(1);
+    let cfg = SessionConfig {
+        my_name: EntityName::osd(2),
+        my_addr: Some(addr(6802)),
+        my_nonce: 2,
+        policy: Policy::stateless_server(),
+        limits: FrameLimits::default(),
+        connect_timeout: Duration::from_secs(2),
+        idle_timeout: idle,
+        keepalive_interval: None,
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(15),
+        outgoing_bytes_soft_max: 1 << 20,
+    };
+    let reply = || Message::new(2, Bytes::from_static(b"r")).with_data(Bytes::from(vec![0; 2 << 20]));
+
+    let mut stuck = opened_server_session(cfg.clone(), t0);
+    stuck.queue_message(t0, reply());
+    assert_eq!(stuck.read_hint(), None, "reading paused by the backlog");
+    let progress = t0 + Duration::from_millis(500);
+    peer_takes(&mut stuck, progress, 1000);
+    assert_eq!(stuck.poll_timeout(), Some(progress + idle), "only the write side is timed");
+    stuck.handle_timeout(progress + idle);
+    let closed = std::iter::from_fn(|| stuck.poll_output()).find_map(|o| {
+        if let Output::CloseSocket(r) = o {
+            Some(r)
+        } else {
+            None
+        }
+    });
+    assert_eq!(closed, Some(CloseReason::PeerNotReading));
+
+    let mut drained = opened_server_session(cfg, t0);
+    drained.queue_message(t0, reply());
+    let resumed = t0 + Duration::from_millis(900);
+    let queued = drained.tx().queued_bytes();
+    peer_takes(&mut drained, resumed, queued);
+    assert!(drained.read_hint().is_some(), "reading resumed");
+    drained.handle_timeout(t0 + idle);
+    assert!(
+        std::iter::from_fn(|| drained.poll_output()).all(|o| !matches!(o, Output::CloseSocket(_))),
+        "not faulted for the silence of its own pause"
+    );
+    assert_eq!(drained.poll_timeout(), Some(resumed + idle));
+}
