@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(100),
         outgoing_bytes_soft_max: 1 << 20,
+        standby_timeout: Duration::from_secs(900),
     };
     let mut s = Session::accept(cfg, 7, now);
     let _ = s.adopt(now, req, rx);

@@ -25,6 +25,9 @@ pub struct MessengerConfig {
     pub send_timeout: Duration,
     /// Stop reading from a peer while this many bytes wait to be written to it.
     pub outgoing_bytes_soft_max: usize,
+    /// A lossless session left without a socket (waiting for its peer to come back) this long is closed
+    /// (Ceph's ms_connection_idle_timeout, 900 s).
+    pub standby_timeout: Duration,
     /// Fail every Nth socket read or write on this messenger's sockets (ms_inject_socket_failures; 0 = off).
     pub inject_socket_failures: u64,
     pub tcp_nodelay: bool,
@@ -44,6 +47,7 @@ impl Default for MessengerConfig {
             dispatch_throttle_bytes: 100 << 20,
             send_timeout: Duration::from_secs(60),
             outgoing_bytes_soft_max: 64 << 20,
+            standby_timeout: Duration::from_secs(900),
             inject_socket_failures: 0,
             tcp_nodelay: true,
             listen_backlog: 512,

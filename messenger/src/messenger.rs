@@ -337,6 +337,7 @@ impl MsgrInner {
             initial_backoff: self.cfg.initial_backoff,
             max_backoff: self.cfg.max_backoff,
             outgoing_bytes_soft_max: self.cfg.outgoing_bytes_soft_max,
+            standby_timeout: self.cfg.standby_timeout,
         }
     }
 

@@ -144,6 +144,8 @@ pub struct SessionConfig {
     pub max_backoff: Duration,
     /// Stop reading from the peer while this many bytes wait to be written to it.
     pub outgoing_bytes_soft_max: usize,
+    /// A session left without a socket this long is closed.
+    pub standby_timeout: Duration,
 }
 
 /// What the session asks of the shell or tells the upper layer.
@@ -236,6 +238,7 @@ pub struct Session {
 
     handshake_deadline: Option<Instant>,
     retry_at: Option<Instant>,
+    standby_since: Option<Instant>,
     backoff: Duration,
     last_rx: Instant,
     last_tx_progress: Instant,
@@ -256,7 +259,7 @@ impl Session {
     /// A session created for a peer that connected to us; the shell calls [`Session::adopt`] next.
     pub fn accept(cfg: SessionConfig, cookie: u64, now: Instant) -> Session {
         let mut s = Session::new(cfg, None, cookie, now);
-        s.state = State::Standby;
+        s.enter_standby(now);
         s
     }
 
@@ -286,6 +289,7 @@ impl Session {
             grant_wanted: None,
             handshake_deadline: None,
             retry_at: None,
+            standby_since: None,
             backoff,
             last_rx: now,
             last_tx_progress: now,
@@ -347,6 +351,12 @@ impl Session {
         self.tx.queued_bytes() >= self.cfg.outgoing_bytes_soft_max
     }
 
+    /// We are not reading on purpose (backlog or throttle): the peer's silence is our doing, so the receive idle
+    /// clock does not run.
+    fn holding_back(&self) -> bool {
+        self.backlogged() || self.grant_wanted.is_some()
+    }
+
     /// Payload bytes of the message frame waiting for throttle budget.
     pub fn grant_wanted(&self) -> Option<usize> {
         self.grant_wanted
@@ -356,6 +366,8 @@ impl Session {
         assert!(self.grant_wanted.is_some() && self.grant.is_none());
         self.grant_wanted = None;
         self.grant = Some(g);
+        // Reading resumes: the receive idle clock, stopped while we waited for budget, starts again.
+        self.last_rx = now;
         self.process_input(now);
     }
 
@@ -377,7 +389,7 @@ impl Session {
             State::Open => {
                 consider(self.next_keepalive);
                 // While we hold back from reading, the peer's silence is our doing: only writing is timed.
-                if !self.backlogged() {
+                if !self.holding_back() {
                     consider(Some(self.last_rx + self.cfg.idle_timeout));
                 }
                 if !self.tx.is_empty() {
@@ -385,7 +397,8 @@ impl Session {
                 }
             }
             State::Backoff | State::Wait => consider(self.retry_at),
-            State::Standby | State::Closed => {}
+            State::Standby => consider(self.standby_since.map(|t| t + self.cfg.standby_timeout)),
+            State::Closed => {}
         }
         t
     }
@@ -398,7 +411,7 @@ impl Session {
                 }
             }
             State::Open => {
-                if !self.backlogged() && now >= self.last_rx + self.cfg.idle_timeout {
+                if !self.holding_back() && now >= self.last_rx + self.cfg.idle_timeout {
                     self.fault(now, CloseReason::IdleTimeout);
                 } else if !self.tx.is_empty() && now >= self.last_tx_progress + self.cfg.idle_timeout {
                     self.fault(now, CloseReason::PeerNotReading);
@@ -412,7 +425,18 @@ impl Session {
                     self.open_socket(now);
                 }
             }
-            State::Standby | State::Closed => {}
+            State::Standby => {
+                if self.standby_since.is_some_and(|t| now >= t + self.cfg.standby_timeout) {
+                    // Nobody came back for this session: forget it rather than keep it forever (a peer that
+                    // handshakes with random identities must not accumulate sessions).
+                    tracing::info!(peer = ?self.peer_name, "standby session expired");
+                    self.drop_queues();
+                    self.state = State::Closed;
+                    self.outputs.push_back(Output::Reset);
+                    self.outputs.push_back(Output::Closed);
+                }
+            }
+            State::Closed => {}
         }
     }
 
@@ -484,8 +508,10 @@ impl Session {
             self.last_tx_progress = now;
         }
         if was_backlogged && !self.backlogged() {
-            // Reading resumes: the receive idle clock, stopped while we did not read, starts again.
+            // Reading resumes: the receive idle clock, stopped while we did not read, starts again, and the
+            // messages already buffered are now decoded.
             self.last_rx = now;
+            self.process_input(now);
         }
     }
 
@@ -518,6 +544,11 @@ impl Session {
                         Ok(Some(p)) if p.tag == Tag::Message && self.grant.is_none() => {
                             if self.state != State::Open {
                                 self.fault(now, CloseReason::Protocol("message before the session is open"));
+                                break;
+                            }
+                            if self.backlogged() {
+                                // Do not take more requests from a peer that is not reading our answers,
+                                // even ones already buffered; `wrote` resumes once the backlog drains.
                                 break;
                             }
                             self.grant_wanted = Some(p.payload_bytes());
@@ -753,6 +784,11 @@ impl Session {
         self.write_pending(now);
     }
 
+    fn enter_standby(&mut self, now: Instant) {
+        self.state = State::Standby;
+        self.standby_since = Some(now);
+    }
+
     fn open_socket(&mut self, now: Instant) {
         assert!(self.peer_addr.is_some(), "only a connecting side opens sockets");
         self.global_seq += 1;
@@ -889,7 +925,7 @@ impl Session {
         if self.peer_addr.is_some() {
             self.open_socket(now);
         } else {
-            self.state = State::Standby;
+            self.enter_standby(now);
         }
     }
 
@@ -915,7 +951,7 @@ impl Session {
         self.requeue_sent();
         let idle = self.out.is_empty();
         if p.server || self.peer_addr.is_none() || (p.standby && idle && self.established) {
-            self.state = State::Standby;
+            self.enter_standby(now);
         } else {
             self.state = State::Backoff;
             self.retry_at = Some(now + self.backoff);

@@ -462,8 +462,7 @@ impl Worker {
             Role::Acceptor { stream, acc } => {
                 let mut failed = write_from(stream, &mut self.op_count, inject, &counters, now, acc).err();
                 if failed.is_none() {
-                    failed = read_into(stream, &mut self.op_count, inject, &counters, acc)
-                        .err();
+                    failed = read_into(stream, &mut self.op_count, inject, &counters, acc).err();
                 }
                 if let Some(reason) = failed {
                     counters.faults.fetch_add(1, Ordering::Relaxed);

@@ -61,6 +61,7 @@ fn cfg(n: &Node) -> SessionConfig {
         initial_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_secs(15),
         outgoing_bytes_soft_max: 1 << 20,
+        standby_timeout: Duration::from_secs(900),
     }
 }
 
@@ -693,6 +694,7 @@ fn a_backlogged_session_is_timed_by_its_writes_not_by_its_silence() {
         initial_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_secs(15),
         outgoing_bytes_soft_max: 1 << 20,
+        standby_timeout: Duration::from_secs(900),
     };
     let reply = || Message::new(2, Bytes::from_static(b"r")).with_data(Bytes::from(vec![0; 2 << 20]));
 
@@ -724,4 +726,21 @@ fn a_backlogged_session_is_timed_by_its_writes_not_by_its_silence() {
         "not faulted for the silence of its own pause"
     );
     assert_eq!(drained.poll_timeout(), Some(resumed + idle));
+}
+
+// Goal: a session nobody comes back for is forgotten. Method: a lossless client vanishes (its socket is cut and
+// it never reconnects); the stateful server's session sits in standby until standby_timeout, then closes.
+#[test]
+fn abandoned_standby_sessions_expire() {
+    let mut net = Net::client_server();
+    net.send(0, 1);
+    net.settle();
+    net.restart(0);
+    net.settle();
+    assert_eq!(net.state(1), State::Standby);
+    let t0 = net.now;
+    net.tick();
+    assert_eq!(net.state(1), State::Closed);
+    assert!(net.now >= t0 + Duration::from_secs(900));
+    assert!(net.nodes[1].events.ends_with(&["reset", "closed"]));
 }

@@ -18,7 +18,8 @@ fn thread_count() -> usize {
 fn shutdown_and_wait_join_every_thread() {
     let before = thread_count();
     let pool = WorkerPool::new(3).unwrap();
-    let server = endpoint(&pool, EntityName::osd(0), Opts { bind: true, reply: true, fast: false, ..Opts::default() });
+    let server =
+        endpoint(&pool, EntityName::osd(0), Opts { bind: true, reply: true, fast: false, ..Opts::default() });
     let client = endpoint(&pool, EntityName::client(1), Opts::default());
     let conn = client.msgr.connect(EntityName::osd(0), addr(&server)).unwrap();
     for i in 0..100 {

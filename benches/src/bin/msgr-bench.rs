@@ -118,13 +118,18 @@ impl Dispatcher for Pinger {
 }
 
 fn nonce() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     t ^ ((std::process::id() as u64) << 32)
 }
 
 fn bench_config() -> MessengerConfig {
     // Large messages at depth 64 need room in the dispatch throttle and the outgoing queue.
-    MessengerConfig { dispatch_throttle_bytes: 1 << 30, outgoing_bytes_soft_max: 512 << 20, ..Default::default() }
+    MessengerConfig {
+        dispatch_throttle_bytes: 1 << 30,
+        outgoing_bytes_soft_max: 512 << 20,
+        ..Default::default()
+    }
 }
 
 fn server(addr: SocketAddr, workers: usize) -> Result<()> {
@@ -150,7 +155,15 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn client(addr: SocketAddr, size: usize, depth: usize, seconds: f64, conns: usize, workers: usize, json: bool) -> Result<()> {
+fn client(
+    addr: SocketAddr,
+    size: usize,
+    depth: usize,
+    seconds: f64,
+    conns: usize,
+    workers: usize,
+    json: bool,
+) -> Result<()> {
     if depth == 0 || conns == 0 || seconds <= 0.0 {
         bail!("--depth, --conns and --seconds must be positive");
     }
@@ -159,7 +172,12 @@ fn client(addr: SocketAddr, size: usize, depth: usize, seconds: f64, conns: usiz
     let running = Arc::new(AtomicBool::new(true));
     let mut clients = Vec::new();
     for i in 0..conns {
-        let m = Messenger::new(Arc::clone(&pool), EntityName::client(i as u64 + 1), nonce() + i as u64, bench_config());
+        let m = Messenger::new(
+            Arc::clone(&pool),
+            EntityName::client(i as u64 + 1),
+            nonce() + i as u64,
+            bench_config(),
+        );
         m.set_policy(EntityType::Osd, Policy::lossless_client());
         let p = Arc::new(Pinger {
             state: Mutex::new(ClientState {
