@@ -6,11 +6,13 @@
 //! - [`placement`]: object name to PG to an ordered set of OSDs (rjenkins hash, stable mod, straw2 with
 //!   hosts as the failure domain).
 //!
+//! - [`msg`]: the messages clients, monitors and OSDs exchange (bodies postcard-encoded, bulk data raw);
+//! - [`config`]: `cuttle.toml`, every option documented, Ceph's names;
+//! - [`monclient`]: keeps a program's map fresh through a subscription and carries its monitor requests.
+//!
 //! What it deliberately is not:
-//! - not IO: nothing here opens a socket, reads a clock, spawns a thread or draws an unseeded random number,
-//!   so it is tested in microseconds and the same map gives the same placement everywhere. The MonClient
-//!   (map subscriptions) and the Objecter (op routing and resends on map change) come later, built on the
-//!   `messenger` crate, as state machines in the same style;
+//! - ids, maps and placement do no IO: nothing there reads a clock or draws an unseeded random number, so the
+//!   same map gives the same placement everywhere. The clients (MonClient, Objecter) run on the `messenger`;
 //! - not the monitor's policy: which OSD to mark down or out, and when, belongs to `mon`; this crate only
 //!   defines the map and how a change applies to it;
 //! - not CRUSH: the hierarchy is fixed at root, host, OSD, and there are no rules, device classes or
@@ -40,10 +42,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-#![warn(missing_docs)]
-
+pub mod config;
 pub mod ids;
 pub mod map;
+pub mod monclient;
+pub mod msg;
 pub mod placement;
 
 pub use ids::{Epoch, Fsid, IdParseError, OsdId, PgId, PoolId};

@@ -1,0 +1,298 @@
+//! Cluster configuration: one flat table of options with Ceph's names where Ceph has the option, read from
+//! `cuttle.toml`. Every option is documented with its default (`cuttle config help` prints [`OPTIONS`]).
+//!
+//! Discovery, for every daemon and tool: `--conf PATH`, then `$CUTTLE_CONF`, then `./cuttle-data/cuttle.toml`.
+//! Durations are seconds (fractions allowed), sizes are bytes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Where `cuttle up` puts a local cluster, and the last place config discovery looks.
+pub const DEFAULT_DIR: &str = "cuttle-data";
+pub const CONF_FILE: &str = "cuttle.toml";
+pub const CONF_ENV: &str = "CUTTLE_CONF";
+
+/// One documented option.
+#[derive(Clone, Copy, Debug)]
+pub struct OptionDoc {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown option {0:?} (see `cuttle config help`)")]
+    UnknownOption(String),
+    #[error("bad value {value:?} for {key}: {why}")]
+    BadValue { key: String, value: String, why: String },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid cuttle config: {why}")]
+    Parse { path: PathBuf, why: String },
+    #[error("no config found: pass --conf PATH, set {CONF_ENV}, or run `cuttle up` to create ./{DEFAULT_DIR}/{CONF_FILE}")]
+    NotFound,
+}
+
+macro_rules! options {
+    ($( #[doc = $doc:literal] $name:ident : $ty:ty = $default:expr; )*) => {
+        /// Every option, with its default.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Config {
+            $( #[doc = $doc] pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $name: $default, )* }
+            }
+        }
+
+        /// The documentation of every option, in definition order.
+        pub const OPTIONS: &[OptionDoc] = &[
+            $( OptionDoc { name: stringify!($name), default: stringify!($default), help: $doc.trim_ascii() }, )*
+        ];
+
+        impl Config {
+            /// Sets one option from its text form (as given to `--set KEY=VALUE`).
+            pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+                match key {
+                    $( stringify!($name) => { self.$name = parse_value(key, value)?; Ok(()) } )*
+                    _ => Err(ConfigError::UnknownOption(key.to_string())),
+                }
+            }
+        }
+    };
+}
+
+options! {
+    /// The cluster's id; written by `cuttle up`.
+    fsid: String = String::new();
+    /// Address of the monitor (host:port).
+    mon_host: Option<SocketAddr> = None;
+    /// IP address daemons bind their public, cluster and heartbeat messengers to (ports are picked freely).
+    public_addr: std::net::IpAddr = std::net::IpAddr::from([127, 0, 0, 1]);
+    /// Messenger worker threads per process.
+    ms_async_op_threads: usize = 3;
+    /// Fail every Nth socket read or write (fault injection; 0 = off).
+    ms_inject_socket_failures: u64 = 0;
+    /// Bytes of received messages held by dispatch, per messenger.
+    ms_dispatch_throttle_bytes: u64 = 100 << 20;
+    /// First reconnect backoff, seconds (doubles up to ms_max_backoff).
+    ms_initial_backoff: f64 = 0.2;
+    /// Longest reconnect backoff, seconds.
+    ms_max_backoff: f64 = 15.0;
+    /// A messenger handshake must complete within this, seconds.
+    ms_connection_ready_timeout: f64 = 10.0;
+    /// A connection that receives nothing (keepalives included) for this long is faulted, seconds.
+    ms_connection_idle_timeout: f64 = 60.0;
+    /// Seconds between heartbeat rounds (jittered, as Ceph: 0.5 s + up to 90% of the interval).
+    osd_heartbeat_interval: f64 = 6.0;
+    /// A peer silent this long on either heartbeat network is reported down, seconds.
+    osd_heartbeat_grace: f64 = 20.0;
+    /// Heartbeat peers per OSD besides PG peers (neighbours by id).
+    osd_heartbeat_min_peers: usize = 10;
+    /// Distinct reporting hosts needed to mark an OSD down (capped by the other up OSDs).
+    mon_osd_min_down_reporters: usize = 2;
+    /// Failure domain that counts as one reporter: "host" or "osd".
+    mon_osd_reporter_subtree_level: String = "host".to_string();
+    /// An OSD down this long is marked out, seconds.
+    mon_osd_down_out_interval: f64 = 600.0;
+    /// Replicas for new pools.
+    osd_pool_default_size: u8 = 3;
+    /// Replicas needed to serve I/O for new pools; 0 means size - size/2.
+    osd_pool_default_min_size: u8 = 0;
+    /// Placement groups for new pools.
+    osd_pool_default_pg_num: u32 = 32;
+    /// Op queue shards per OSD (PG mod shards); each shard has its own thread.
+    osd_op_num_shards: usize = 4;
+    /// Client messages an OSD holds at once (receive throttle).
+    osd_client_message_cap: u64 = 256;
+    /// Client message bytes an OSD holds at once (receive throttle).
+    osd_client_message_size_cap: u64 = 500 << 20;
+    /// Largest object, bytes.
+    osd_max_object_size: u64 = 128 << 20;
+    /// Longest object name, bytes.
+    osd_max_object_name_len: usize = 2048;
+    /// Largest single write, bytes.
+    osd_max_write_size: u64 = 90 << 20;
+    /// Ops a client keeps in flight at once.
+    objecter_inflight_ops: usize = 1024;
+    /// Bytes a client keeps in flight at once.
+    objecter_inflight_op_bytes: u64 = 100 << 20;
+    /// A client op that gets no answer this long fails with a timeout, seconds (0 = wait forever).
+    rados_osd_op_timeout: f64 = 0.0;
+    /// A monitor request that gets no answer this long fails, seconds.
+    rados_mon_op_timeout: f64 = 30.0;
+    /// Seconds between a client's keepalives to the monitor.
+    mon_client_ping_interval: f64 = 10.0;
+    /// Log filter for daemons (tracing-subscriber syntax, e.g. "info" or "messenger=debug,info").
+    log_level: String = "info".to_string();
+}
+
+/// Seconds as a `Duration` (config durations are f64 seconds, as in Ceph).
+pub fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn parse_value<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, ConfigError> {
+    #[derive(Deserialize)]
+    struct W<T> {
+        v: T,
+    }
+    let bad = |why: String| ConfigError::BadValue { key: key.into(), value: value.into(), why };
+    // As TOML first (numbers, booleans, quoted strings); then as a bare string.
+    match toml::from_str::<W<T>>(&format!("v = {value}")) {
+        Ok(w) => Ok(w.v),
+        Err(first) => toml::from_str::<W<T>>(&format!("v = {}", toml_quote(value)))
+            .map(|w| w.v)
+            .map_err(|_| bad(first.message().to_string())),
+    }
+}
+
+fn toml_quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => q.push_str("\\\""),
+            '\\' => q.push_str("\\\\"),
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), why: e.message().to_string() })
+    }
+
+    /// `--conf PATH`, then `$CUTTLE_CONF`, then `./cuttle-data/cuttle.toml`.
+    pub fn discover(conf: Option<&Path>) -> Result<(Config, PathBuf), ConfigError> {
+        let path = match conf {
+            Some(p) => p.to_path_buf(),
+            None => match std::env::var_os(CONF_ENV) {
+                Some(p) => PathBuf::from(p),
+                None => {
+                    let p = Path::new(DEFAULT_DIR).join(CONF_FILE);
+                    if !p.exists() {
+                        return Err(ConfigError::NotFound);
+                    }
+                    p
+                }
+            },
+        };
+        Ok((Config::load(&path)?, path))
+    }
+
+    /// Writes `key = value` pairs into the file at `path` (created if missing), validating each against its
+    /// option first; other lines of the file are kept.
+    pub fn write_options(path: &Path, pairs: &[(String, String)]) -> Result<(), ConfigError> {
+        let mut table: toml::Table = if path.exists() {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.into(), why: e.to_string() })?
+        } else {
+            toml::Table::new()
+        };
+        let mut check = Config::default();
+        for (k, v) in pairs {
+            check.set(k, v)?;
+            // Store the typed value, as the struct serialises it.
+            let typed = toml::Table::try_from(&check).map_err(|e| ConfigError::BadValue {
+                key: k.clone(),
+                value: v.clone(),
+                why: e.to_string(),
+            })?;
+            match typed.get(k) {
+                Some(val) => table.insert(k.clone(), val.clone()),
+                None => table.remove(k), // an Option set to none
+            };
+        }
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigError::Parse { path: path.into(), why: e.to_string() })?;
+        // Validate the whole file before replacing it.
+        toml::from_str::<Config>(&text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), why: e.to_string() })?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(|source| ConfigError::Write { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, path).map_err(|source| ConfigError::Write { path: path.into(), source })
+    }
+
+    /// min_size for a new pool of `size` replicas: the configured one, or size - size/2.
+    pub fn default_min_size(&self, size: u8) -> u8 {
+        match self.osd_pool_default_min_size {
+            0 => size - size / 2,
+            m => m.min(size),
+        }
+    }
+
+    /// The messenger configuration these options describe.
+    pub fn messenger(&self) -> messenger::MessengerConfig {
+        messenger::MessengerConfig {
+            connect_timeout: secs(self.ms_connection_ready_timeout),
+            idle_timeout: secs(self.ms_connection_idle_timeout),
+            initial_backoff: secs(self.ms_initial_backoff),
+            max_backoff: secs(self.ms_max_backoff),
+            dispatch_throttle_bytes: self.ms_dispatch_throttle_bytes,
+            inject_socket_failures: self.ms_inject_socket_failures,
+            ..messenger::MessengerConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_parses_typed_values_and_rejects_unknown_keys() {
+        let mut c = Config::default();
+        c.set("osd_heartbeat_grace", "3").unwrap();
+        assert_eq!(c.osd_heartbeat_grace, 3.0);
+        c.set("mon_host", "127.0.0.1:6789").unwrap();
+        assert_eq!(c.mon_host, Some("127.0.0.1:6789".parse().unwrap()));
+        c.set("log_level", "debug").unwrap();
+        assert_eq!(c.log_level, "debug");
+        assert!(matches!(c.set("no_such_option", "1"), Err(ConfigError::UnknownOption(_))));
+        assert!(matches!(c.set("osd_pool_default_size", "many"), Err(ConfigError::BadValue { .. })));
+        assert!(matches!(c.set("osd_pool_default_size", "300"), Err(ConfigError::BadValue { .. })));
+    }
+
+    #[test]
+    fn write_options_round_trips_and_keeps_other_keys() {
+        let dir = std::env::temp_dir().join(format!("cuttle-conf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("cuttle.toml");
+        std::fs::write(&p, "fsid = \"abc\"\n").unwrap();
+        Config::write_options(&p, &[("osd_heartbeat_interval".into(), "1".into())]).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.fsid, "abc");
+        assert_eq!(c.osd_heartbeat_interval, 1.0);
+        assert!(Config::write_options(&p, &[("bogus".into(), "1".into())]).is_err());
+        std::fs::write(&p, "osd_heartbeat_interval = \"soon\"\n").unwrap();
+        assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_option_is_documented() {
+        for o in OPTIONS {
+            assert!(!o.help.is_empty(), "{} has no help", o.name);
+        }
+        assert!(OPTIONS.iter().any(|o| o.name == "osd_heartbeat_grace" && o.default == "20.0"));
+    }
+}

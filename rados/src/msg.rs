@@ -1,0 +1,364 @@
+//! Message types and bodies shared by clients, monitors and OSDs. Bodies are postcard-encoded into a
+//! message's front; bulk bytes (write payloads, read results) travel in its data segment, never through serde.
+//! OSD-to-OSD messages (replication, heartbeats) belong to the `osd` crate and use the range 0x0300..0x03ff.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Epoch, OsdId, PgId, PoolId};
+use crate::map::{Incremental, OsdAddrs, OsdMap};
+
+/// Message type numbers (the messenger's `msg_type`).
+pub mod types {
+    /// Client/daemon to monitor: [`super::MonRequest`]; the reply is [`MON_REPLY`] with the same tid.
+    pub const MON_REQUEST: u16 = 0x0100;
+    /// Monitor to client: [`super::MonReply`].
+    pub const MON_REPLY: u16 = 0x0101;
+    /// Monitor to subscriber: [`super::MapUpdate`].
+    pub const MON_MAP: u16 = 0x0102;
+    /// Monitor to log subscriber: [`super::LogEntry`].
+    pub const MON_LOG: u16 = 0x0103;
+    /// Client to OSD: [`super::OsdOpRequest`], write payloads in the data segment.
+    pub const OSD_OP: u16 = 0x0200;
+    /// OSD to client: [`super::OsdOpReply`], read results in the data segment.
+    pub const OSD_OP_REPLY: u16 = 0x0201;
+    /// Anyone to an OSD: [`super::OsdCommand`]; the reply is [`OSD_COMMAND_REPLY`].
+    pub const OSD_COMMAND: u16 = 0x0202;
+    /// OSD to caller: [`super::OsdCommandReply`].
+    pub const OSD_COMMAND_REPLY: u16 = 0x0203;
+}
+
+/// A request to the monitor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MonRequest {
+    /// Send the map now and every change after it (from `have`, or a full map when `None` or too old); and,
+    /// with `log`, every cluster log entry.
+    Subscribe { have: Option<Epoch>, log: bool },
+    /// Register a new OSD (`ceph osd new`): the same uuid always gets the same id.
+    OsdNew { uuid: [u8; 16], host: String },
+    /// An OSD is up at these addresses.
+    OsdBoot { osd: OsdId, uuid: [u8; 16], addrs: OsdAddrs, host: String },
+    /// The sender has not heard from `target` for `failed_for_ms` (`alive: true` cancels the report).
+    OsdFailure { reporter: OsdId, target: OsdId, failed_for_ms: u64, alive: bool },
+    /// The sender is shutting down cleanly.
+    OsdMarkMeDown { osd: OsdId },
+    /// The sender's view of the PGs it is primary for, and its heartbeat round-trip times.
+    OsdReport { osd: OsdId, epoch: Epoch, pgs: Vec<PgStat>, ping_times: Vec<PingTime> },
+    /// An operator command.
+    Command(MonCommand),
+}
+
+/// Operator commands (`cuttle ...`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MonCommand {
+    Status,
+    Health,
+    OsdTree,
+    OsdDump,
+    OsdOut(OsdId),
+    OsdIn(OsdId),
+    OsdDown(OsdId),
+    PoolCreate {
+        name: String,
+        size: Option<u8>,
+        min_size: Option<u8>,
+        pg_num: Option<u32>,
+    },
+    PoolLs,
+    /// Needs `confirm` (the name given twice and the flag on the command line).
+    PoolRm {
+        name: String,
+        confirm: bool,
+    },
+    /// The last heartbeat round-trip times every OSD reported.
+    OsdPingTimes,
+    /// The last `n` cluster log entries.
+    Log {
+        n: usize,
+    },
+}
+
+/// The monitor's answer to a [`MonRequest`] (same tid).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MonReply {
+    Ok,
+    /// `OsdNew` answered.
+    OsdId(OsdId),
+    /// A command's result as JSON text (shaped like Ceph's `--format json`).
+    Json(String),
+    /// Typed refusal.
+    Error(MonError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MonError {
+    #[error("no such pool {0:?}")]
+    NoSuchPool(String),
+    #[error("pool {0:?} already exists")]
+    PoolExists(String),
+    #[error("no such osd {0}")]
+    NoSuchOsd(OsdId),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("wrong cluster (fsid mismatch)")]
+    WrongFsid,
+}
+
+/// Maps pushed to subscribers: incrementals from the subscriber's epoch, or a full map.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MapUpdate {
+    pub full: Option<OsdMap>,
+    pub incrementals: Vec<Incremental>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogLevel {
+    Info,
+    Warn,
+    Error,
+}
+
+/// One cluster log line (`cuttle watch`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch, as the monitor's clock read it.
+    pub stamp_ms: u64,
+    pub level: LogLevel,
+    pub message: String,
+}
+
+/// A PG's state as its primary reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PgStat {
+    pub pgid: PgId,
+    /// Acting replicas that are up.
+    pub acting_up: u8,
+    pub size: u8,
+    pub min_size: u8,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// A heartbeat round-trip time, front and back, in microseconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PingTime {
+    pub peer: OsdId,
+    pub front_us: Option<u64>,
+    pub back_us: Option<u64>,
+}
+
+/// Identifies a client request across resends: the same reqid is never applied twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReqId {
+    /// The client's entity number and its messenger nonce: unique per client instance.
+    pub client: u64,
+    pub nonce: u64,
+    pub tid: u64,
+}
+
+/// One step of an op on one object. Lengths of write payloads refer to consecutive pieces of the message's
+/// data segment, in op order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsdOp {
+    /// Length 0 reads to the end.
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Stat,
+    Write {
+        offset: u64,
+        len: u64,
+    },
+    WriteFull {
+        len: u64,
+    },
+    Append {
+        len: u64,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Truncate {
+        size: u64,
+    },
+    Create {
+        exclusive: bool,
+    },
+    Remove,
+    SetXattr {
+        name: String,
+        len: u64,
+    },
+    GetXattr {
+        name: String,
+    },
+    RmXattr {
+        name: String,
+    },
+    OmapSet {
+        keys: Vec<(String, Vec<u8>)>,
+    },
+    OmapGet {
+        keys: Vec<String>,
+    },
+    /// Keys after `after`, at most `max`.
+    OmapGetKeys {
+        after: String,
+        max: u32,
+    },
+    OmapRm {
+        keys: Vec<String>,
+    },
+    /// Fails the whole op with `VersionMismatch` unless the object's version is exactly this (0: absent).
+    AssertVersion {
+        version: u64,
+    },
+}
+
+impl OsdOp {
+    pub fn is_write(&self) -> bool {
+        !matches!(
+            self,
+            OsdOp::Read { .. }
+                | OsdOp::Stat
+                | OsdOp::GetXattr { .. }
+                | OsdOp::OmapGet { .. }
+                | OsdOp::OmapGetKeys { .. }
+                | OsdOp::AssertVersion { .. }
+        )
+    }
+
+    /// Bytes of the data segment this op consumes.
+    pub fn payload_len(&self) -> u64 {
+        match self {
+            OsdOp::Write { len, .. } | OsdOp::WriteFull { len } | OsdOp::Append { len } => *len,
+            OsdOp::SetXattr { len, .. } => *len,
+            _ => 0,
+        }
+    }
+}
+
+/// A client op on one object, sent to the PG's primary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OsdOpRequest {
+    pub reqid: ReqId,
+    pub pgid: PgId,
+    pub oid: String,
+    /// The client's map epoch: an OSD with an older map waits for the newer one; a client with an older
+    /// map is answered `Misdirected` when the OSD is not the primary.
+    pub epoch: Epoch,
+    pub ops: Vec<OsdOp>,
+}
+
+/// Pool listing: a separate request type because it is per PG, not per object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PgListRequest {
+    pub pgid: PgId,
+    pub epoch: Epoch,
+    pub after: Option<String>,
+    pub max: u32,
+}
+
+/// The outcome of each op, in order; read bytes are in the reply's data segment, in op order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpOut {
+    None,
+    /// Bytes of the data segment holding this op's output.
+    Data {
+        len: u64,
+    },
+    Stat {
+        size: u64,
+        version: u64,
+    },
+    Keys(Vec<String>),
+    Pairs(Vec<(String, Vec<u8>)>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OsdOpReply {
+    pub tid: u64,
+    pub epoch: Epoch,
+    pub result: Result<(), OsdError>,
+    /// The object's version after the op (writes) or as read.
+    pub version: u64,
+    pub outs: Vec<OpOut>,
+}
+
+/// Typed op errors (errno-like).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum OsdError {
+    #[error("object not found")]
+    NotFound,
+    #[error("object already exists")]
+    Exists,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("version mismatch: object is at {actual}")]
+    VersionMismatch { actual: u64 },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("not the primary for this pg at epoch {0}")]
+    Misdirected(Epoch),
+    #[error("no such pool {0}")]
+    NoSuchPool(PoolId),
+    #[error("i/o error: {0}")]
+    Io(String),
+}
+
+/// Admin requests sent straight to an OSD.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum OsdCommand {
+    /// Which objects of this PG the OSD holds (for tests and `cuttle osd ls-objects`).
+    ListObjects { pgid: PgId },
+    /// PG listing for `rados ls`.
+    PgList(PgListRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OsdCommandReply {
+    pub result: Result<Vec<String>, OsdError>,
+    /// For listings: where the next page starts, if there is one.
+    pub next: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_round_trip_through_postcard() {
+        let r = OsdOpRequest {
+            reqid: ReqId { client: 4121, nonce: 7, tid: 9 },
+            pgid: PgId::new(PoolId(1), 0x1f),
+            oid: "rbd_data.1.0000000000000000".into(),
+            epoch: Epoch(12),
+            ops: vec![OsdOp::AssertVersion { version: 3 }, OsdOp::Write { offset: 4096, len: 512 }],
+        };
+        let bytes = postcard::to_stdvec(&r).unwrap();
+        assert_eq!(postcard::from_bytes::<OsdOpRequest>(&bytes).unwrap(), r);
+        let m = MonRequest::Command(MonCommand::PoolCreate {
+            name: "rbd".into(),
+            size: Some(3),
+            min_size: None,
+            pg_num: Some(32),
+        });
+        let bytes = postcard::to_stdvec(&m).unwrap();
+        assert_eq!(postcard::from_bytes::<MonRequest>(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn write_ops_are_classified() {
+        assert!(OsdOp::Write { offset: 0, len: 1 }.is_write());
+        assert!(OsdOp::OmapRm { keys: vec![] }.is_write());
+        assert!(!OsdOp::Read { offset: 0, len: 0 }.is_write());
+        assert!(!OsdOp::AssertVersion { version: 1 }.is_write());
+        assert_eq!(OsdOp::SetXattr { name: "a".into(), len: 5 }.payload_len(), 5);
+    }
+}
