@@ -31,6 +31,8 @@ pub const MSG_HEADER_BYTES: usize = 32;
 /// Fronts and data segments no larger than this are copied into the staging buffer so that small messages go
 /// out as one contiguous iovec; larger ones are sent from their own `Bytes` without a copy.
 pub const COPY_BYTES_MAX: usize = 16 * 1024;
+/// The least the transmit staging buffer grows by.
+const STAGING_CHUNK_BYTES: usize = 64 * 1024;
 /// `writev` takes at most this many slices per call (Linux's IOV_MAX is 1024).
 pub const IOV_MAX: usize = 64;
 
@@ -211,6 +213,9 @@ impl Frame {
     }
 }
 
+/// The least a receive buffer grows by.
+const RX_CHUNK_BYTES: usize = 256 * 1024;
+
 /// A receive buffer that the shell reads into without `unsafe`: its spare room is zero-initialised once, when it
 /// is allocated, and then reused, so reading a 4 MiB frame in small pieces does not zero it again and again.
 /// Frames are split off the front as `Bytes` that share the allocation (no copy).
@@ -241,11 +246,13 @@ impl RxBuf {
     /// Room for at least `want` more bytes (possibly more, already initialised).
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
         if self.buf.len() < self.filled + want {
-            // A fresh zeroed buffer (calloc: large ones come as untouched zero pages) with only the unconsumed
-            // data copied over; the old allocation lives on in the frames split from it.
-            let mut nb = BytesMut::zeroed(self.filled + want);
-            nb[..self.filled].copy_from_slice(&self.buf[..self.filled]);
-            self.buf = nb;
+            // Drop the stale tail, then grow. `reserve` takes the whole allocation back when every frame split
+            // from it has been dropped (the common case), so steady traffic reuses one buffer instead of
+            // faulting in fresh pages; only the new room is zeroed.
+            self.buf.truncate(self.filled);
+            self.buf.reserve(want.max(RX_CHUNK_BYTES));
+            let room = self.buf.capacity();
+            self.buf.resize(room, 0);
         }
         &mut self.buf[self.filled..]
     }
@@ -336,18 +343,22 @@ impl TxQueue {
     }
 
     pub fn push_raw(&mut self, b: &[u8]) {
+        if self.staging.capacity() - self.staging.len() < b.len() {
+            // Reclaims the staging allocation once the chunks sealed from it have been written and dropped.
+            self.staging.reserve(b.len().max(STAGING_CHUNK_BYTES));
+        }
         self.staging.extend_from_slice(b);
         self.queued_bytes += b.len();
     }
 
     fn push_bytes(&mut self, b: &Bytes) {
         if b.len() <= COPY_BYTES_MAX {
-            self.staging.extend_from_slice(b);
+            self.push_raw(b);
         } else {
             self.seal_staging();
             self.chunks.push_back(b.clone());
+            self.queued_bytes += b.len();
         }
-        self.queued_bytes += b.len();
     }
 
     fn seal_staging(&mut self) {

@@ -488,78 +488,85 @@ impl Worker {
         }
     }
 
+    /// One pass per readiness event or task: feed the session everything already buffered (throttle grants,
+    /// outputs, replies queued inline by fast dispatchers) before writing, so that the replies to a batch of
+    /// requests go out in one `writev`; then write; then read; repeat while anything moved.
     fn drive_session(&mut self, token: usize, now: Instant, inject: u64, counters: Arc<Counters>) {
+        let msgr = Arc::clone(&self.entries[token].msgr);
+        let policy_throttle = {
+            let Role::Session(se) = &self.entries[token].role else {
+                unreachable!("drive_session on a session")
+            };
+            msgr.policy_throttle(se.sess.peer_name())
+        };
+        let mut throttles = vec![&msgr.dispatch_throttle];
+        if let Some(t) = policy_throttle.as_ref() {
+            throttles.push(t);
+        }
         loop {
-            let e = &mut self.entries[token];
-            let msgr = Arc::clone(&e.msgr);
-            let Role::Session(se) = &mut e.role else { unreachable!("drive_session on a session") };
             let mut progressed = false;
-            // Take what was queued meanwhile (a fast dispatcher's replies to the messages this loop delivered)
-            // now rather than when its Kick runs after this loop: the backlog it makes must stop the reads below,
-            // or a peer that never reads gets all it sends answered into memory.
-            if se.conn.kicked() {
-                se.conn.drain_inbox(&mut se.sess, now);
+            loop {
+                let mut moved = false;
+                let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                // Replies a fast dispatcher queued for the messages just delivered: take them now, so they batch
+                // and so the backlog they make is seen before reading more from a peer that does not read.
+                if se.conn.kicked() {
+                    se.conn.drain_inbox(&mut se.sess, now);
+                }
+                if let Some(bytes) = se.sess.grant_wanted() {
+                    if se.throttle_retry.is_none() {
+                        match ThrottleGrant::try_take(&throttles, 1, bytes as u64) {
+                            Some(g) => {
+                                se.sess.give_grant(now, g);
+                                moved = true;
+                            }
+                            None => {
+                                counters.throttle_stalls.fetch_add(1, Ordering::Relaxed);
+                                se.throttle_retry = Some(now + THROTTLE_RETRY);
+                            }
+                        }
+                    }
+                }
+                loop {
+                    let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                    let Some(out) = se.sess.poll_output() else { break };
+                    moved = true;
+                    if self.apply_output(token, out, now, &msgr) {
+                        return; // the session is gone
+                    }
+                }
+                if !moved {
+                    break;
+                }
+                progressed = true;
             }
-            // Write what is queued.
+            let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
             if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
                 se.sess.flush_acks(now);
                 if se.sess.has_socket() && !se.sess.tx().is_empty() {
+                    let before = se.sess.tx().queued_bytes();
                     match write_from(stream, &mut self.op_count, inject, &counters, now, &mut se.sess) {
-                        Ok(()) => {}
-                        Err(reason) => se.sess.socket_closed(now, reason),
-                    }
-                }
-            }
-            // Throttle budget for the next message frame.
-            if let Some(bytes) = se.sess.grant_wanted() {
-                if se.throttle_retry.is_none() {
-                    let policy_t = msgr.policy_throttle(se.sess.peer_name());
-                    let mut ts = vec![&msgr.dispatch_throttle];
-                    if let Some(t) = policy_t.as_ref() {
-                        ts.push(t);
-                    }
-                    match ThrottleGrant::try_take(&ts, 1, bytes as u64) {
-                        Some(g) => {
-                            se.sess.give_grant(now, g);
+                        Ok(()) => progressed |= se.sess.tx().queued_bytes() != before,
+                        Err(reason) => {
+                            se.sess.socket_closed(now, reason);
                             progressed = true;
                         }
-                        None => {
-                            counters.throttle_stalls.fetch_add(1, Ordering::Relaxed);
-                            se.throttle_retry = Some(now + THROTTLE_RETRY);
-                        }
                     }
                 }
             }
-            // Read what has arrived.
             if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
                 if se.sess.read_hint().is_some() {
                     match read_into(stream, &mut self.op_count, inject, &counters, &mut se.sess) {
                         Ok(n) => progressed |= n > 0,
-                        Err(reason) => se.sess.socket_closed(now, reason),
+                        Err(reason) => {
+                            se.sess.socket_closed(now, reason);
+                            progressed = true;
+                        }
                     }
                 }
             }
-            // Apply outputs.
-            let mut removed = false;
-            loop {
-                let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
-                let Some(out) = se.sess.poll_output() else { break };
-                progressed = true;
-                if self.apply_output(token, out, now, &msgr) {
-                    removed = true;
-                    break;
-                }
-            }
-            if removed {
-                return;
-            }
-            let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
-            let flushed = se.sess.tx().is_empty() || se.stream.is_none() || se.connecting;
-            if !progressed && flushed {
-                break;
-            }
             if !progressed {
-                break; // the socket would block on write; wait for writable
+                break; // drained, or the socket would block on write: wait for the next event
             }
         }
         let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
