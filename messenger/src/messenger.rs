@@ -24,6 +24,8 @@ use crate::worker::{Task, WorkerPool};
 /// Upper layers implement this to receive messages and connection events. A dispatcher that returns
 /// `can_fast_dispatch == true` for a message gets it inline on the worker thread: it must be quick and must
 /// not block. The others are delivered in priority order on the messenger's dispatch thread.
+// Handing the message back on Err is the point of the chain (it moves to the next dispatcher, no copy).
+#[allow(clippy::result_large_err)]
 pub trait Dispatcher: Send + Sync {
     /// Decided from the message alone (its type), never from mutable state.
     fn can_fast_dispatch(&self, _msg: &Message) -> bool {
@@ -306,6 +308,9 @@ struct DispatchQueue {
     cond: Condvar,
 }
 
+/// The default policy, and one per peer type with its receive throttle.
+type Policies = (Policy, HashMap<EntityType, (Policy, Option<Arc<Throttle>>)>);
+
 pub(crate) struct MsgrInner {
     pub name: EntityName,
     pub cfg: MessengerConfig,
@@ -314,7 +319,7 @@ pub(crate) struct MsgrInner {
     pub dispatch_throttle: Arc<Throttle>,
     nonce: u64,
     my_addr: OnceLock<SocketAddr>,
-    policies: RwLock<(Policy, HashMap<EntityType, (Policy, Option<Arc<Throttle>>)>)>,
+    policies: RwLock<Policies>,
     dispatchers: RwLock<Vec<Arc<dyn Dispatcher>>>,
     pub sessions: Mutex<HashMap<PeerKey, Arc<ConnShared>>>,
     queue: DispatchQueue,

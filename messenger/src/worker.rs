@@ -457,7 +457,6 @@ impl Worker {
                     let _ = stream.shutdown(Shutdown::Both);
                     self.remove(token, "rejected handshake answered");
                 }
-                return;
             }
             Role::Acceptor { stream, acc } => {
                 let mut failed = write_from(stream, &mut self.op_count, inject, &counters, now, acc).err();

@@ -532,8 +532,8 @@ impl Rng {
 
 fn random_run(seed: u64) {
     let mut rng = Rng(seed.max(1));
-    let mut net = if seed % 2 == 0 { Net::peers() } else { Net::client_server() };
-    let both = seed % 2 == 0;
+    let mut net = if seed.is_multiple_of(2) { Net::peers() } else { Net::client_server() };
+    let both = seed.is_multiple_of(2);
     let (mut next0, mut next1) = (1u64, 1_000_000u64);
     for _ in 0..400 {
         match rng.next() % 10 {
