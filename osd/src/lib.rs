@@ -1,1 +1,2 @@
 //! osd: filled by a later issue.
+pub mod heartbeat;

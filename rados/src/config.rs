@@ -137,9 +137,15 @@ options! {
     log_level: String = "info".to_string();
 }
 
-/// Seconds as a `Duration` (config durations are f64 seconds, as in Ceph).
+/// Longest duration an option may mean; larger, infinite or NaN values are clamped to it (never a panic).
+pub const DURATION_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Seconds as a `Duration` (config durations are f64 seconds, as in Ceph); negative and NaN mean zero.
 pub fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+    if s.is_nan() || s <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(s).map_or(DURATION_MAX, |d| d.min(DURATION_MAX))
 }
 
 fn parse_value<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, ConfigError> {
@@ -286,6 +292,15 @@ mod tests {
         std::fs::write(&p, "osd_heartbeat_interval = \"soon\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_never_panic() {
+        assert_eq!(secs(1.5), Duration::from_millis(1500));
+        assert_eq!(secs(-1.0), Duration::ZERO);
+        assert_eq!(secs(f64::NAN), Duration::ZERO);
+        assert_eq!(secs(f64::INFINITY), DURATION_MAX);
+        assert_eq!(secs(1e30), DURATION_MAX);
     }
 
     #[test]
