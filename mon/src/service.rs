@@ -1,0 +1,368 @@
+//! The monitor's runtime: [`MonState`] driven by a messenger, a tick thread and the store.
+//!
+//! Threads: the monitor's own messenger worker pool (`ms_async_op_threads`), the messenger's queued dispatch
+//! thread, which handles every monitor request (a request may commit an epoch, and a redb commit blocks: it
+//! must never run on a worker thread), and a tick thread (every [`TICK_INTERVAL`]). Both the dispatch thread
+//! and the tick thread take the one core lock, so requests and ticks are applied one at a time, each as
+//! handle -> persist -> publish -> reply.
+//!
+//! If the store fails to persist, the monitor stops serving at once (it can no longer tell what reached the
+//! disk, and its state is ahead of it): [`Monitor::is_failed`] turns true and the daemon exits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use messenger::{
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
+    WORKERS_MAX,
+};
+use parking_lot::Mutex;
+
+use rados::config::Config;
+use rados::msg::{types, MonError, MonReply, MonRequest};
+use rados::{Epoch, OsdId};
+
+use crate::state::{Effect, MonOptions, MonState, OptionsError, RestoreError};
+use crate::store::{Store, StoreError};
+
+/// How often the tick thread runs [`MonState::tick`] (failure grace, down-out timer, health log).
+pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
+/// Most subscribed connections (OSDs, clients, watchers).
+pub const SUBSCRIBERS_MAX: usize = 4096;
+/// Receive throttles, as Ceph's `mon_client_bytes` and `mon_daemon_bytes`.
+const CLIENT_BYTES_MAX: u64 = 100 << 20;
+const DAEMON_BYTES_MAX: u64 = 400 << 20;
+/// Garbage from the network is logged, but not every piece of a flood.
+const GARBAGE_LOGGED_FIRST: u64 = 10;
+const GARBAGE_LOGGED_EVERY: u64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    #[error("config: mon_host is not set (the address the monitor binds and everyone connects to)")]
+    NoMonHost,
+    #[error("config: ms_async_op_threads must be in 1..={WORKERS_MAX}, not {0}")]
+    Threads(usize),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Messenger(#[from] MessengerError),
+    #[error("starting monitor threads: {0}")]
+    Io(std::io::Error),
+}
+
+/// A running monitor. [`Monitor::shutdown`] (or dropping it) stops it.
+pub struct Monitor {
+    inner: Arc<Inner>,
+    msgr: Arc<Messenger>,
+    pool: Arc<WorkerPool>,
+    addr: SocketAddr,
+    tick_stop: Mutex<Option<Sender<()>>>,
+    tick_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Monitor({})", self.addr)
+    }
+}
+
+struct Inner {
+    core: Mutex<Core>,
+    clock: Clock,
+    failed: AtomicBool,
+    garbage: AtomicU64,
+}
+
+struct Core {
+    state: MonState,
+    /// `None` once shut down.
+    store: Option<Store>,
+    /// By connection id.
+    subs: HashMap<u64, Subscriber>,
+}
+
+struct Subscriber {
+    conn: Connection,
+    /// The newest epoch the subscriber has been sent (or said it has).
+    have: Option<Epoch>,
+    log: bool,
+}
+
+/// Unix-epoch milliseconds that never go backwards: the wall clock read once at start, plus monotonic time.
+/// Timers (grace, down-out) must not jump when the wall clock is stepped.
+struct Clock {
+    start: Instant,
+    start_unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let start_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Clock { start: Instant::now(), start_unix_ms }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start_unix_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+impl Monitor {
+    /// Opens (or creates) the store in `data_dir`, binds `mon.0` at `cfg.mon_host` and starts serving.
+    pub fn start(cfg: &Config, data_dir: &Path) -> Result<Monitor, MonitorError> {
+        let opts = MonOptions::from_config(cfg)?;
+        let bind_addr = cfg.mon_host.ok_or(MonitorError::NoMonHost)?;
+        if !(1..=WORKERS_MAX).contains(&cfg.ms_async_op_threads) {
+            return Err(MonitorError::Threads(cfg.ms_async_op_threads));
+        }
+        // Bind before touching the store, so that a monitor started on a taken port creates nothing.
+        // Locals drop in reverse order on an early return: the messenger shuts down before its pool.
+        let pool = WorkerPool::new(cfg.ms_async_op_threads).map_err(MonitorError::Io)?;
+        let msgr = Arc::new(Messenger::new(Arc::clone(&pool), EntityName::mon(0), nonce(), cfg.messenger()));
+        // Clients and OSDs hold lossy sessions with the monitor (they reconnect and resubscribe); the monitor
+        // keeps no session state across faults.
+        msgr.set_default_policy(Policy::stateless_server());
+        msgr.set_policy(EntityType::Client, Policy::stateless_server().with_throttle(0, CLIENT_BYTES_MAX));
+        msgr.set_policy(EntityType::Osd, Policy::stateless_server().with_throttle(0, DAEMON_BYTES_MAX));
+        let addr = msgr.bind(bind_addr)?;
+
+        let clock = Clock::new();
+        let (state, store) = open_state(opts, data_dir, &clock)?;
+        let inner = Arc::new(Inner {
+            core: Mutex::new(Core { state, store: Some(store), subs: HashMap::new() }),
+            clock,
+            failed: AtomicBool::new(false),
+            garbage: AtomicU64::new(0),
+        });
+        msgr.add_dispatcher_tail(Arc::new(MonDispatcher(Arc::clone(&inner))));
+        msgr.start().map_err(MonitorError::Io)?;
+        msgr.ready();
+
+        let (tick_tx, tick_rx) = crossbeam_channel::bounded(1);
+        let tick_inner = Arc::clone(&inner);
+        let tick_thread = std::thread::Builder::new()
+            .name("mon-tick".into())
+            .spawn(move || tick_loop(tick_inner, tick_rx))
+            .map_err(MonitorError::Io)?;
+        tracing::info!(%addr, "monitor serving");
+        Ok(Monitor {
+            inner,
+            msgr,
+            pool,
+            addr,
+            tick_stop: Mutex::new(Some(tick_tx)),
+            tick_thread: Mutex::new(Some(tick_thread)),
+        })
+    }
+
+    /// The address the monitor listens on (`mon_host`, with the port filled in if it was 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The current map's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.inner.core.lock().state.map().epoch
+    }
+
+    /// The store failed: the monitor has stopped serving and its process should exit non-zero.
+    pub fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// Stops the tick thread, the messenger and the worker pool (threads joined), and closes the store.
+    /// Idempotent.
+    pub fn shutdown(&self) {
+        drop(self.tick_stop.lock().take());
+        if let Some(t) = self.tick_thread.lock().take() {
+            if t.join().is_err() {
+                tracing::error!("the monitor tick thread panicked");
+            }
+        }
+        self.msgr.shutdown();
+        self.msgr.wait();
+        self.pool.shutdown();
+        let mut core = self.inner.core.lock();
+        core.subs.clear();
+        if core.store.take().is_some() {
+            tracing::info!("monitor stopped");
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The state from the store in `data_dir`, or a new cluster (whose first epoch is persisted before this
+/// returns).
+fn open_state(opts: MonOptions, data_dir: &Path, clock: &Clock) -> Result<(MonState, Store), MonitorError> {
+    let (mut store, persisted) = Store::open(data_dir, opts.fsid)?;
+    let state = match persisted {
+        Some(p) => {
+            let state = MonState::restore(opts, p, clock.now_ms())?;
+            tracing::info!(epoch = %state.map().epoch, fsid = %state.map().fsid, "monitor store opened");
+            state
+        }
+        None => {
+            let (state, effects) = MonState::create(opts, clock.now_ms());
+            store.persist(&effects, state.map())?;
+            tracing::info!(fsid = %state.map().fsid, "new monitor store created");
+            state
+        }
+    };
+    Ok((state, store))
+}
+
+fn tick_loop(inner: Arc<Inner>, stop: Receiver<()>) {
+    loop {
+        match stop.recv_timeout(TICK_INTERVAL) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            // The sender is dropped (or sent) at shutdown.
+            _ => return,
+        }
+        let mut core = inner.core.lock();
+        if core.store.is_none() || inner.failed.load(Ordering::Acquire) {
+            continue;
+        }
+        core.subs.retain(|_, s| !s.conn.is_closed());
+        let effects = core.state.tick(inner.clock.now_ms());
+        inner.apply(&mut core, effects);
+    }
+}
+
+impl Inner {
+    fn handle_request(&self, conn: &Connection, m: Message) {
+        let req: MonRequest = match m.decode() {
+            Ok(r) => r,
+            Err(e) => {
+                self.garbage(conn, &format!("undecodable monitor request: {e}"));
+                let reply = MonReply::Error(MonError::Invalid("cannot decode the request".into()));
+                let _ = conn.send_message(Message::encode(types::MON_REPLY, &reply).with_tid(m.tid));
+                return;
+            }
+        };
+        let from_osd = conn
+            .peer_name()
+            .filter(|n| n.ty == EntityType::Osd)
+            .and_then(|n| u32::try_from(n.num).ok())
+            .map(OsdId);
+        let mut core = self.core.lock();
+        if core.store.is_none() || self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        if let MonRequest::Subscribe { have, log } = req {
+            self.subscribe(&mut core, conn, have, log);
+            return;
+        }
+        tracing::debug!(peer = ?conn.peer_name(), ?req, "request");
+        let (reply, effects) = core.state.handle(self.clock.now_ms(), from_osd, req);
+        if !self.apply(&mut core, effects) {
+            return; // Not durable: must not be acknowledged.
+        }
+        drop(core);
+        let _ = conn.send_message(Message::encode(types::MON_REPLY, &reply).with_tid(m.tid));
+    }
+
+    fn subscribe(&self, core: &mut Core, conn: &Connection, have: Option<Epoch>, log: bool) {
+        let cur = core.state.map().epoch;
+        if have.is_some_and(|h| h > cur) {
+            tracing::warn!(peer = ?conn.peer_name(), ?have, %cur, "subscriber claims a newer map than ours");
+        }
+        if !core.subs.contains_key(&conn.id()) {
+            core.subs.retain(|_, s| !s.conn.is_closed());
+            if core.subs.len() >= SUBSCRIBERS_MAX {
+                tracing::warn!(peer = ?conn.peer_name(), "too many subscribers; subscription refused");
+                return;
+            }
+        }
+        if let Some(update) = core.state.map_update_since(have) {
+            let _ = conn.send_message(Message::encode(types::MON_MAP, &update));
+        }
+        core.subs.insert(conn.id(), Subscriber { conn: conn.clone(), have: Some(cur), log });
+    }
+
+    /// Persists the effects of one state-machine call, then publishes them. Returns false (and fails the
+    /// monitor) if they could not be made durable.
+    fn apply(&self, core: &mut Core, effects: Vec<Effect>) -> bool {
+        if effects.is_empty() {
+            return true;
+        }
+        let Core { state, store, subs } = core;
+        let Some(store) = store.as_mut() else { return false };
+        if let Err(e) = store.persist(&effects, state.map()) {
+            tracing::error!("cannot persist the monitor state: {e}; the monitor stops");
+            self.failed.store(true, Ordering::Release);
+            return false;
+        }
+        let committed = effects.iter().any(|e| matches!(e, Effect::Commit(_)));
+        subs.retain(|_, s| !s.conn.is_closed());
+        if committed {
+            let cur = state.map().epoch;
+            tracing::info!(epoch = %cur, "committed");
+            for s in subs.values_mut() {
+                if let Some(update) = state.map_update_since(s.have) {
+                    let _ = s.conn.send_message(Message::encode(types::MON_MAP, &update));
+                }
+                s.have = Some(cur);
+            }
+        }
+        for e in &effects {
+            if let Effect::Log(entry) = e {
+                tracing::info!(target: "cluster", seq = entry.seq, "{}", entry.message);
+                for s in subs.values().filter(|s| s.log) {
+                    let _ = s.conn.send_message(Message::encode(types::MON_LOG, entry));
+                }
+            }
+        }
+        true
+    }
+
+    fn garbage(&self, conn: &Connection, what: &str) {
+        let n = self.garbage.fetch_add(1, Ordering::Relaxed);
+        if n < GARBAGE_LOGGED_FIRST || n.is_multiple_of(GARBAGE_LOGGED_EVERY) {
+            tracing::warn!(peer = ?conn.peer_name(), key = %conn.peer_key(), dropped_so_far = n, "{what}; dropped");
+        }
+    }
+}
+
+/// Receives monitor requests on the queued dispatch thread (never fast: handling one may block on a commit).
+struct MonDispatcher(Arc<Inner>);
+
+impl Dispatcher for MonDispatcher {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+        match m.msg_type {
+            types::MON_REQUEST => self.0.handle_request(conn, m),
+            other => self.0.garbage(conn, &format!("message of type {other:#06x} is not for the monitor")),
+        }
+        Ok(())
+    }
+
+    fn handle_reset(&self, conn: &Connection) {
+        self.0.core.lock().subs.remove(&conn.id());
+    }
+
+    fn handle_remote_reset(&self, conn: &Connection) {
+        self.0.core.lock().subs.remove(&conn.id());
+    }
+}
+
+/// A messenger nonce that differs between monitor instances (a restarted monitor is a new peer instance).
+fn nonce() -> u64 {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = t ^ ((std::process::id() as u64) << 32) ^ 0x6d6f_6e30;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
