@@ -635,6 +635,9 @@ impl Worker {
             }
             Output::Reset => {
                 msgr.counters.resets.fetch_add(1, Ordering::Relaxed);
+                // Closed and out of the registry before the dispatcher hears of it, so a `connect` from its
+                // handle_reset gets a new session, not this dying one.
+                se.conn.closed(&mut se.sess);
                 msgr.deliver_event(&se.conn, crate::messenger::ConnEvent::Reset);
             }
             Output::RemoteReset => {

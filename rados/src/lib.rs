@@ -8,7 +8,8 @@
 //!
 //! - [`msg`]: the messages clients, monitors and OSDs exchange (bodies postcard-encoded, bulk data raw);
 //! - [`config`]: `cuttle.toml`, every option documented, Ceph's names;
-//! - [`monclient`]: keeps a program's map fresh through a subscription and carries its monitor requests.
+//! - [`monclient`]: keeps a program's map fresh through a subscription and carries its monitor requests;
+//! - [`objecter`]: the client library (librados): pools, object ops to each PG's primary, resends, listing.
 //!
 //! What it deliberately is not:
 //! - ids, maps and placement do no IO: nothing there reads a clock or draws an unseeded random number, so the
@@ -47,6 +48,7 @@ pub mod ids;
 pub mod map;
 pub mod monclient;
 pub mod msg;
+pub mod objecter;
 pub mod placement;
 
 pub use ids::{Epoch, Fsid, IdParseError, OsdId, PgId, PoolId};

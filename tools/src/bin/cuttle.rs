@@ -1,0 +1,685 @@
+//! `cuttle`: cluster administration. `cuttle up` starts a local cluster (a monitor and N OSDs on 127.0.0.1,
+//! everything under one directory); the other commands talk to the monitor, like `ceph`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use messenger::{EntityName, Messenger, WorkerPool};
+use rados::config::{Config, CONF_FILE, DEFAULT_DIR, OPTIONS};
+use rados::monclient::MonClient;
+use rados::msg::{LogLevel, MonCommand};
+use rados::placement::{object_to_pg, Placement};
+use rados::OsdId;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "cuttle", about = "Administer a cuttle cluster", version)]
+struct Cli {
+    /// Config file (default: $CUTTLE_CONF, then ./cuttle-data/cuttle.toml).
+    #[arg(long, global = true)]
+    conf: Option<PathBuf>,
+    /// Output format of reading commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    format: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster: a monitor and N OSDs on 127.0.0.1, data under DIR; returns at HEALTH_OK.
+    Up {
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        osds: u32,
+        /// Write a config option into cuttle.toml (repeatable), e.g. --set osd_heartbeat_grace=3.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Give up waiting for HEALTH_OK after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Stop the cluster started by `cuttle up` in DIR.
+    Down {
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Cluster status.
+    Status,
+    /// Health, with reasons.
+    Health,
+    /// OSD commands.
+    Osd {
+        #[command(subcommand)]
+        cmd: OsdCmd,
+    },
+    /// Pool commands.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Follow the cluster log.
+    Watch,
+    /// The last N cluster log entries.
+    Log {
+        #[arg(default_value_t = 20)]
+        n: usize,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OsdCmd {
+    /// The OSD hierarchy with up/down status.
+    Tree,
+    /// The OSD map.
+    Dump,
+    /// Where an object lives: its PG and its up and acting OSDs.
+    Map { pool: String, object: String },
+    /// Mark an OSD out (its data moves elsewhere).
+    Out { id: u32 },
+    /// Mark an OSD in.
+    In { id: u32 },
+    /// Mark an OSD down (it will boot again if it is alive).
+    Down { id: u32 },
+    /// Heartbeat round-trip times, front and back, as each OSD last reported them.
+    PingTimes,
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        size: Option<u8>,
+        #[arg(long)]
+        min_size: Option<u8>,
+        #[arg(long)]
+        pg_num: Option<u32>,
+    },
+    Ls,
+    /// Delete a pool: give its name twice and --yes-i-really-really-mean-it.
+    Rm {
+        name: String,
+        name_again: Option<String>,
+        #[arg(long = "yes-i-really-really-mean-it")]
+        confirm: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Every option with its default and meaning.
+    Help,
+}
+
+const MON_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to the cluster: a small messenger and a MonClient.
+struct Client {
+    cfg: Config,
+    monc: Arc<MonClient>,
+    msgr: Arc<Messenger>,
+    pool: Arc<WorkerPool>,
+}
+
+impl Client {
+    fn connect(conf: Option<&Path>) -> Result<Client> {
+        let (cfg, path) = Config::discover(conf)?;
+        Client::with_config(cfg).with_context(|| format!("using {}", path.display()))
+    }
+
+    fn with_config(cfg: Config) -> Result<Client> {
+        let mon = cfg.mon_host.ok_or_else(|| anyhow!("mon_host is not set in the config"))?;
+        let pool = WorkerPool::new(1).context("starting the messenger")?;
+        let msgr = Arc::new(Messenger::new(
+            Arc::clone(&pool),
+            EntityName::client(tools::entropy() >> 16),
+            tools::entropy(),
+            cfg.messenger(),
+        ));
+        msgr.start()?;
+        let monc = MonClient::start(Arc::clone(&msgr), mon, false);
+        Ok(Client { cfg, monc, msgr, pool })
+    }
+
+    fn mon_addr(&self) -> SocketAddr {
+        self.monc.mon_addr()
+    }
+
+    fn command(&self, cmd: MonCommand) -> Result<Value> {
+        let text = self.monc.command(cmd, MON_TIMEOUT).map_err(|e| match e {
+            rados::monclient::MonClientError::Timeout { .. } => {
+                anyhow!(
+                    "cannot reach the monitor at {} (is the cluster up? try `cuttle up`)",
+                    self.mon_addr()
+                )
+            }
+            e => anyhow!(e),
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("the monitor sent malformed JSON: {text}"))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.monc.shutdown();
+        self.msgr.shutdown();
+        self.msgr.wait();
+        self.pool.shutdown();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("cuttle: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let conf = cli.conf.as_deref();
+    let fmt = cli.format;
+    match cli.cmd {
+        Cmd::Up { dir, osds, set, timeout } => up(&dir, osds, &set, Duration::from_secs(timeout)),
+        Cmd::Down { dir } => down(&dir),
+        Cmd::Config { cmd: ConfigCmd::Help } => {
+            if fmt == Format::Json {
+                let v: Vec<Value> = OPTIONS
+                    .iter()
+                    .map(|o| json!({"name": o.name, "default": o.default, "help": o.help}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for o in OPTIONS {
+                    println!("{:<34} {:<22} {}", o.name, o.default, o.help);
+                }
+            }
+            Ok(())
+        }
+        cmd => {
+            let c = Client::connect(conf)?;
+            client_command(&c, cmd, fmt)
+        }
+    }
+}
+
+fn client_command(c: &Client, cmd: Cmd, fmt: Format) -> Result<()> {
+    let out = |v: &Value, plain: &dyn Fn(&Value) -> String| {
+        if fmt == Format::Json {
+            println!("{v}");
+        } else {
+            print!("{}", plain(v));
+        }
+    };
+    match cmd {
+        Cmd::Status => out(&c.command(MonCommand::Status)?, &plain_status),
+        Cmd::Health => out(&c.command(MonCommand::Health)?, &plain_health),
+        Cmd::Osd { cmd: OsdCmd::Tree } => out(&c.command(MonCommand::OsdTree)?, &plain_tree),
+        Cmd::Osd { cmd: OsdCmd::Dump } => out(&c.command(MonCommand::OsdDump)?, &pretty),
+        Cmd::Osd { cmd: OsdCmd::PingTimes } => out(&c.command(MonCommand::OsdPingTimes)?, &plain_ping_times),
+        Cmd::Osd { cmd: OsdCmd::Map { pool, object } } => out(&osd_map(c, &pool, &object)?, &plain_osd_map),
+        Cmd::Osd { cmd: OsdCmd::Out { id } } => {
+            done(c.command(MonCommand::OsdOut(OsdId(id)))?, &format!("marked out osd.{id}"))
+        }
+        Cmd::Osd { cmd: OsdCmd::In { id } } => {
+            done(c.command(MonCommand::OsdIn(OsdId(id)))?, &format!("marked in osd.{id}"))
+        }
+        Cmd::Osd { cmd: OsdCmd::Down { id } } => {
+            done(c.command(MonCommand::OsdDown(OsdId(id)))?, &format!("marked down osd.{id}"))
+        }
+        Cmd::Pool { cmd: PoolCmd::Create { name, size, min_size, pg_num } } => {
+            let v = c.command(MonCommand::PoolCreate { name: name.clone(), size, min_size, pg_num })?;
+            done(v, &format!("pool '{name}' created"))
+        }
+        Cmd::Pool { cmd: PoolCmd::Ls } => out(&c.command(MonCommand::PoolLs)?, &plain_pool_ls),
+        Cmd::Pool { cmd: PoolCmd::Rm { name, name_again, confirm } } => {
+            if name_again.as_deref() != Some(name.as_str()) || !confirm {
+                bail!(
+                    "deleting pool '{name}' destroys its data: run `cuttle pool rm {name} {name} --yes-i-really-really-mean-it`"
+                );
+            }
+            done(
+                c.command(MonCommand::PoolRm { name: name.clone(), confirm })?,
+                &format!("pool '{name}' removed"),
+            )
+        }
+        Cmd::Log { n } => out(&c.command(MonCommand::Log { n })?, &plain_log),
+        Cmd::Watch => watch(c, fmt)?,
+        Cmd::Up { .. } | Cmd::Down { .. } | Cmd::Config { .. } => unreachable!("handled without a client"),
+    }
+    Ok(())
+}
+
+fn done(_v: Value, msg: &str) {
+    println!("{msg}");
+}
+
+fn pretty(v: &Value) -> String {
+    format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+}
+
+fn plain_health(v: &Value) -> String {
+    let mut s = format!("{}\n", v["status"].as_str().unwrap_or("HEALTH_UNKNOWN"));
+    // Ceph's shape: checks keyed by code, each with a severity and a summary message.
+    if let Some(checks) = v["checks"].as_object() {
+        for (code, c) in checks {
+            let msg = c["summary"]["message"].as_str().unwrap_or("");
+            s.push_str(&format!("    [{}] {code}: {msg}\n", c["severity"].as_str().unwrap_or("?")));
+        }
+    }
+    s
+}
+
+fn plain_status(v: &Value) -> String {
+    let m = &v["osdmap"];
+    let mut s = String::new();
+    s.push_str("  cluster:\n");
+    s.push_str(&format!("    id:     {}\n", v["fsid"].as_str().unwrap_or("?")));
+    s.push_str(&format!("    health: {}", plain_health(&v["health"]).replace('\n', "\n        ")));
+    s = s.trim_end().to_string();
+    s.push_str("\n\n  services:\n");
+    s.push_str(&format!(
+        "    osd: {} osds: {} up, {} in (epoch e{})\n",
+        m["num_osds"], m["num_up_osds"], m["num_in_osds"], m["epoch"]
+    ));
+    if let Some(pg) = v.get("pgmap") {
+        s.push_str("\n  data:\n");
+        s.push_str(&format!("    pools: {}, pgs: {}\n", pg["num_pools"], pg["num_pgs"]));
+        if let Some(states) = pg["pgs_by_state"].as_array() {
+            for st in states {
+                s.push_str(&format!(
+                    "             {} {}\n",
+                    st["count"],
+                    st["state_name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    s
+}
+
+fn plain_tree(v: &Value) -> String {
+    let mut s = format!("{:<4} {:<6} {:<20} {:<7} {}\n", "ID", "WEIGHT", "TYPE NAME", "STATUS", "REWEIGHT");
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    let by_id = |id: &Value| nodes.iter().find(|n| &n["id"] == id).cloned();
+    fn walk(n: &Value, depth: usize, by_id: &dyn Fn(&Value) -> Option<Value>, s: &mut String) {
+        let name = format!(
+            "{}{} {}",
+            "    ".repeat(depth),
+            n["type"].as_str().unwrap_or("?"),
+            n["name"].as_str().unwrap_or("?")
+        );
+        let status = n["status"].as_str().unwrap_or("");
+        let weight = n["crush_weight"].as_f64().map(|w| format!("{w:.3}")).unwrap_or_default();
+        let reweight = n["reweight"].as_f64().map(|w| format!("{w:.3}")).unwrap_or_default();
+        s.push_str(&format!(
+            "{:<4} {:<6} {:<20} {:<7} {}\n",
+            n["id"].to_string(),
+            weight,
+            name,
+            status,
+            reweight
+        ));
+        for c in n["children"].as_array().into_iter().flatten() {
+            if let Some(child) = by_id(c) {
+                walk(&child, depth + 1, by_id, s);
+            }
+        }
+    }
+    let roots: Vec<&Value> = nodes.iter().filter(|n| n["type"] == "root").collect();
+    if roots.is_empty() {
+        for n in &nodes {
+            walk(n, 0, &by_id, &mut s);
+        }
+    }
+    for r in roots {
+        walk(r, 0, &by_id, &mut s);
+    }
+    s
+}
+
+fn plain_pool_ls(v: &Value) -> String {
+    let mut s = String::new();
+    for p in v.as_array().into_iter().flatten() {
+        s.push_str(&format!("{}\n", p["pool_name"].as_str().unwrap_or("?")));
+    }
+    s
+}
+
+fn plain_ping_times(v: &Value) -> String {
+    let mut s = format!("{:<8} {:<8} {:<9} {:>10}  {}\n", "FROM", "TO", "INTERFACE", "LAST(ms)", "UPDATED");
+    for e in v["entries"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "osd.{:<4} osd.{:<4} {:<9} {:>10.3}  {}{}\n",
+            e["from osd"].to_string(),
+            e["to osd"].to_string(),
+            e["interface"].as_str().unwrap_or("?"),
+            e["last"].as_f64().unwrap_or(0.0),
+            e["last update"].as_str().unwrap_or(""),
+            if e["stale"] == true { " (stale)" } else { "" }
+        ));
+    }
+    s
+}
+
+fn plain_log(v: &Value) -> String {
+    let mut s = String::new();
+    for e in v["entries"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "{} {} {} {}\n",
+            e["stamp"].as_str().unwrap_or(""),
+            e["name"].as_str().unwrap_or(""),
+            e["priority"].as_str().unwrap_or(""),
+            e["message"].as_str().unwrap_or("")
+        ));
+    }
+    s
+}
+
+fn osd_map(c: &Client, pool: &str, object: &str) -> Result<Value> {
+    let map = c.monc.wait_for_map(None, MON_TIMEOUT).map_err(|_| {
+        anyhow!("cannot reach the monitor at {} (is the cluster up? try `cuttle up`)", c.mon_addr())
+    })?;
+    let p = map.pool_by_name(pool).ok_or_else(|| anyhow!("pool '{pool}' does not exist"))?;
+    if object.is_empty() || object.len() > c.cfg.osd_max_object_name_len {
+        bail!("object names must be 1 to {} bytes", c.cfg.osd_max_object_name_len);
+    }
+    let pg = object_to_pg(p, object.as_bytes());
+    let ua = Placement::new(&map).up_acting(pg)?;
+    let ids = |v: &[OsdId]| v.iter().map(|o| o.0).collect::<Vec<_>>();
+    Ok(json!({
+        "epoch": map.epoch.0,
+        "pool": pool,
+        "pool_id": p.id.0,
+        "objname": object,
+        "raw_pgid": format!("{}.{:08x}", p.id.0, rados::placement::object_hash(object.as_bytes())),
+        "pgid": pg.to_string(),
+        "up": ids(&ua.up),
+        "up_primary": ua.primary.map_or(-1, |o| o.0 as i64),
+        "acting": ids(&ua.acting),
+        "acting_primary": ua.primary.map_or(-1, |o| o.0 as i64),
+    }))
+}
+
+fn plain_osd_map(v: &Value) -> String {
+    format!(
+        "osdmap e{} pool '{}' ({}) object '{}' -> pg {} ({}) -> up ({}, p{}) acting ({}, p{})\n",
+        v["epoch"],
+        v["pool"].as_str().unwrap_or(""),
+        v["pool_id"],
+        v["objname"].as_str().unwrap_or(""),
+        v["raw_pgid"].as_str().unwrap_or(""),
+        v["pgid"].as_str().unwrap_or(""),
+        v["up"],
+        v["up_primary"],
+        v["acting"],
+        v["acting_primary"]
+    )
+}
+
+fn watch(c: &Client, fmt: Format) -> Result<()> {
+    let (tx, rx) = crossbeam_channel::bounded(1024);
+    c.monc.on_log(move |e| {
+        // A slow terminal must not stall the messenger: drop lines rather than block.
+        let _ = tx.try_send(e.clone());
+    });
+    c.monc.wait_for_map(None, MON_TIMEOUT).map_err(|_| {
+        anyhow!("cannot reach the monitor at {} (is the cluster up? try `cuttle up`)", c.mon_addr())
+    })?;
+    let stop = tools::termination_flag()?;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        if let Ok(e) = rx.recv_timeout(Duration::from_millis(200)) {
+            if fmt == Format::Json {
+                println!(
+                    "{}",
+                    json!({"seq": e.seq, "stamp_ms": e.stamp_ms, "level": format!("{:?}", e.level), "message": e.message})
+                );
+            } else {
+                let level = match e.level {
+                    LogLevel::Info => "INF",
+                    LogLevel::Warn => "WRN",
+                    LogLevel::Error => "ERR",
+                };
+                println!("{} [{level}] {}", fmt_stamp(e.stamp_ms), e.message);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_stamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
+}
+
+// ---- cuttle up / down ----
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the cuttle binary")?;
+    let p = exe.with_file_name(name);
+    if !p.exists() {
+        bail!("{} not found next to {} (build the workspace: cargo build --release)", name, exe.display());
+    }
+    Ok(p)
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn daemon_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".pid")).map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+fn live_pid(dir: &Path, name: &str) -> Option<u32> {
+    tools::read_pid(&dir.join(format!("{name}.pid"))).filter(|&p| tools::process_alive(p))
+}
+
+fn spawn_daemon(bin: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<()> {
+    let conf = dir.join(CONF_FILE);
+    let log = dir.join(format!("{name}.log"));
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--conf")
+        .arg(&conf)
+        .arg("--data")
+        .arg(dir.join(name))
+        .arg("--log-file")
+        .arg(&log)
+        .arg("--pid-file")
+        .arg(dir.join(format!("{name}.pid")))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // Its own process group: a Ctrl-C in the shell that ran `cuttle up` does not reach the daemons.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    // The daemon writes its own pidfile; the child handle is not waited on (it outlives us).
+    drop(child);
+    Ok(())
+}
+
+fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
+    if osds == 0 || osds > 64 {
+        bail!("--osds must be between 1 and 64");
+    }
+    let mut pairs = Vec::new();
+    for kv in set {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--set wants KEY=VALUE, got {kv:?}"))?;
+        pairs.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let conf = dir.join(CONF_FILE);
+    if let Some(pid) = live_pid(dir, "mon.0") {
+        if pairs.is_empty() {
+            println!(
+                "cluster already up in {} (mon.0 pid {pid}); `cuttle down --dir {}` stops it",
+                dir.display(),
+                dir.display()
+            );
+            return Ok(());
+        }
+        bail!(
+            "cluster already up in {} (mon.0 pid {pid}): `cuttle down` before changing its config",
+            dir.display()
+        );
+    }
+    let existing = if conf.exists() { Some(Config::load(&conf)?) } else { None };
+    let mut base = Vec::new();
+    if existing.as_ref().is_none_or(|c| c.fsid.is_empty()) {
+        base.push(("fsid".to_string(), new_fsid()));
+    }
+    if existing.as_ref().is_none_or(|c| c.mon_host.is_none()) {
+        base.push(("mon_host".to_string(), format!("127.0.0.1:{}", free_port()?)));
+    }
+    if existing.is_none() {
+        // All OSDs of a local cluster share this host: count each OSD as its own reporter.
+        base.push(("mon_osd_reporter_subtree_level".to_string(), "osd".to_string()));
+    }
+    base.extend(pairs);
+    Config::write_options(&conf, &base)?;
+    let cfg = Config::load(&conf)?;
+    let mon_bin = sibling_binary("cuttle-mon")?;
+    let osd_bin = sibling_binary("cuttle-osd")?;
+    let started = Instant::now();
+    spawn_daemon(&mon_bin, dir, "mon.0", &[])?;
+    let client = Client::with_config(cfg.clone())?;
+    if client.monc.wait_for_map(None, Duration::from_secs(10)).is_err() {
+        bail!(
+            "the monitor did not come up at {}; see {}",
+            client.mon_addr(),
+            dir.join("mon.0.log").display()
+        );
+    }
+    for i in 0..osds {
+        let name = format!("osd.{i}");
+        if live_pid(dir, &name).is_none() {
+            spawn_daemon(&osd_bin, dir, &name, &[])?;
+        }
+    }
+    let size = 3.min(osds) as u8;
+    let pools = client.command(MonCommand::PoolLs)?;
+    let has_rbd = pools.as_array().into_iter().flatten().any(|p| p["pool_name"] == "rbd");
+    if !has_rbd {
+        client.command(MonCommand::PoolCreate {
+            name: "rbd".into(),
+            size: Some(size),
+            min_size: None,
+            pg_num: Some(32),
+        })?;
+    }
+    let deadline = started + timeout;
+    let mut last = String::new();
+    loop {
+        let h = client.command(MonCommand::Health)?;
+        let st = client.command(MonCommand::Status)?;
+        let status = h["status"].as_str().unwrap_or("").to_string();
+        let m = &st["osdmap"];
+        if status == "HEALTH_OK"
+            && m["num_up_osds"].as_u64() == Some(osds as u64)
+            && m["num_in_osds"].as_u64() == Some(osds as u64)
+        {
+            break;
+        }
+        last = plain_health(&h);
+        if Instant::now() > deadline {
+            bail!(
+                "cluster did not reach HEALTH_OK within {timeout:?}; last health:\n{last}logs are in {}",
+                dir.display()
+            );
+        }
+        for i in 0..osds {
+            let name = format!("osd.{i}");
+            if started.elapsed() > Duration::from_secs(3) && live_pid(dir, &name).is_none() {
+                bail!("{name} exited; see {}", dir.join(format!("{name}.log")).display());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = last;
+    println!(
+        "cluster up in {} ({:.1} s): mon.0 at {}, {osds} osds, pool 'rbd' (size {size}, 32 pgs); HEALTH_OK",
+        dir.display(),
+        started.elapsed().as_secs_f64(),
+        client.mon_addr()
+    );
+    println!("config: {}   stop it with: cuttle down --dir {}", conf.display(), dir.display());
+    Ok(())
+}
+
+fn new_fsid() -> String {
+    let a = tools::entropy();
+    let b = tools::entropy().rotate_left(17) ^ a.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = format!("{a:016x}{b:016x}");
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn down(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        bail!("no cluster directory at {}", dir.display());
+    }
+    // OSDs first (they tell the monitor they are going), then the monitor.
+    let mut names = daemon_names(dir);
+    names.sort_by_key(|n| n.starts_with("mon"));
+    let mut stopped = 0;
+    for name in &names {
+        let Some(pid) = live_pid(dir, name) else { continue };
+        signal(pid, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tools::process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if tools::process_alive(pid) {
+            eprintln!("{name} (pid {pid}) did not stop within 10 s; killing it");
+            signal(pid, "KILL");
+        }
+        stopped += 1;
+    }
+    if stopped == 0 {
+        println!("no daemons running in {}", dir.display());
+    } else {
+        println!("stopped {stopped} daemons in {}", dir.display());
+    }
+    Ok(())
+}
