@@ -43,11 +43,12 @@ fn bad_input_gets_clear_errors() {
     let c = Cluster::up("bad", 3, &[]);
     let tmp = c.dir.join("in.bin");
     write_file(&tmp, b"hello");
+    let long_name = "x".repeat(5000);
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["-p", "nosuchpool", "put", "obj", tmp.to_str().unwrap()], "nosuchpool"),
         (vec!["-p", "rbd", "get", "missing-object", "-"], "missing-object"),
         (vec!["-p", "rbd", "put", "", tmp.to_str().unwrap()], "name"),
-        (vec!["-p", "rbd", "stat", &"x".repeat(5000)], "name"),
+        (vec!["-p", "rbd", "stat", &long_name], "name"),
         (vec!["-p", "rbd", "bench", "1", "write", "-b", "lots"], "size"),
     ];
     for (args, needle) in &cases {

@@ -583,10 +583,23 @@ fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
             dir.join("mon.0.log").display()
         );
     }
+    // One at a time, each waiting for its id: the monitor hands out ids in registration order, and osd.N's
+    // directory should hold osd.N.
     for i in 0..osds {
         let name = format!("osd.{i}");
         if live_pid(dir, &name).is_none() {
             spawn_daemon(&osd_bin, dir, &name, &[])?;
+            let whoami = dir.join(&name).join("whoami");
+            let t = Instant::now();
+            while !whoami.exists() {
+                if t.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "{name} did not register with the monitor; see {}",
+                        dir.join(format!("{name}.log")).display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
     let size = 3.min(osds) as u8;
