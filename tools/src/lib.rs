@@ -4,10 +4,74 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+
+/// Output format of reading commands (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Plain,
+    Json,
+}
+
+/// The command line every daemon shares.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Config file (else $CUTTLE_CONF, else ./cuttle-data/cuttle.toml).
+    #[arg(long, value_name = "PATH")]
+    pub conf: Option<PathBuf>,
+    /// The daemon's data directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Stay in the foreground and log to stderr.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Append the log here (ignored with -f).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Write the process id here while running.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// What a daemon has once its config is read, its logging set up and its pidfile written.
+#[derive(Debug)]
+pub struct DaemonStart {
+    pub cfg: rados::config::Config,
+    pub conf_path: PathBuf,
+    pub term: Arc<AtomicBool>,
+    pub pid: Option<PidFile>,
+}
+
+impl DaemonArgs {
+    /// Config discovery, logging, pidfile and the SIGTERM/SIGINT flag, in that order.
+    pub fn start(&self) -> Result<DaemonStart> {
+        let (cfg, conf_path) = rados::config::Config::discover(self.conf.as_deref())?;
+        init_logging(&cfg.log_level, self.foreground, self.log_file.as_deref())?;
+        let pid = self.pid_file.as_deref().map(PidFile::create).transpose()?;
+        let term = termination_flag()?;
+        Ok(DaemonStart { cfg, conf_path, term, pid })
+    }
+}
+
+/// Runs a daemon's body; a failure is one line on stderr (and in the log, when logging to a file) and a
+/// non-zero exit.
+pub fn daemon_main(name: &str, args: &DaemonArgs, body: impl FnOnce() -> Result<()>) -> ExitCode {
+    let logs_to_file = !args.foreground && args.log_file.is_some();
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if logs_to_file {
+                tracing::error!("{e:#}");
+            }
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Logs to stderr (`foreground`) or appends to `log_file`, filtered by `level` (tracing-subscriber syntax;
 /// `RUST_LOG` overrides it).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use messenger::{EntityName, Messenger, WorkerPool};
 use rados::config::{Config, CONF_FILE, DEFAULT_DIR, OPTIONS};
 use rados::monclient::MonClient;
@@ -30,11 +30,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Plain,
-    Json,
-}
+use tools::Format;
 
 #[derive(Subcommand)]
 enum Cmd {

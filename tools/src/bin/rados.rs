@@ -54,11 +54,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Plain,
-    Json,
-}
+use tools::Format;
 
 #[derive(Subcommand)]
 enum Cmd {
