@@ -13,8 +13,10 @@
 //! flight for the whole image. Completions of object ops run on messenger threads and only copy bytes and
 //! count down; the image request's [`AioCompletion`] fires when its last object op has answered.
 //!
-//! What it deliberately is not (yet): no cache or read-ahead layer (so [`Image::flush`] has nothing to do),
-//! no watch/notify (a handle learns of another client's resize only through [`Image::refresh`]), no
+//! Above object dispatch sit the layers of [`crate::layers`] (write-back cache, read-ahead), chosen by
+//! [`ImageOptions`] at open.
+//!
+//! What it deliberately is not (yet): no watch/notify (a handle learns of another client's resize only through [`Image::refresh`]), no
 //! snapshots, clones, exclusive lock or object map.
 
 use std::collections::BTreeMap;
@@ -29,6 +31,7 @@ use parking_lot::{Condvar, Mutex};
 use rados::objecter::{IoCtx, ObjectOperation, Objecter, OpReply, RadosError};
 use serde::{Deserialize, Serialize};
 
+use crate::layers::{Cache, CacheOptions, Done, Layer, Readahead, ReadaheadOptions, Req};
 use crate::striper::{self, Layout, LayoutError, ObjectExtent};
 
 /// The directory object of a pool (`RBD_DIRECTORY`).
@@ -417,10 +420,16 @@ impl Rbd {
         }
     }
 
+    /// Opens with Ceph's default layers (cache in writethrough-until-flush mode, read-ahead).
     pub fn open(&self, name: &str) -> Result<Image> {
+        self.open_with(name, ImageOptions::default())
+    }
+
+    /// Opens with the given I/O layers.
+    pub fn open_with(&self, name: &str, opts: ImageOptions) -> Result<Image> {
         let id = self.image_id(name)?;
         let (header, version) = self.read_header(&id, name)?;
-        Image::start(self.io.clone(), name.to_string(), id, header, version, self.queue_depth)
+        Image::start(self.io.clone(), name.to_string(), id, header, version, self.queue_depth, opts)
     }
 
     pub fn info(&self, name: &str) -> Result<ImageInfo> {
@@ -630,7 +639,7 @@ struct ReqState<T> {
     buf: Vec<u8>,
     err: Option<RbdError>,
     finish: Option<Box<dyn FnOnce(Vec<u8>) -> T + Send>>,
-    slot: Arc<CompletionSlot<T>>,
+    done: Option<Box<dyn FnOnce(Result<T>) + Send>>,
 }
 
 /// The dispatcher's work item: type-erased so reads and writes share the queue.
@@ -672,10 +681,10 @@ impl Dispatch {
         ops: Vec<ObjOp>,
         buf_len: usize,
         finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
-        slot: Arc<CompletionSlot<T>>,
+        done: Box<dyn FnOnce(Result<T>) + Send>,
     ) {
         if ops.is_empty() {
-            slot.complete(Ok(finish(vec![0; buf_len])));
+            done(Ok(finish(vec![0; buf_len])));
             return;
         }
         let st = Arc::new(Mutex::new(ReqState {
@@ -683,7 +692,7 @@ impl Dispatch {
             buf: vec![0; buf_len],
             err: None,
             finish: Some(finish),
-            slot,
+            done: Some(done),
         }));
         for o in ops {
             self.depth.acquire();
@@ -736,7 +745,9 @@ fn object_done<T>(st: &Mutex<ReqState<T>>, on_done: OnDone, r: Result<OpReply, R
             Some(e) => Err(e),
             None => Ok((g.finish.take().expect("finished once"))(buf)),
         };
-        g.slot.complete(r);
+        let done = g.done.take().expect("completed once");
+        drop(g);
+        done(r);
     }
 }
 
@@ -746,14 +757,149 @@ struct Shared {
     layout: Layout,
 }
 
+/// The bottom layer: maps image extents to per-object compound ops and hands them to the image's
+/// dispatcher thread.
+struct ObjectDispatch {
+    id: String,
+    shared: Arc<Mutex<Shared>>,
+    tx: Mutex<Option<mpsc::SyncSender<Job>>>,
+}
+
+impl ObjectDispatch {
+    fn enqueue<T: Send + 'static>(
+        &self,
+        ops: Vec<ObjOp>,
+        buf_len: usize,
+        finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
+        done: Box<dyn FnOnce(Result<T>) + Send>,
+    ) {
+        let Some(tx) = self.tx.lock().clone() else { return done(Err(RbdError::Closed)) };
+        // A full queue blocks the submitter (backpressure); a stopped dispatcher hands the job back.
+        if let Err(mpsc::SendError(job)) =
+            tx.send(Box::new(move |d: &Dispatch| d.submit(ops, buf_len, finish, done)))
+        {
+            drop(job);
+        }
+    }
+
+    fn read_ops(&self, layout: &Layout, offset: u64, len: u64) -> Vec<ObjOp> {
+        let extents = layout.map_extent(offset, len).expect("checked against the size");
+        group_extents(&extents)
+            .into_iter()
+            .map(|(n, pieces)| {
+                let op =
+                    pieces.iter().fold(ObjectOperation::new(), |op, p| op.read(p.offset_in_object, p.len));
+                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Read(pieces) }
+            })
+            .collect()
+    }
+
+    fn write_ops(&self, layout: &Layout, offset: u64, data: &Bytes) -> Vec<ObjOp> {
+        let extents = layout.map_extent(offset, data.len() as u64).expect("checked against the size");
+        group_extents(&extents)
+            .into_iter()
+            .map(|(n, pieces)| {
+                let op = pieces.iter().fold(ObjectOperation::new(), |op, p| {
+                    let at = p.buffer_offset as usize;
+                    op.write(p.offset_in_object, data.slice(at..at + p.len as usize))
+                });
+                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Write }
+            })
+            .collect()
+    }
+
+    fn discard_ops(&self, layout: &Layout, offset: u64, len: u64) -> Vec<ObjOp> {
+        let extents = layout.map_extent(offset, len).expect("checked against the size");
+        let os = layout.object_size_bytes();
+        // Whole-object detection needs all of an object's pieces together, so group without chunking
+        // first and only then split the zero/truncate steps.
+        let mut per: BTreeMap<u64, Vec<ObjectExtent>> = BTreeMap::new();
+        for e in extents {
+            per.entry(e.object_no).or_default().push(e);
+        }
+        let mut ops = Vec::new();
+        for (n, pieces) in per {
+            let whole = pieces.iter().map(|p| p.len).sum::<u64>() == os;
+            let chunks: Vec<&[ObjectExtent]> =
+                if whole { vec![&pieces[..]] } else { pieces.chunks(STEPS_PER_OP_MAX - 1).collect() };
+            for c in chunks {
+                ops.push(ObjOp {
+                    oid: striper::object_name(&self.id, n),
+                    op: discard_op(os, c),
+                    on_done: OnDone::AbsentOk,
+                });
+            }
+        }
+        ops
+    }
+}
+
+impl Layer for ObjectDispatch {
+    fn submit(&self, req: Req, done: Done) {
+        let layout = {
+            let s = self.shared.lock();
+            let (offset, len) = req.range();
+            // Upper layers checked the range when the request arrived; a shrink since then (write-back of
+            // data cut off by a resize) must not recreate objects past the end.
+            if offset.checked_add(len).is_none_or(|end| end > s.header.size) {
+                let size = s.header.size;
+                drop(s);
+                return done(Err(RbdError::OutOfRange { offset, len, size }));
+            }
+            s.layout
+        };
+        match req {
+            Req::Read { offset, len } => {
+                let ops = self.read_ops(&layout, offset, len);
+                self.enqueue(ops, len as usize, Box::new(Bytes::from), done)
+            }
+            Req::Write { offset, data } => {
+                let ops = self.write_ops(&layout, offset, &data);
+                self.enqueue(ops, 0, Box::new(|_| Bytes::new()), done)
+            }
+            Req::Discard { offset, len } => {
+                let ops = self.discard_ops(&layout, offset, len);
+                self.enqueue(ops, 0, Box::new(|_| Bytes::new()), done)
+            }
+        }
+    }
+
+    /// Every write is acknowledged only once the OSDs committed it: nothing to do here.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How an image is opened: its I/O layers. Defaults are Ceph's: cache on (writethrough until the first
+/// flush), read-ahead on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageOptions {
+    pub cache: CacheOptions,
+    pub readahead: ReadaheadOptions,
+}
+
+impl ImageOptions {
+    /// No cache and no read-ahead: every call goes straight to object dispatch.
+    pub fn uncached() -> ImageOptions {
+        ImageOptions {
+            cache: CacheOptions { enabled: false, ..Default::default() },
+            readahead: ReadaheadOptions { enabled: false, ..Default::default() },
+        }
+    }
+}
+
 /// An open image. I/O calls may come from many threads at once.
+///
+/// The I/O stack, top down: write-back [`Cache`] (optional) -> [`Readahead`] (optional) -> object dispatch.
 pub struct Image {
     io: IoCtx,
     name: Mutex<String>,
     id: String,
-    shared: Mutex<Shared>,
+    shared: Arc<Mutex<Shared>>,
     queue_depth: usize,
-    tx: Mutex<Option<mpsc::SyncSender<Job>>>,
+    dispatch: Arc<ObjectDispatch>,
+    cache: Option<Arc<Cache>>,
+    top: Arc<dyn Layer>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -771,6 +917,7 @@ impl Image {
         header: Header,
         version: u64,
         depth: usize,
+        opts: ImageOptions,
     ) -> Result<Image> {
         let layout = header.layout()?;
         let (tx, rx) = mpsc::sync_channel::<Job>(REQUEST_QUEUE_MAX);
@@ -786,13 +933,39 @@ impl Image {
                 }
             })
             .map_err(|e| RbdError::Rados(RadosError::Io(format!("spawning the dispatcher: {e}"))))?;
+        let shared = Arc::new(Mutex::new(Shared { header, version, layout }));
+        let od = Arc::new(ObjectDispatch {
+            id: id.clone(),
+            shared: Arc::clone(&shared),
+            tx: Mutex::new(Some(tx)),
+        });
+        let mut top: Arc<dyn Layer> = Arc::clone(&od) as Arc<dyn Layer>;
+        if opts.readahead.enabled {
+            let sh = Arc::clone(&shared);
+            top = Arc::new(Readahead::new(opts.readahead, top, Box::new(move || sh.lock().header.size)));
+        }
+        let mut cache = None;
+        if opts.cache.enabled {
+            let c = match Cache::start(opts.cache, Arc::clone(&top), &id) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    drop(od.tx.lock().take());
+                    let _ = worker.join();
+                    return Err(e);
+                }
+            };
+            top = Arc::clone(&c) as Arc<dyn Layer>;
+            cache = Some(c);
+        }
         Ok(Image {
             io,
             name: Mutex::new(name),
             id,
-            shared: Mutex::new(Shared { header, version, layout }),
+            shared,
             queue_depth: depth.max(1),
-            tx: Mutex::new(Some(tx)),
+            dispatch: od,
+            cache,
+            top,
             worker: Mutex::new(Some(worker)),
         })
     }
@@ -820,6 +993,8 @@ impl Image {
         s.layout = h.layout()?;
         s.header = h;
         s.version = v;
+        drop(s);
+        self.top.invalidate();
         Ok(())
     }
 
@@ -867,8 +1042,10 @@ impl Image {
 
     /// Sets the size. Growing only updates the header; shrinking needs `allow_shrink` and then removes or
     /// truncates the data beyond the new end (after the header commits, so the cut bytes are never visible
-    /// as part of the image while being cut).
+    /// as part of the image while being cut). The cache is flushed first (as librbd does), so no dirty
+    /// bytes past the new end are left to write back.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.top.flush()?;
         let (old, new) = self.update_header(|h| {
             if new_size == h.size {
                 return Ok(None);
@@ -878,89 +1055,49 @@ impl Image {
             }
             Ok(Some(Header { size: new_size, ..h.clone() }))
         })?;
+        self.top.invalidate();
         let layout = new.layout()?;
         run_bounded(&self.io, trim_ops(&self.id, &layout, old.size, new.size), self.queue_depth)
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<Layout> {
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let s = self.shared.lock();
         match offset.checked_add(len) {
-            Some(end) if end <= s.header.size => Ok(s.layout),
+            Some(end) if end <= s.header.size => Ok(()),
             _ => Err(RbdError::OutOfRange { offset, len, size: s.header.size }),
         }
     }
 
-    fn enqueue<T: Send + 'static>(
+    fn submit<T: Send + 'static>(
         &self,
-        ops: Vec<ObjOp>,
-        buf_len: usize,
-        finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
+        req: Req,
+        map: impl FnOnce(Bytes) -> T + Send + 'static,
     ) -> Result<AioCompletion<T>> {
+        let (offset, len) = req.range();
+        self.check_range(offset, len)?;
+        if self.dispatch.tx.lock().is_none() {
+            return Err(RbdError::Closed);
+        }
         let (c, slot) = AioCompletion::new();
-        let tx = self.tx.lock().clone().ok_or(RbdError::Closed)?;
-        tx.send(Box::new(move |d: &Dispatch| d.submit(ops, buf_len, finish, slot)))
-            .map_err(|_| RbdError::Closed)?;
+        self.top.submit(req, Box::new(move |r| slot.complete(r.map(map))));
         Ok(c)
     }
 
     /// Reads `len` bytes at `offset`; never-written ranges read as zeros.
     pub fn aio_read(&self, offset: u64, len: u64) -> Result<AioCompletion<Bytes>> {
-        let layout = self.check_range(offset, len)?;
-        let extents = layout.map_extent(offset, len).expect("checked against the size");
-        let ops = group_extents(&extents)
-            .into_iter()
-            .map(|(n, pieces)| {
-                let op =
-                    pieces.iter().fold(ObjectOperation::new(), |op, p| op.read(p.offset_in_object, p.len));
-                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Read(pieces) }
-            })
-            .collect();
-        self.enqueue(ops, len as usize, Box::new(Bytes::from))
+        self.submit(Req::Read { offset, len }, |b| b)
     }
 
-    /// Writes `data` at `offset`; each object's share is one atomic compound op.
+    /// Writes `data` at `offset`; each object's share is one atomic compound op. With the cache in
+    /// write-back mode (after the first flush), completes once the data is in the cache.
     pub fn aio_write(&self, offset: u64, data: Bytes) -> Result<AioCompletion<()>> {
-        let layout = self.check_range(offset, data.len() as u64)?;
-        let extents = layout.map_extent(offset, data.len() as u64).expect("checked against the size");
-        let ops = group_extents(&extents)
-            .into_iter()
-            .map(|(n, pieces)| {
-                let op = pieces.iter().fold(ObjectOperation::new(), |op, p| {
-                    let at = p.buffer_offset as usize;
-                    op.write(p.offset_in_object, data.slice(at..at + p.len as usize))
-                });
-                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Write }
-            })
-            .collect();
-        self.enqueue(ops, 0, Box::new(|_| ()))
+        self.submit(Req::Write { offset, data }, |_| ())
     }
 
     /// Discards `[offset, offset + len)`: whole objects are removed, partial pieces zeroed (or truncated at
-    /// an object's end). Afterwards the range reads as zeros.
+    /// an object's end). Afterwards the range reads as zeros. Discards go through the cache to the OSDs.
     pub fn aio_discard(&self, offset: u64, len: u64) -> Result<AioCompletion<()>> {
-        let layout = self.check_range(offset, len)?;
-        let extents = layout.map_extent(offset, len).expect("checked against the size");
-        let os = layout.object_size_bytes();
-        // Whole-object detection needs all of an object's pieces together, so group without chunking
-        // first and only then split the zero/truncate steps.
-        let mut per: BTreeMap<u64, Vec<ObjectExtent>> = BTreeMap::new();
-        for e in extents {
-            per.entry(e.object_no).or_default().push(e);
-        }
-        let mut ops = Vec::new();
-        for (n, pieces) in per {
-            let whole = pieces.iter().map(|p| p.len).sum::<u64>() == os;
-            let chunks: Vec<&[ObjectExtent]> =
-                if whole { vec![&pieces[..]] } else { pieces.chunks(STEPS_PER_OP_MAX - 1).collect() };
-            for c in chunks {
-                ops.push(ObjOp {
-                    oid: striper::object_name(&self.id, n),
-                    op: discard_op(os, c),
-                    on_done: OnDone::AbsentOk,
-                });
-            }
-        }
-        self.enqueue(ops, 0, Box::new(|_| ()))
+        self.submit(Req::Discard { offset, len }, |_| ())
     }
 
     pub fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
@@ -969,6 +1106,13 @@ impl Image {
 
     pub fn write(&self, offset: u64, data: impl Into<Bytes>) -> Result<()> {
         self.aio_write(offset, data.into())?.wait()
+    }
+
+    /// A write that returns only once it (and every write acknowledged before it) is on the OSDs: NBD's
+    /// FUA. Implemented as write then flush.
+    pub fn write_fua(&self, offset: u64, data: impl Into<Bytes>) -> Result<()> {
+        self.write(offset, data)?;
+        self.flush()
     }
 
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -981,19 +1125,38 @@ impl Image {
         self.discard(offset, len)
     }
 
-    /// A no-op for now: every write is acknowledged only after the OSDs committed it, and there is no
-    /// cache layer yet that could hold dirty data. When the write-back cache lands, this drains it.
+    /// Returns once every write acknowledged before the call is on the OSDs (the cache is drained of
+    /// them). Also switches the cache from writethrough to write-back, as Ceph does on the first flush.
     pub fn flush(&self) -> Result<()> {
-        Ok(())
+        self.top.flush()
     }
 
-    /// Waits for queued requests to be submitted and stops the dispatcher. Requests already submitted still
-    /// complete.
+    /// The cache's dirty plus in-flight write-back bytes (0 without a cache).
+    pub fn cache_dirty_bytes(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.state().held_bytes())
+    }
+
+    /// Flushes the cache, waits for queued requests to be submitted and stops the dispatcher. Requests
+    /// already submitted still complete. Later calls fail with [`RbdError::Closed`].
     pub fn close(&self) {
-        drop(self.tx.lock().take());
+        if let Some(c) = &self.cache {
+            if let Err(e) = c.close() {
+                tracing::error!(image = %self.id, error = %e, "flushing the cache on close failed");
+            }
+        }
+        drop(self.dispatch.tx.lock().take());
         if let Some(w) = self.worker.lock().take() {
             let _ = w.join();
         }
+    }
+
+    /// Stops the handle as a crash would: dirty cached data is dropped, not written back (for tests of
+    /// what survives a crash). Writes already acknowledged to a flush are on the OSDs regardless.
+    pub fn abandon(&self) {
+        if let Some(c) = &self.cache {
+            c.abandon();
+        }
+        self.close();
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! - [`image`]: `Rbd` (create, open, list, info, remove, rename on one pool) and `Image` (read, write,
 //!   discard, write_zeroes, resize, flush and their `aio_*` forms), Ceph format 2 on the Objecter. Header
-//!   updates are read-modify-writes guarded by `assert_version`. No cache or read-ahead layer yet.
+//!   updates are read-modify-writes guarded by `assert_version`.
+//! - [`layers`]: the image I/O layers (write-back cache, read-ahead) between `Image` and object dispatch.
 //! - [`striper`]: Ceph's striping formula (image extent to object extents and back, object counts) and data
 //!   object naming (`rbd_data.<id>.<016x>`).
 //! - [`nbd`]: the NBD server protocol as a sans-IO state machine ([`nbd::ServerSession`]): fixed newstyle
@@ -16,5 +17,6 @@
 //! one dispatcher thread per open image. Like every client of the cluster, rbd never imports mon or osd.
 
 pub mod image;
+pub mod layers;
 pub mod nbd;
 pub mod striper;
