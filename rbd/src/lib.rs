@@ -10,11 +10,13 @@
 //! - [`striper`]: Ceph's striping formula (image extent to object extents and back, object counts) and data
 //!   object naming (`rbd_data.<id>.<016x>`).
 //! - [`nbd`]: the NBD server protocol as a sans-IO state machine ([`nbd::ServerSession`]): fixed newstyle
-//!   handshake, simple and structured replies, out-of-order completion, bounded in-flight work.
+//!   handshake, simple and structured replies, out-of-order completion, bounded in-flight work; and
+//!   [`nbd::server`], the thin mio shell that serves an `Image` over it (what `rbd map` runs).
 //!
-//! What it deliberately is not: `striper` and `nbd` hold no sockets, threads or clocks (STYLE.md §2); the
-//! shells in tools/ move the bytes. `image` is the exception by nature: it drives the Objecter and owns
-//! one dispatcher thread per open image. Like every client of the cluster, rbd never imports mon or osd.
+//! What it deliberately is not: `striper` and the NBD protocol core hold no sockets, threads or clocks
+//! (STYLE.md §2); `nbd::server` is the only socket code here. `image` and `layers` drive the Objecter and own
+//! threads by nature (a dispatcher per open image, a cache flusher). Like every client of the cluster, rbd never
+//! imports mon or osd.
 
 pub mod image;
 pub mod layers;

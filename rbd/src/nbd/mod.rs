@@ -7,7 +7,8 @@
 //!
 //! What it deliberately is not: it has no socket, thread, clock or TLS (the spec's NOTLS mode), does no
 //! I/O against an image, and offers no metadata contexts (NBD_CMD_BLOCK_STATUS), NBD_CMD_CACHE or extended
-//! headers. The shell that owns the socket (tools/ or a future rbd-nbd) and librbd do those.
+//! headers. The shell that owns the sockets, [`server`] (a mio event loop serving one open image), and
+//! librbd do those.
 
 mod error;
 mod export;
@@ -21,3 +22,4 @@ pub use session::{
     INPUT_BUFFER_BYTES_MAX, OPTIONS_MAX, OPTION_DATA_BYTES_MAX, PAYLOAD_BYTES_MAX, REQUESTS_IN_FLIGHT_MAX,
     TRANSMIT_BACKLOG_BYTES_MAX,
 };
+pub mod server;

@@ -1,0 +1,974 @@
+//! rbd: manage block images on a cuttle pool, shaped like Ceph's `rbd` tool.
+//!
+//!     rbd [--conf PATH] create --size 10G [--object-size 4M] [--stripe-unit 64K --stripe-count 4] POOL/IMAGE
+//!     rbd ls [POOL] | info POOL/IMAGE | du POOL/IMAGE | rm POOL/IMAGE | rename SRC DST
+//!     rbd resize --size N [--allow-shrink] POOL/IMAGE
+//!     rbd import FILE|- POOL/IMAGE | export POOL/IMAGE FILE|-
+//!     rbd bench --io-type read|write|readwrite [--io-size 4K] [--io-threads 16] [--io-total 1G]
+//!               [--io-pattern seq|rand] POOL/IMAGE
+//!     rbd map POOL/IMAGE [--socket PATH | --port N] [--read-only] | showmapped | unmap POOL/IMAGE|URI
+//!
+//! An image spec without a pool means pool `rbd`. `map` plays rbd-nbd's role without a kernel device: it
+//! starts this binary again as a background NBD server (the hidden `nbd-serve` command) in its own process
+//! group, with a pidfile, a log and a mapping record under the run directory ($CUTTLE_RBD_RUN_DIR, else
+//! $XDG_RUNTIME_DIR/cuttle-rbd-nbd, else /tmp/cuttle-rbd-nbd), and prints the NBD URI.
+
+use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use messenger::{EntityName, EntityType, Messenger, Policy, WorkerPool};
+use rados::config::{secs, Config};
+use rados::monclient::MonClient;
+use rados::objecter::{ObjectOperation, Objecter, RadosError};
+use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, Rbd};
+use rbd::nbd::server::{ListenAddr, Server};
+use serde::{Deserialize, Serialize};
+use tools::Format;
+
+const DEFAULT_POOL: &str = "rbd";
+/// Bytes per request when importing and exporting.
+const COPY_CHUNK_BYTES: u64 = 4 << 20;
+/// Granularity of hole detection: all-zero blocks of this size are skipped on import and seeked over on
+/// export.
+const SPARSE_BLOCK_BYTES: usize = 64 << 10;
+/// Requests in flight during import, export and du.
+const COPY_DEPTH: usize = 8;
+const STAT_DEPTH: usize = 64;
+/// Most `--io-threads` bench accepts.
+const BENCH_THREADS_MAX: usize = 1024;
+/// How long `map` waits for the server to listen, and `unmap` for it to exit before SIGKILL.
+const MAP_TIMEOUT: Duration = Duration::from_secs(30);
+const UNMAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Parser)]
+#[command(name = "rbd", about = "Manage cuttle block images and map them over NBD")]
+struct Cli {
+    /// Config file (default: $CUTTLE_CONF, then ./cuttle-data/cuttle.toml).
+    #[arg(short = 'c', long, global = true)]
+    conf: Option<PathBuf>,
+    /// Output format of reading commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    format: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an image.
+    Create {
+        spec: String,
+        /// Image size (K/M/G/T suffixes).
+        #[arg(short = 's', long)]
+        size: String,
+        /// Object size, a power of two from 4K to 32M (default 4M).
+        #[arg(long)]
+        object_size: Option<String>,
+        #[arg(long)]
+        stripe_unit: Option<String>,
+        #[arg(long)]
+        stripe_count: Option<u32>,
+    },
+    /// List the images of a pool (default: rbd).
+    #[command(alias = "list")]
+    Ls { pool: Option<String> },
+    /// Show an image's size, layout and id.
+    Info { spec: String },
+    /// Provisioned and used bytes of an image (used: the sizes of its existing data objects).
+    Du { spec: String },
+    /// Remove an image and its data.
+    #[command(alias = "remove")]
+    Rm { spec: String },
+    /// Rename an image within its pool.
+    #[command(alias = "mv")]
+    Rename { src: String, dst: String },
+    /// Change an image's size.
+    Resize {
+        spec: String,
+        #[arg(short = 's', long)]
+        size: String,
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Create an image from FILE (`-`: stdin); all-zero blocks are not written.
+    Import { file: String, spec: String },
+    /// Write an image to FILE (`-`: stdout); holes stay holes in a file.
+    Export { spec: String, file: String },
+    /// Measure image I/O.
+    Bench {
+        spec: String,
+        #[arg(long, value_enum)]
+        io_type: IoType,
+        #[arg(long, default_value = "4K")]
+        io_size: String,
+        #[arg(long, default_value_t = 16)]
+        io_threads: usize,
+        #[arg(long, default_value = "1G")]
+        io_total: String,
+        #[arg(long, value_enum, default_value_t = IoPattern::Seq)]
+        io_pattern: IoPattern,
+        /// Percentage of reads in readwrite mode.
+        #[arg(long, default_value_t = 50)]
+        rw_mix_read: u32,
+    },
+    /// Serve an image over NBD in the background and print its URI.
+    Map {
+        spec: String,
+        /// Unix socket path (default: IMAGE's socket in the run directory).
+        #[arg(long, conflicts_with = "port")]
+        socket: Option<PathBuf>,
+        /// Listen on 127.0.0.1:PORT instead (0: any free port).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        read_only: bool,
+        /// Attach a kernel /dev/nbdN device (needs the nbd kernel module).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// List mapped images.
+    Showmapped,
+    /// Stop the NBD server of a mapped image (by POOL/IMAGE or URI).
+    Unmap { target: String },
+    /// The background NBD server `map` starts.
+    #[command(hide = true)]
+    NbdServe {
+        spec: String,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum IoType {
+    Read,
+    Write,
+    Readwrite,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum IoPattern {
+    Seq,
+    Rand,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("rbd: {e:#}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+/// POOL/IMAGE or IMAGE (pool rbd).
+fn parse_spec(spec: &str) -> Result<(String, String)> {
+    let (pool, image) = match spec.split_once('/') {
+        Some((p, i)) => (p, i),
+        None => (DEFAULT_POOL, spec),
+    };
+    if pool.is_empty() || image.is_empty() {
+        bail!("bad image spec {spec:?}: expected POOL/IMAGE");
+    }
+    rbd::image::validate_name(image).map_err(|e| anyhow!("{e}"))?;
+    Ok((pool.to_string(), image.to_string()))
+}
+
+fn size_arg(what: &str, s: &str) -> Result<u64> {
+    tools::parse_size(s).with_context(|| format!("invalid {what} {s:?}"))
+}
+
+/// The client side of the cluster: messenger, MonClient, Objecter.
+struct Client {
+    objecter: Arc<Objecter>,
+    monc: Arc<MonClient>,
+    msgr: Arc<Messenger>,
+    pool: Arc<WorkerPool>,
+}
+
+impl Client {
+    fn connect(cfg: &Config, conf_path: &Path) -> Result<Client> {
+        let mon: SocketAddr =
+            cfg.mon_host.ok_or_else(|| anyhow!("mon_host is not set in {}", conf_path.display()))?;
+        let threads = cfg.ms_async_op_threads;
+        if !(1..=messenger::WORKERS_MAX).contains(&threads) {
+            bail!("ms_async_op_threads is {threads}: it must be 1 to {}", messenger::WORKERS_MAX);
+        }
+        let pool = WorkerPool::new(threads).context("starting the messenger workers")?;
+        let name = EntityName::client(tools::entropy());
+        let msgr = Arc::new(Messenger::new(
+            Arc::clone(&pool),
+            name,
+            tools::entropy().rotate_left(17),
+            cfg.messenger(),
+        ));
+        msgr.set_policy(EntityType::Mon, Policy::lossy_client());
+        msgr.set_policy(EntityType::Osd, Policy::lossy_client());
+        msgr.start().context("starting the messenger")?;
+        let monc = MonClient::start(Arc::clone(&msgr), mon, false);
+        if monc.wait_for_map(None, secs(cfg.rados_mon_op_timeout)).is_err() {
+            monc.shutdown();
+            msgr.shutdown();
+            bail!("cannot reach the monitor at {mon}");
+        }
+        let objecter = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), cfg);
+        Ok(Client { objecter, monc, msgr, pool })
+    }
+
+    fn rbd(&self, pool: &str) -> Result<Rbd> {
+        Rbd::new(&self.objecter, pool).map_err(|e| anyhow!("error opening pool {pool}: {e}"))
+    }
+
+    fn open(&self, pool: &str, image: &str) -> Result<(Rbd, Image)> {
+        let rbd = self.rbd(pool)?;
+        let img = rbd.open(image).map_err(|e| anyhow!("error opening image {pool}/{image}: {e}"))?;
+        Ok((rbd, img))
+    }
+
+    fn shutdown(&self) {
+        self.objecter.shutdown();
+        self.monc.shutdown();
+        self.msgr.shutdown();
+        self.msgr.wait();
+        self.pool.shutdown();
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Commands that need no cluster, and argument checks that should fail before connecting.
+    match &cli.cmd {
+        Cmd::Showmapped => return showmapped(cli.format),
+        Cmd::Unmap { target } => return unmap(target),
+        Cmd::Map { device: Some(d), .. } => bail!(
+            "--device {d}: kernel NBD devices need the nbd kernel module, which this host does not have \
+             (no /dev/nbd0); map without --device to get an NBD socket URI instead"
+        ),
+        Cmd::Map { spec, socket, port, read_only, device: None } => {
+            return map(&cli, spec, socket.as_deref(), *port, *read_only)
+        }
+        _ => {}
+    }
+    let (cfg, conf_path) = Config::discover(cli.conf.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let pre = precheck(&cli.cmd)?;
+    if let Cmd::NbdServe { .. } = &cli.cmd {
+        tools::init_logging(
+            &cfg.log_level,
+            false,
+            std::env::var_os("CUTTLE_RBD_LOG").map(PathBuf::from).as_deref(),
+        )?;
+    }
+    let client = Client::connect(&cfg, &conf_path)?;
+    let r = dispatch(&cli, &client, pre);
+    client.shutdown();
+    r
+}
+
+/// Values parsed before connecting.
+#[derive(Default)]
+struct Pre {
+    size: u64,
+    opts: CreateOptions,
+    io_size: u64,
+    io_total: u64,
+}
+
+fn precheck(cmd: &Cmd) -> Result<Pre> {
+    let mut p = Pre::default();
+    match cmd {
+        Cmd::Create { spec, size, object_size, stripe_unit, stripe_count } => {
+            parse_spec(spec)?;
+            p.size = size_arg("--size", size)?;
+            if let Some(os) = object_size {
+                let b = size_arg("--object-size", os)?;
+                if !b.is_power_of_two() {
+                    bail!("invalid --object-size {os:?}: must be a power of two (4K to 32M)");
+                }
+                p.opts.order = Some(b.trailing_zeros());
+            }
+            if let Some(su) = stripe_unit {
+                p.opts.stripe_unit = Some(size_arg("--stripe-unit", su)?);
+            }
+            p.opts.stripe_count = *stripe_count;
+            if p.opts.stripe_unit.is_some() != p.opts.stripe_count.is_some() {
+                bail!("--stripe-unit and --stripe-count go together");
+            }
+            p.opts.layout().map_err(|e| anyhow!("{e}"))?;
+        }
+        Cmd::Resize { spec, size, .. } => {
+            parse_spec(spec)?;
+            p.size = size_arg("--size", size)?;
+        }
+        Cmd::Bench { spec, io_size, io_threads, io_total, rw_mix_read, .. } => {
+            parse_spec(spec)?;
+            p.io_size = size_arg("--io-size", io_size)?;
+            p.io_total = size_arg("--io-total", io_total)?;
+            if p.io_size == 0 || p.io_size > 32 << 20 {
+                bail!("invalid --io-size {io_size:?}: must be 1 byte to 32M");
+            }
+            if !(1..=BENCH_THREADS_MAX).contains(io_threads) {
+                bail!("--io-threads {io_threads}: must be 1 to {BENCH_THREADS_MAX}");
+            }
+            if *rw_mix_read > 100 {
+                bail!("--rw-mix-read {rw_mix_read}: must be 0 to 100");
+            }
+        }
+        Cmd::Info { spec } | Cmd::Du { spec } | Cmd::Rm { spec } | Cmd::Export { spec, .. } => {
+            parse_spec(spec)?;
+        }
+        Cmd::Import { spec, file } => {
+            parse_spec(spec)?;
+            if file != "-" && !Path::new(file).is_file() {
+                bail!("cannot import {file}: no such file");
+            }
+        }
+        Cmd::Rename { src, dst } => {
+            let (a, _) = parse_spec(src)?;
+            let (b, _) = parse_spec(dst)?;
+            if a != b {
+                bail!("rename within one pool only ({a} vs {b})");
+            }
+        }
+        _ => {}
+    }
+    Ok(p)
+}
+
+fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
+    let json = cli.format == Format::Json;
+    match &cli.cmd {
+        Cmd::Create { spec, .. } => {
+            let (pool, image) = parse_spec(spec)?;
+            client
+                .rbd(&pool)?
+                .create(&image, pre.size, pre.opts)
+                .map_err(|e| anyhow!("error creating {pool}/{image}: {e}"))?;
+        }
+        Cmd::Ls { pool } => {
+            let pool = pool.as_deref().unwrap_or(DEFAULT_POOL);
+            let mut names = client.rbd(pool)?.list().map_err(|e| anyhow!("error listing {pool}: {e}"))?;
+            names.sort();
+            if json {
+                println!("{}", serde_json::to_string(&names)?);
+            } else {
+                for n in names {
+                    println!("{n}");
+                }
+            }
+        }
+        Cmd::Info { spec } => {
+            let (pool, image) = parse_spec(spec)?;
+            let info =
+                client.rbd(&pool)?.info(&image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
+            print_info(&info, json)?;
+        }
+        Cmd::Du { spec } => {
+            let (pool, image) = parse_spec(spec)?;
+            du(client, &pool, &image, json)?;
+        }
+        Cmd::Rm { spec } => {
+            let (pool, image) = parse_spec(spec)?;
+            if let Some(m) = mappings()?.into_iter().find(|m| m.pool == pool && m.image == image) {
+                bail!("{pool}/{image} is mapped (pid {}, {}): unmap it first", m.pid, m.uri);
+            }
+            client.rbd(&pool)?.remove(&image).map_err(|e| anyhow!("error removing {pool}/{image}: {e}"))?;
+        }
+        Cmd::Rename { src, dst } => {
+            let (pool, a) = parse_spec(src)?;
+            let (_, b) = parse_spec(dst)?;
+            client.rbd(&pool)?.rename(&a, &b).map_err(|e| anyhow!("error renaming {src} to {dst}: {e}"))?;
+        }
+        Cmd::Resize { spec, allow_shrink, .. } => {
+            let (pool, image) = parse_spec(spec)?;
+            let (_, img) = client.open(&pool, &image)?;
+            img.resize(pre.size, *allow_shrink).map_err(|e| anyhow!("error resizing {pool}/{image}: {e}"))?;
+            img.close();
+        }
+        Cmd::Import { file, spec } => {
+            let (pool, image) = parse_spec(spec)?;
+            import(client, file, &pool, &image)?;
+        }
+        Cmd::Export { spec, file } => {
+            let (pool, image) = parse_spec(spec)?;
+            export(client, &pool, &image, file)?;
+        }
+        Cmd::Bench { spec, io_type, io_threads, io_pattern, rw_mix_read, .. } => {
+            let (pool, image) = parse_spec(spec)?;
+            let (_, img) = client.open(&pool, &image)?;
+            let b = BenchArgs {
+                io_type: *io_type,
+                io_size: pre.io_size,
+                threads: *io_threads,
+                total: pre.io_total,
+                pattern: *io_pattern,
+                rw_mix_read: *rw_mix_read,
+            };
+            let r = bench(&img, &b, json);
+            img.close();
+            r?;
+        }
+        Cmd::NbdServe { spec, socket, port, read_only } => {
+            let (pool, image) = parse_spec(spec)?;
+            nbd_serve(client, &pool, &image, socket.clone(), *port, *read_only)?;
+        }
+        Cmd::Map { .. } | Cmd::Showmapped | Cmd::Unmap { .. } => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_info(i: &ImageInfo, json: bool) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "name": i.name, "id": i.id, "size": i.size, "objects": i.num_objs, "order": i.order,
+            "object_size": i.object_size, "block_name_prefix": i.block_name_prefix, "format": 2,
+            "features": i.features, "stripe_unit": i.stripe_unit, "stripe_count": i.stripe_count,
+            "create_timestamp": i.created_unix_s,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("rbd image '{}':", i.name);
+    println!("\tsize {} in {} objects", human(i.size), i.num_objs);
+    println!("\torder {} ({} objects)", i.order, human(i.object_size));
+    println!("\tid: {}", i.id);
+    println!("\tblock_name_prefix: {}", i.block_name_prefix);
+    println!("\tformat: 2");
+    println!("\tfeatures: {:#x}", i.features);
+    if i.stripe_unit != i.object_size || i.stripe_count != 1 {
+        println!("\tstripe unit: {}", human(i.stripe_unit));
+        println!("\tstripe count: {}", i.stripe_count);
+    }
+    println!("\tcreate_timestamp: {}", i.created_unix_s);
+    Ok(())
+}
+
+fn du(client: &Client, pool: &str, image: &str, json: bool) -> Result<()> {
+    let rbd = client.rbd(pool)?;
+    let info = rbd.info(image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
+    let io = rbd.ioctx();
+    let mut used = 0u64;
+    let mut inflight = VecDeque::new();
+    let mut collect = |c: rados::objecter::Completion| -> Result<()> {
+        match c.wait() {
+            Ok(r) => used += r.stat(0)?.0,
+            Err(RadosError::NotFound) => {}
+            Err(e) => bail!("stat: {e}"),
+        }
+        Ok(())
+    };
+    for n in 0..info.num_objs {
+        let oid = rbd::striper::object_name(&info.id, n);
+        inflight.push_back(io.aio_operate(&oid, ObjectOperation::new().stat())?);
+        if inflight.len() >= STAT_DEPTH {
+            collect(inflight.pop_front().expect("non-empty"))?;
+        }
+    }
+    for c in inflight {
+        collect(c)?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"images": [{"name": image, "provisioned_size": info.size, "used_size": used}]})
+        );
+    } else {
+        println!("{:<20} {:>12} {:>12}", "NAME", "PROVISIONED", "USED");
+        println!("{:<20} {:>12} {:>12}", image, human(info.size), human(used));
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(n)
+}
+
+/// Non-zero runs of `buf` (at `SPARSE_BLOCK_BYTES` granularity) as (start, end).
+fn data_runs(buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in buf.chunks(SPARSE_BLOCK_BYTES).enumerate() {
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let s = i * SPARSE_BLOCK_BYTES;
+        let e = s + block.len();
+        match runs.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => runs.push((s, e)),
+        }
+    }
+    runs
+}
+
+fn wait_oldest(q: &mut VecDeque<AioCompletion<()>>) -> Result<()> {
+    if let Some(c) = q.pop_front() {
+        c.wait().map_err(|e| anyhow!("write: {e}"))?;
+    }
+    Ok(())
+}
+
+fn import(client: &Client, file: &str, pool: &str, image: &str) -> Result<()> {
+    let rbd = client.rbd(pool)?;
+    let (mut input, size): (Box<dyn Read>, Option<u64>) = if file == "-" {
+        (Box::new(std::io::stdin().lock()), None)
+    } else {
+        let f = std::fs::File::open(file).with_context(|| format!("opening {file}"))?;
+        let len = f.metadata()?.len();
+        (Box::new(f), Some(len))
+    };
+    rbd.create(image, size.unwrap_or(0), CreateOptions::default())
+        .map_err(|e| anyhow!("error creating {pool}/{image}: {e}"))?;
+    let img = rbd.open(image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
+    let r = (|| -> Result<()> {
+        let mut offset = 0u64;
+        let mut q = VecDeque::new();
+        loop {
+            let mut buf = vec![0u8; COPY_CHUNK_BYTES as usize];
+            let n = read_full(&mut input, &mut buf).with_context(|| format!("reading {file}"))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            if size.is_none() {
+                // A stream's length is known only as it arrives: grow the image with it.
+                img.resize(offset + n as u64, false).map_err(|e| anyhow!("growing the image: {e}"))?;
+            }
+            let data = Bytes::from(buf);
+            for (s, e) in data_runs(&data) {
+                q.push_back(img.aio_write(offset + s as u64, data.slice(s..e)).map_err(|e| anyhow!("{e}"))?);
+                while q.len() > COPY_DEPTH {
+                    wait_oldest(&mut q)?;
+                }
+            }
+            offset += n as u64;
+        }
+        while !q.is_empty() {
+            wait_oldest(&mut q)?;
+        }
+        img.flush().map_err(|e| anyhow!("flush: {e}"))?;
+        Ok(())
+    })();
+    img.close();
+    r.with_context(|| format!("importing {file} into {pool}/{image}"))
+}
+
+fn export(client: &Client, pool: &str, image: &str, file: &str) -> Result<()> {
+    let (_, img) = client.open(pool, image)?;
+    let size = img.size();
+    let r = (|| -> Result<()> {
+        let mut out: Box<dyn Write> = if file == "-" {
+            Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+        } else {
+            Box::new(std::fs::File::create(file).with_context(|| format!("creating {file}"))?)
+        };
+        // A file can have holes; seek needs the File itself, so keep a second handle.
+        let mut seekable =
+            if file == "-" { None } else { Some(std::fs::OpenOptions::new().write(true).open(file)?) };
+        let mut q: VecDeque<(u64, AioCompletion<Bytes>)> = VecDeque::new();
+        let mut next = 0u64;
+        let mut pos = 0u64;
+        loop {
+            while q.len() < COPY_DEPTH && next < size {
+                let len = COPY_CHUNK_BYTES.min(size - next);
+                q.push_back((next, img.aio_read(next, len).map_err(|e| anyhow!("{e}"))?));
+                next += len;
+            }
+            let Some((off, c)) = q.pop_front() else { break };
+            let data = c.wait().map_err(|e| anyhow!("read at {off}: {e}"))?;
+            match seekable.as_mut() {
+                None => out.write_all(&data)?,
+                Some(f) => {
+                    for (s, e) in data_runs(&data) {
+                        f.seek(SeekFrom::Start(off + s as u64))?;
+                        f.write_all(&data[s..e])?;
+                    }
+                    pos = off + data.len() as u64;
+                }
+            }
+        }
+        match seekable.as_mut() {
+            // The tail may be a hole: the length makes it part of the file.
+            Some(f) => f.set_len(pos.max(size))?,
+            None => out.flush()?,
+        }
+        Ok(())
+    })();
+    img.close();
+    r.with_context(|| format!("exporting {pool}/{image} to {file}"))
+}
+
+struct BenchArgs {
+    io_type: IoType,
+    io_size: u64,
+    threads: usize,
+    total: u64,
+    pattern: IoPattern,
+    rw_mix_read: u32,
+}
+
+fn bench(img: &Image, b: &BenchArgs, json: bool) -> Result<()> {
+    let size = img.size();
+    if size < b.io_size {
+        bail!("the image ({size} bytes) is smaller than --io-size ({})", b.io_size);
+    }
+    let slots = size / b.io_size;
+    let total_ops = b.total.div_ceil(b.io_size).max(1);
+    let next = AtomicU64::new(0);
+    let done_ops = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let payload = Bytes::from(vec![0x5au8; b.io_size as usize]);
+    if !json {
+        let pattern = if b.pattern == IoPattern::Seq { "sequential" } else { "random" };
+        println!(
+            "bench  type {:?} io_size {} io_threads {} bytes {} pattern {pattern}",
+            b.io_type,
+            b.io_size,
+            b.threads,
+            total_ops * b.io_size
+        );
+        println!("  SEC       OPS   OPS/SEC   BYTES/SEC");
+    }
+    let start = Instant::now();
+    let mut lats: Vec<u32> = Vec::with_capacity(total_ops.min(1 << 24) as usize);
+    let first_err = parking_lot::Mutex::new(None::<String>);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..b.threads)
+            .map(|t| {
+                let (next, done_ops, failed, payload, first_err) =
+                    (&next, &done_ops, &failed, &payload, &first_err);
+                s.spawn(move || {
+                    let mut rng = tools::entropy() ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total_ops || failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let slot = match b.pattern {
+                            IoPattern::Seq => i % slots,
+                            IoPattern::Rand => rng % slots,
+                        };
+                        let read = match b.io_type {
+                            IoType::Read => true,
+                            IoType::Write => false,
+                            IoType::Readwrite => (rng >> 32) % 100 < b.rw_mix_read as u64,
+                        };
+                        let t0 = Instant::now();
+                        let r = if read {
+                            img.read(slot * b.io_size, b.io_size).map(|_| ())
+                        } else {
+                            img.write(slot * b.io_size, payload.clone())
+                        };
+                        if let Err(e) = r {
+                            failed.store(true, Ordering::Relaxed);
+                            first_err.lock().get_or_insert(e.to_string());
+                            break;
+                        }
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        done_ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        // Per-second progress, like Ceph's.
+        let mut sec = 1u64;
+        let mut last_ops = 0u64;
+        while workers.iter().any(|w| !w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(20));
+            if start.elapsed() >= Duration::from_secs(sec) {
+                let ops = done_ops.load(Ordering::Relaxed);
+                if !json {
+                    let rate = (ops - last_ops) as f64;
+                    println!("{sec:>5} {ops:>9} {rate:>9.2} {:>11}/s", human((rate as u64) * b.io_size));
+                }
+                last_ops = ops;
+                sec += 1;
+            }
+        }
+        for w in workers {
+            lats.extend(w.join().expect("bench worker panicked"));
+        }
+    });
+    if let Some(e) = first_err.into_inner() {
+        bail!("bench I/O failed: {e}");
+    }
+    let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+    let ops = lats.len() as u64;
+    lats.sort_unstable();
+    let avg = lats.iter().map(|&l| l as f64).sum::<f64>() / (ops.max(1) as f64);
+    let p99 =
+        lats.get(((ops as f64 * 0.99) as usize).min(lats.len().saturating_sub(1))).copied().unwrap_or(0);
+    let ops_per_s = ops as f64 / elapsed;
+    let bytes_per_s = ops_per_s * b.io_size as f64;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "io_type": format!("{:?}", b.io_type).to_lowercase(), "io_size": b.io_size,
+                "io_threads": b.threads, "io_pattern": format!("{:?}", b.pattern).to_lowercase(),
+                "ops": ops, "elapsed_s": elapsed, "ops_per_s": ops_per_s, "bytes_per_s": bytes_per_s,
+                "lat_us_avg": avg, "lat_us_p99": p99,
+            })
+        );
+    } else {
+        println!(
+            "elapsed: {:.0}   ops: {ops}   ops/sec: {ops_per_s:.2}   bytes/sec: {}/s",
+            elapsed,
+            human(bytes_per_s as u64)
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// map / showmapped / unmap
+
+/// What `map` records for `showmapped` and `unmap` (`<pool>.<image>.json` in the run directory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Mapping {
+    pool: String,
+    image: String,
+    pid: u32,
+    uri: String,
+    read_only: bool,
+}
+
+fn run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CUTTLE_RBD_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("cuttle-rbd-nbd"),
+        _ => PathBuf::from("/tmp/cuttle-rbd-nbd"),
+    }
+}
+
+fn file_for(pool: &str, image: &str, ext: &str) -> PathBuf {
+    run_dir().join(format!("{pool}.{image}.{ext}"))
+}
+
+/// Removes the files of a mapping whose server is gone.
+fn clean_stale(pool: &str, image: &str) {
+    for ext in ["json", "pid", "sock"] {
+        let _ = std::fs::remove_file(file_for(pool, image, ext));
+    }
+}
+
+/// Live mappings; records of dead servers (kill -9) are cleaned on the way.
+fn mappings() -> Result<Vec<Mapping>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(run_dir()) else { return Ok(out) };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let Ok(m) = serde_json::from_str::<Mapping>(&text) else {
+            let _ = std::fs::remove_file(&p);
+            continue;
+        };
+        if tools::process_alive(m.pid) {
+            out.push(m);
+        } else {
+            clean_stale(&m.pool, &m.image);
+        }
+    }
+    out.sort_by(|a, b| (&a.pool, &a.image).cmp(&(&b.pool, &b.image)));
+    Ok(out)
+}
+
+fn map(cli: &Cli, spec: &str, socket: Option<&Path>, port: Option<u16>, read_only: bool) -> Result<()> {
+    let (pool, image) = parse_spec(spec)?;
+    let (_, conf_path) = Config::discover(cli.conf.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let conf_path = std::fs::canonicalize(&conf_path).unwrap_or(conf_path);
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(m) = mappings()?.into_iter().find(|m| m.pool == pool && m.image == image) {
+        bail!("{pool}/{image} is already mapped (pid {}): {}", m.pid, m.uri);
+    }
+    let log = file_for(&pool, &image, "log");
+    let _ = std::fs::remove_file(file_for(&pool, &image, "json"));
+    let exe = std::env::current_exe().context("finding the rbd binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--conf").arg(&conf_path).arg("nbd-serve").arg(format!("{pool}/{image}"));
+    match (socket, port) {
+        (Some(s), _) => {
+            let s = if s.is_absolute() { s.to_path_buf() } else { std::env::current_dir()?.join(s) };
+            cmd.arg("--socket").arg(s);
+        }
+        (None, Some(p)) => {
+            cmd.arg("--port").arg(p.to_string());
+        }
+        (None, None) => {}
+    }
+    if read_only {
+        cmd.arg("--read-only");
+    }
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .env("CUTTLE_RBD_RUN_DIR", &dir)
+        .env("CUTTLE_RBD_LOG", &log)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .context("starting the NBD server")?;
+    let pid = child.id();
+    let t = Instant::now();
+    loop {
+        if let Some(m) = mappings()?.into_iter().find(|m| m.pid == pid) {
+            println!("{}", m.uri);
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("the NBD server for {pool}/{image} exited ({st}):\n{}", tail.join("\n"));
+        }
+        if t.elapsed() > MAP_TIMEOUT {
+            let _ = child.kill();
+            bail!(
+                "the NBD server for {pool}/{image} did not start within {MAP_TIMEOUT:?} (log: {})",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nbd_serve(
+    client: &Client,
+    pool: &str,
+    image: &str,
+    socket: Option<PathBuf>,
+    port: Option<u16>,
+    read_only: bool,
+) -> Result<()> {
+    let stop = tools::termination_flag()?;
+    // The pidfile is the lock on the mapping: a second server for the same image refuses to start.
+    let _pid = tools::PidFile::create(&file_for(pool, image, "pid"))?;
+    let (_, img) = client.open(pool, image)?;
+    let img = Arc::new(img);
+    let addr = match (socket, port) {
+        (Some(s), _) => ListenAddr::Unix(s),
+        (None, Some(p)) => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], p))),
+        (None, None) => ListenAddr::Unix(file_for(pool, image, "sock")),
+    };
+    let server = Server::bind(Arc::clone(&img), image, &addr, read_only).map_err(|e| anyhow!("{e}"))?;
+    let m = Mapping {
+        pool: pool.into(),
+        image: image.into(),
+        pid: std::process::id(),
+        uri: server.local_addr().uri(image),
+        read_only,
+    };
+    // Written whole then renamed, so a reader never sees half a record.
+    let rec = file_for(pool, image, "json");
+    let tmp = rec.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&m)?)?;
+    std::fs::rename(&tmp, &rec)?;
+    tracing::info!(uri = %m.uri, "serving");
+    let r = server.run(&stop);
+    let _ = std::fs::remove_file(&rec);
+    img.flush().map_err(|e| anyhow!("final flush: {e}"))?;
+    img.close();
+    tracing::info!("stopped");
+    r.map_err(|e| anyhow!("{e}"))
+}
+
+fn showmapped(format: Format) -> Result<()> {
+    let ms = mappings()?;
+    if format == Format::Json {
+        println!("{}", serde_json::to_string(&ms)?);
+        return Ok(());
+    }
+    println!("{:<8} {:<10} {:<20} {:<4} URI", "PID", "POOL", "IMAGE", "RO");
+    for m in ms {
+        println!(
+            "{:<8} {:<10} {:<20} {:<4} {}",
+            m.pid,
+            m.pool,
+            m.image,
+            if m.read_only { "yes" } else { "no" },
+            m.uri
+        );
+    }
+    Ok(())
+}
+
+fn unmap(target: &str) -> Result<()> {
+    let ms = mappings()?;
+    let m = if target.starts_with("nbd") {
+        ms.into_iter().find(|m| m.uri == target)
+    } else {
+        let (pool, image) = parse_spec(target)?;
+        ms.into_iter().find(|m| m.pool == pool && m.image == image)
+    };
+    let Some(m) = m else { bail!("{target} is not mapped") };
+    let kill = |sig: &str| std::process::Command::new("kill").args([sig, &m.pid.to_string()]).status();
+    kill("-TERM").context("running kill")?;
+    let t = Instant::now();
+    while tools::process_alive(m.pid) {
+        if t.elapsed() > UNMAP_TIMEOUT {
+            eprintln!(
+                "rbd: warning: the NBD server (pid {}) did not exit within {UNMAP_TIMEOUT:?}; killing it",
+                m.pid
+            );
+            let _ = kill("-KILL");
+            std::thread::sleep(Duration::from_millis(100));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    clean_stale(&m.pool, &m.image);
+    Ok(())
+}
