@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# `rbd bench` and fio on cuttle and on real Ceph 16 (memstore, 1 mon, 3 OSDs, pool rbd size 3, 32 PGs), side by
+# side in one run: 4 KiB random write and read with 16 threads, 4 MiB sequential write with 16 threads; fio
+# 4 KiB random write/read at iodepth 16 through Ceph's librbd engine (ioengine=rbd) and through cuttle's
+# `rbd map` NBD export (ioengine=nbd). Ceph comes from ../shared/bench/ceph-baseline.sh (installed if missing).
+# Usage: benches/scripts/rbd-vs-ceph.sh [IO_TOTAL_4K] [IO_TOTAL_4M] [FIO_SECONDS]  (default 256M 2G 10)
+set -euo pipefail
+t4k="${1:-256M}"; t4m="${2:-2G}"; fsec="${3:-10}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+work="$(mktemp -d /tmp/rbd-vs-ceph.XXXXXX)"
+cp "$root/../shared/bench/ceph-baseline.sh" "$root/../shared/bench/radosping.c" "$work/"
+cd "$root" && cargo build --release -q -p tools
+bin="$root/target/release"
+out="$work/results"; : > "$out"
+rbdbench() { # NAME CMD...: keeps ops/sec and bytes/sec from the summary line
+  local name="$1"; shift
+  "$@" > "$work/$name.txt" 2>&1
+  python3 - "$name" "$work/$name.txt" >> "$out" <<'PY'
+import re, sys
+t = open(sys.argv[2]).read()
+m = re.search(r"ops/sec:\s*([0-9.]+)\s+bytes/sec:\s*([0-9.]+)", t)
+print(sys.argv[1], m.group(1) if m else "nan", m.group(2) if m else "nan")
+PY
+}
+fiobench() { # NAME rw FIO-ARGS...
+  local name="$1" rw="$2"; shift 2
+  fio --output-format=json --time_based --runtime="$fsec" --name=j --rw="$rw" --bs=4k --iodepth=16 "$@" > "$work/$name.json" 2>"$work/$name.err" || true
+  python3 - "$name" "$work/$name.json" >> "$out" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[2]))["jobs"][0]
+    side = "write" if j["write"]["io_bytes"] > 0 else "read"
+    print(sys.argv[1], j[side]["iops"], j[side]["bw_bytes"])
+except Exception:
+    print(sys.argv[1], "nan", "nan")
+PY
+}
+
+# --- Ceph ---
+cd "$work"
+CEPH_DIR="$work/ceph" bash ceph-baseline.sh up memstore >"$work/ceph-up.log" 2>&1 || { tail -20 "$work/ceph-up.log"; exit 1; }
+B=(rbd -c "$work/ceph/ceph.conf")
+"${B[@]}" create --size 1G rbd/bench
+rbdbench ceph-write-4K-rand "${B[@]}" bench --io-type write --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
+rbdbench ceph-read-4K-rand "${B[@]}" bench --io-type read --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
+rbdbench ceph-write-4M-seq "${B[@]}" bench --io-type write --io-size 4M --io-threads 16 --io-total "$t4m" --io-pattern seq rbd/bench
+CEPH_CONF="$work/ceph/ceph.conf" fiobench ceph-fio-randwrite-4K randwrite --ioengine=rbd --clientname=admin --pool=rbd --rbdname=bench --direct=1
+CEPH_CONF="$work/ceph/ceph.conf" fiobench ceph-fio-randread-4K randread --ioengine=rbd --clientname=admin --pool=rbd --rbdname=bench --direct=1
+"${B[@]}" rm rbd/bench >/dev/null 2>&1 || true
+bash ceph-baseline.sh down >/dev/null 2>&1 || true
+
+# --- cuttle ---
+"$bin/cuttle" up --dir "$work/cuttle" >/dev/null
+export CUTTLE_CONF="$work/cuttle/cuttle.toml" CUTTLE_RBD_RUN_DIR="$work/run"
+"$bin/rbd" create --size 1G rbd/bench
+rbdbench cuttle-write-4K-rand "$bin/rbd" bench --io-type write --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
+rbdbench cuttle-read-4K-rand "$bin/rbd" bench --io-type read --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
+rbdbench cuttle-write-4M-seq "$bin/rbd" bench --io-type write --io-size 4M --io-threads 16 --io-total "$t4m" --io-pattern seq rbd/bench
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+uri=$("$bin/rbd" map rbd/bench --port "$port")
+fiobench cuttle-fio-randwrite-4K randwrite --ioengine=nbd --uri="$uri"
+fiobench cuttle-fio-randread-4K randread --ioengine=nbd --uri="$uri"
+"$bin/rbd" unmap rbd/bench >/dev/null
+"$bin/cuttle" down --dir "$work/cuttle" >/dev/null
+
+python3 - "$out" <<'PY'
+import sys
+r = {}
+for line in open(sys.argv[1]):
+    name, ops, bps = line.split()
+    r[name] = (float(ops), float(bps))
+print("| figure | Ceph 16 memstore | cuttle | ratio | target |")
+print("|---|---|---|---|---|")
+for name, unit, idx, target in [("write-4K-rand", "rbd bench 4K randwrite, 16 threads, IOPS", 0, ">= 3x"),
+                                ("read-4K-rand", "rbd bench 4K randread, 16 threads, IOPS", 0, ">= 2x"),
+                                ("write-4M-seq", "rbd bench 4M seq write, 16 threads, MB/s", 1, ">= 2x"),
+                                ("fio-randwrite-4K", "fio 4K randwrite iodepth 16, IOPS (Ceph: ioengine=rbd; cuttle: nbd)", 0, ""),
+                                ("fio-randread-4K", "fio 4K randread iodepth 16, IOPS (Ceph: ioengine=rbd; cuttle: nbd)", 0, "")]:
+    c, k = r["ceph-" + name][idx], r["cuttle-" + name][idx]
+    scale = 1e6 if idx == 1 else 1
+    print(f"| {unit} | {c/scale:.0f} | {k/scale:.0f} | {k/c:.2f} | {target} |")
+for a, b in [("fio-randwrite-4K", "write-4K-rand"), ("fio-randread-4K", "read-4K-rand")]:
+    f, o = r["cuttle-" + a][0], r["cuttle-" + b][0]
+    print(f"| cuttle NBD path ({a}) vs cuttle rbd bench ({b}) | | {f:.0f} vs {o:.0f} | {f/o:.2f} | >= 0.80 |")
+PY
+rm -rf "$work"
