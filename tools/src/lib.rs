@@ -10,6 +10,40 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+/// A progress line on stderr, like Ceph's "Importing image: 45% complete...", drawn only when stderr is a
+/// terminal and at most every 100 ms.
+#[derive(Debug)]
+pub struct Progress {
+    label: String,
+    total: Option<u64>,
+    enabled: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: Option<u64>) -> Progress {
+        use std::io::IsTerminal;
+        Progress { label: label.to_string(), total, enabled: std::io::stderr().is_terminal(), last: None }
+    }
+
+    pub fn update(&mut self, done: u64) {
+        if !self.enabled || self.last.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(100)) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        match self.total {
+            Some(t) if t > 0 => eprint!("\r{}: {}% complete...", self.label, done.min(t) * 100 / t),
+            _ => eprint!("\r{}: {} MiB...", self.label, done >> 20),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if self.enabled {
+            eprintln!("\r{}: 100% complete...done.", self.label);
+        }
+    }
+}
+
 /// Output format of reading commands (`--format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

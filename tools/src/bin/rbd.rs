@@ -561,6 +561,7 @@ fn import(client: &Client, file: &str, pool: &str, image: &str) -> Result<()> {
         .map_err(|e| anyhow!("error creating {pool}/{image}: {e}"))?;
     let img = rbd.open(image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
     let r = (|| -> Result<()> {
+        let mut progress = tools::Progress::new("Importing image", size);
         let mut offset = 0u64;
         let mut q = VecDeque::new();
         loop {
@@ -582,11 +583,13 @@ fn import(client: &Client, file: &str, pool: &str, image: &str) -> Result<()> {
                 }
             }
             offset += n as u64;
+            progress.update(offset);
         }
         while !q.is_empty() {
             wait_oldest(&mut q)?;
         }
         img.flush().map_err(|e| anyhow!("flush: {e}"))?;
+        progress.finish();
         Ok(())
     })();
     img.close();
@@ -606,6 +609,7 @@ fn export(client: &Client, pool: &str, image: &str, file: &str) -> Result<()> {
         let mut seekable =
             if file == "-" { None } else { Some(std::fs::OpenOptions::new().write(true).open(file)?) };
         let mut q: VecDeque<(u64, AioCompletion<Bytes>)> = VecDeque::new();
+        let mut progress = tools::Progress::new("Exporting image", Some(size));
         let mut next = 0u64;
         let mut pos = 0u64;
         loop {
@@ -616,6 +620,7 @@ fn export(client: &Client, pool: &str, image: &str, file: &str) -> Result<()> {
             }
             let Some((off, c)) = q.pop_front() else { break };
             let data = c.wait().map_err(|e| anyhow!("read at {off}: {e}"))?;
+            progress.update(off + data.len() as u64);
             match seekable.as_mut() {
                 None => out.write_all(&data)?,
                 Some(f) => {
@@ -632,6 +637,7 @@ fn export(client: &Client, pool: &str, image: &str, file: &str) -> Result<()> {
             Some(f) => f.set_len(pos.max(size))?,
             None => out.flush()?,
         }
+        progress.finish();
         Ok(())
     })();
     img.close();
