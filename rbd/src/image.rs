@@ -579,36 +579,74 @@ impl<T> std::fmt::Debug for AioCompletion<T> {
     }
 }
 
+/// Called with the outcome of an image request, on the thread that completes it.
+type AioCallback<T> = Box<dyn FnOnce(Result<T>) + Send>;
+
+struct SlotState<T> {
+    /// Set once the request has completed, whether its result waits here or went to the callback.
+    done: bool,
+    result: Option<Result<T>>,
+    callback: Option<AioCallback<T>>,
+}
+
 struct CompletionSlot<T> {
-    result: Mutex<Option<Result<T>>>,
+    state: Mutex<SlotState<T>>,
     cv: Condvar,
 }
 
 impl<T> CompletionSlot<T> {
     fn complete(&self, r: Result<T>) {
-        let mut g = self.result.lock();
-        assert!(g.is_none(), "an image request completes once");
-        *g = Some(r);
-        self.cv.notify_all();
+        let cb = {
+            let mut g = self.state.lock();
+            assert!(!g.done, "an image request completes once");
+            g.done = true;
+            match g.callback.take() {
+                Some(cb) => cb,
+                None => {
+                    g.result = Some(r);
+                    self.cv.notify_all();
+                    return;
+                }
+            }
+        };
+        // Outside the lock: the callback may do anything that does not block.
+        cb(r);
     }
 }
 
 impl<T> AioCompletion<T> {
     fn new() -> (AioCompletion<T>, Arc<CompletionSlot<T>>) {
-        let s = Arc::new(CompletionSlot { result: Mutex::new(None), cv: Condvar::new() });
+        let s = Arc::new(CompletionSlot {
+            state: Mutex::new(SlotState { done: false, result: None, callback: None }),
+            cv: Condvar::new(),
+        });
         (AioCompletion(Arc::clone(&s)), s)
     }
 
     pub fn is_done(&self) -> bool {
-        self.0.result.lock().is_some()
+        self.0.state.lock().done
+    }
+
+    /// Hands the outcome to `f` instead of a waiter: at once (on this thread) if the request is already
+    /// done, else on the thread that completes it (an Objecter callback thread), so `f` must not block.
+    pub fn on_complete(self, f: impl FnOnce(Result<T>) + Send + 'static) {
+        let r = {
+            let mut g = self.0.state.lock();
+            if !g.done {
+                g.callback = Some(Box::new(f));
+                return;
+            }
+            g.result.take().expect("a done completion keeps its result until taken")
+        };
+        f(r);
     }
 
     /// Waits for the outcome. Every object op ends (answer, its own timeout, or Objecter shutdown), so
     /// this ends too.
     pub fn wait(self) -> Result<T> {
-        let mut g = self.0.result.lock();
+        let mut g = self.0.state.lock();
         loop {
-            if let Some(r) = g.take() {
+            if let Some(r) = g.result.take() {
                 return r;
             }
             self.0.cv.wait(&mut g);
@@ -619,9 +657,9 @@ impl<T> AioCompletion<T> {
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Result<T>, AioCompletion<T>> {
         let deadline = Instant::now() + timeout;
         {
-            let mut g = self.0.result.lock();
+            let mut g = self.0.state.lock();
             loop {
-                if let Some(r) = g.take() {
+                if let Some(r) = g.result.take() {
                     return Ok(r);
                 }
                 if self.0.cv.wait_until(&mut g, deadline).timed_out() {
@@ -1296,5 +1334,31 @@ mod tests {
         let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| new_image_id()).collect();
         assert_eq!(ids.len(), 1000);
         assert!(ids.iter().all(|i| i.len() == 16 && i.bytes().all(|b| b.is_ascii_hexdigit())));
+    }
+
+    #[test]
+    fn on_complete_runs_once_whether_registered_before_or_after_completion() {
+        // Goal: the callback gets the result exactly once in both orders, and wait/is_done still work.
+        // Method: register before completing, complete after registering, and wait on a third completion.
+        let (c, slot) = AioCompletion::<u32>::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = tx.clone();
+        c.on_complete(move |r| t.send(r.unwrap()).unwrap());
+        assert!(rx.try_recv().is_err());
+        slot.complete(Ok(7));
+        assert_eq!(rx.try_recv().unwrap(), 7);
+
+        let (c, slot) = AioCompletion::<u32>::new();
+        slot.complete(Err(RbdError::Closed));
+        assert!(c.is_done());
+        c.on_complete(move |r| tx.send(if r.is_err() { 1 } else { 0 }).unwrap());
+        assert_eq!(rx.try_recv().unwrap(), 1);
+        assert!(rx.try_recv().is_err());
+
+        let (c, slot) = AioCompletion::<u32>::new();
+        assert!(!c.is_done());
+        let c = c.wait_timeout(Duration::from_millis(1)).unwrap_err();
+        std::thread::spawn(move || slot.complete(Ok(3)));
+        assert_eq!(c.wait().unwrap(), 3);
     }
 }

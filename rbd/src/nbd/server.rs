@@ -1,10 +1,12 @@
 //! The NBD server shell: one mio event loop thread serving one open [`Image`] to many connections, each a
 //! [`ServerSession`].
 //!
-//! Requests go to the image's async API and are answered as they complete, out of order. [`AioCompletion`]
-//! has no callback, so a small pool of waiter threads blocks on completions and hands results back through
-//! a channel plus a mio [`Waker`]. Flushes run on their own thread (see [`WriteTracker`]) so that a flush
-//! waiting for writes can never occupy the waiter threads those writes need.
+//! Requests go to the image's async API and are answered as they complete, out of order: each request's
+//! [`AioCompletion::on_complete`] callback pushes its reply onto [`Replies`] and wakes the loop through a
+//! mio [`Waker`] (only when the queue turns non-empty), so a request costs no thread hand-off of its own.
+//! Flushes and FUA writes call the blocking [`Image::flush`], which must not run in a completion callback
+//! (an Objecter thread) nor on the loop, so they go to one flush thread; a flush first waits there for the
+//! writes issued before it (see [`WriteTracker`]), which complete through callbacks, never that thread.
 //!
 //! Flow control is the session's: the loop reads a socket only while [`ServerSession::wants_read`], which
 //! turns false at [`super::REQUESTS_IN_FLIGHT_MAX`] requests in flight or a large reply backlog. Sockets are
@@ -24,20 +26,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::{Condvar, Mutex};
 
 use super::{Event, ExportCatalog, ExportInfo, NbdError, RequestId, RequestKind, ServerSession};
-use crate::image::{AioCompletion, Image, RbdError};
+use crate::image::{Image, RbdError};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
-/// Threads blocking on read/write/discard completions. Each holds one request at a time, so this bounds
-/// how many completed requests can be noticed at once, not how many are in flight in the image.
-const WAITER_THREADS: usize = 16;
 /// Bytes read from a socket per call: bounded chunks, as the session's contract asks.
 const READ_CHUNK_BYTES: usize = 256 << 10;
 /// How often the loop looks at the stop flag when nothing happens.
@@ -150,17 +149,39 @@ impl WriteTracker {
     }
 }
 
-/// Work for the waiter threads.
-enum Job {
-    Read { conn: usize, id: RequestId, c: AioCompletion<Bytes> },
-    Write { conn: usize, id: RequestId, c: AioCompletion<()>, seq: u64, fua: bool },
+/// Work for the flush thread.
+enum FlushJob {
+    /// An NBD flush: wait for the writes numbered at most `upto`, then flush the image.
+    Flush { conn: usize, id: RequestId, upto: u64 },
+    /// A FUA write (or trim/zeroes) that completed successfully: flush the image, then reply.
+    Fua { conn: usize, id: RequestId },
 }
 
-/// Work for the flush thread.
-struct FlushJob {
-    conn: usize,
-    id: RequestId,
-    upto: u64,
+/// Replies completed off the loop thread, waiting for the loop. Bounded in practice by the requests in
+/// flight, which each session caps.
+struct Replies {
+    queue: Mutex<Vec<Done>>,
+    waker: Waker,
+}
+
+impl Replies {
+    fn push(&self, d: Done) {
+        let was_empty = {
+            let mut q = self.queue.lock();
+            let e = q.is_empty();
+            q.push(d);
+            e
+        };
+        // The loop takes the whole queue at once, so only the push that makes it non-empty needs to wake
+        // it; later pushes are seen by that same drain or wake it again once it has emptied the queue.
+        if was_empty {
+            let _ = self.waker.wake();
+        }
+    }
+
+    fn take(&self) -> Vec<Done> {
+        std::mem::take(&mut *self.queue.lock())
+    }
 }
 
 struct Done {
@@ -192,11 +213,15 @@ pub struct Server {
     read_only: bool,
     conns: HashMap<usize, Conn>,
     next_conn: usize,
-    jobs: Option<Sender<Job>>,
-    flushes: Option<Sender<FlushJob>>,
-    done_rx: Receiver<Done>,
+    /// Shared with write callbacks (FUA); emptied at the end of [`Server::run`] so that callbacks still
+    /// pending then cannot keep the flush thread alive.
+    flushes: Arc<Mutex<Option<Sender<FlushJob>>>>,
+    replies: Arc<Replies>,
     tracker: Arc<WriteTracker>,
     threads: Vec<JoinHandle<()>>,
+    /// The socket read buffer, kept between pumps: allocating and zeroing it per pump (once per reply)
+    /// cost more than the reply itself.
+    read_buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for Server {
@@ -271,34 +296,24 @@ impl Server {
             Listener::Unix(l, _) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
             Listener::Tcp(l) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
         }
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let replies =
+            Arc::new(Replies { queue: Mutex::new(Vec::new()), waker: Waker::new(poll.registry(), WAKER)? });
         let (flush_tx, flush_rx) = crossbeam_channel::unbounded::<FlushJob>();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let tracker = Arc::new(WriteTracker::default());
         let mut threads = Vec::new();
-        for i in 0..WAITER_THREADS {
-            let (rx, tx, w, t, img) = (
-                jobs_rx.clone(),
-                done_tx.clone(),
-                Arc::clone(&waker),
-                Arc::clone(&tracker),
-                Arc::clone(&image),
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("nbd-wait-{i}"))
-                    .spawn(move || waiter(rx, tx, w, t, img))?,
-            );
-        }
         {
-            let (tx, w, t, img) = (done_tx, Arc::clone(&waker), Arc::clone(&tracker), Arc::clone(&image));
+            let (r, t, img) = (Arc::clone(&replies), Arc::clone(&tracker), Arc::clone(&image));
             threads.push(std::thread::Builder::new().name("nbd-flush".into()).spawn(move || {
                 for f in flush_rx {
-                    t.wait_upto(f.upto);
+                    let (conn, id) = match f {
+                        FlushJob::Flush { conn, id, upto } => {
+                            t.wait_upto(upto);
+                            (conn, id)
+                        }
+                        FlushJob::Fua { conn, id } => (conn, id),
+                    };
                     let result = img.flush().map(|()| None).map_err(|e| to_nbd(&e));
-                    let _ = tx.send(Done { conn: f.conn, id: f.id, result });
-                    let _ = w.wake();
+                    r.push(Done { conn, id, result });
                 }
             })?);
         }
@@ -311,11 +326,11 @@ impl Server {
             read_only,
             conns: HashMap::new(),
             next_conn: FIRST_CONN,
-            jobs: Some(jobs_tx),
-            flushes: Some(flush_tx),
-            done_rx,
+            flushes: Arc::new(Mutex::new(Some(flush_tx))),
+            replies,
             tracker,
             threads,
+            read_buf: vec![0u8; READ_CHUNK_BYTES],
         })
     }
 
@@ -364,7 +379,7 @@ impl Server {
             }
             // Completions (the waker only says "look here").
             let mut touched = BTreeSet::new();
-            while let Ok(d) = self.done_rx.try_recv() {
+            for d in self.replies.take() {
                 if let Some(c) = self.conns.get_mut(&d.conn) {
                     if let Err(e) = c.session.reply(d.id, d.result) {
                         tracing::error!(conn = d.conn, "reply refused: {e}");
@@ -382,8 +397,7 @@ impl Server {
             tracing::error!("final flush: {e}");
         }
         self.close_listener();
-        drop(self.jobs.take());
-        drop(self.flushes.take());
+        drop(self.flushes.lock().take());
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -450,7 +464,9 @@ impl Server {
     /// changes or the socket would block; closes it when done.
     fn pump(&mut self, t: usize) {
         let Some(mut c) = self.conns.remove(&t) else { return };
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        let mut buf = std::mem::take(&mut self.read_buf);
+        // An empty buffer would read as EOF; pump never runs inside itself, so the buffer is always home.
+        assert_eq!(buf.len(), READ_CHUNK_BYTES, "pump is not reentrant");
         loop {
             let mut progress = false;
             while let Some(ev) = c.session.poll_event() {
@@ -519,6 +535,7 @@ impl Server {
                 // the writes themselves still complete in the image.
                 let _ = self.poll.registry().deregister(c.stream.source());
                 tracing::debug!(conn = t, "connection closed");
+                self.read_buf = buf;
                 return;
             }
             if !progress {
@@ -526,27 +543,28 @@ impl Server {
             }
         }
         self.conns.insert(t, c);
+        self.read_buf = buf;
     }
 
     fn submit(&mut self, t: usize, c: &mut Conn, id: RequestId, kind: RequestKind) {
         let img = &self.image;
-        let jobs = self.jobs.as_ref().expect("jobs exist while running");
         let fail = |c: &mut Conn, e: RbdError| {
             let _ = c.session.reply(id, Err(to_nbd(&e)));
         };
         match kind {
             RequestKind::Read { offset, len } => match img.aio_read(offset, len as u64) {
                 Ok(a) => {
-                    let _ = jobs.send(Job::Read { conn: t, id, c: a });
+                    let r = Arc::clone(&self.replies);
+                    a.on_complete(move |res| {
+                        r.push(Done { conn: t, id, result: res.map(Some).map_err(|e| to_nbd(&e)) })
+                    });
                 }
                 Err(e) => fail(c, e),
             },
             RequestKind::Write { offset, data, fua } => {
                 let seq = self.tracker.begin();
                 match img.aio_write(offset, data) {
-                    Ok(a) => {
-                        let _ = jobs.send(Job::Write { conn: t, id, c: a, seq, fua });
-                    }
+                    Ok(a) => a.on_complete(self.write_done(t, id, seq, fua)),
                     Err(e) => {
                         self.tracker.end(seq);
                         fail(c, e)
@@ -558,9 +576,7 @@ impl Server {
             RequestKind::Trim { offset, len, fua } | RequestKind::WriteZeroes { offset, len, fua, .. } => {
                 let seq = self.tracker.begin();
                 match img.aio_discard(offset, len as u64) {
-                    Ok(a) => {
-                        let _ = jobs.send(Job::Write { conn: t, id, c: a, seq, fua });
-                    }
+                    Ok(a) => a.on_complete(self.write_done(t, id, seq, fua)),
                     Err(e) => {
                         self.tracker.end(seq);
                         fail(c, e)
@@ -569,38 +585,35 @@ impl Server {
             }
             RequestKind::Flush => {
                 let upto = self.tracker.issued();
-                let _ = self.flushes.as_ref().expect("running").send(FlushJob { conn: t, id, upto });
+                if let Some(f) = &*self.flushes.lock() {
+                    let _ = f.send(FlushJob::Flush { conn: t, id, upto });
+                }
             }
         }
     }
-}
 
-fn waiter(
-    rx: Receiver<Job>,
-    tx: Sender<Done>,
-    waker: Arc<Waker>,
-    tracker: Arc<WriteTracker>,
-    img: Arc<Image>,
-) {
-    for job in rx {
-        let done = match job {
-            Job::Read { conn, id, c } => {
-                Done { conn, id, result: c.wait().map(Some).map_err(|e| to_nbd(&e)) }
-            }
-            Job::Write { conn, id, c, seq, fua } => {
-                let mut r = c.wait();
-                tracker.end(seq);
-                // FUA: durable before the reply. Acknowledged writes already are (no cache); a cache layer
-                // is drained by flush.
-                if fua && r.is_ok() {
-                    r = img.flush();
+    /// The completion callback of a write, trim or zeroes request numbered `seq`: it no longer holds back
+    /// flushes; a FUA request goes on to the flush thread (durable before the reply; acknowledged writes
+    /// already are without a cache, and a cache layer is drained by flush), any other is answered now.
+    fn write_done(
+        &self,
+        conn: usize,
+        id: RequestId,
+        seq: u64,
+        fua: bool,
+    ) -> impl FnOnce(Result<(), RbdError>) + Send + 'static {
+        let (replies, tracker) = (Arc::clone(&self.replies), Arc::clone(&self.tracker));
+        let flushes = Arc::clone(&self.flushes);
+        move |r| {
+            tracker.end(seq);
+            if fua && r.is_ok() {
+                // No flush thread: the server has stopped and nobody waits for this reply.
+                if let Some(f) = &*flushes.lock() {
+                    let _ = f.send(FlushJob::Fua { conn, id });
                 }
-                Done { conn, id, result: r.map(|()| None).map_err(|e| to_nbd(&e)) }
+                return;
             }
-        };
-        if tx.send(done).is_err() {
-            return;
+            replies.push(Done { conn, id, result: r.map(|()| None).map_err(|e| to_nbd(&e)) });
         }
-        let _ = waker.wake();
     }
 }
