@@ -5,60 +5,18 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use messenger::{EntityName, Messenger, WorkerPool};
 use parking_lot::Mutex;
 use rados::config::Config;
-use rados::monclient::MonClient;
 use rados::msg::OsdCommand;
-use rados::objecter::{IoCtx, Objecter};
+use rados::objecter::IoCtx;
 use rados::{OsdId, PgId};
 
 const GRACE_S: u64 = 3;
-
-struct Lib {
-    pool: Arc<WorkerPool>,
-    msgr: Arc<Messenger>,
-    monc: Arc<MonClient>,
-    obj: Arc<Objecter>,
-}
-
-impl Lib {
-    fn open(conf: &Path) -> Lib {
-        let cfg = Config::load(conf).unwrap();
-        let pool = WorkerPool::new(2).unwrap();
-        let msgr = Arc::new(Messenger::new(
-            Arc::clone(&pool),
-            EntityName::client(77),
-            tools::entropy(),
-            cfg.messenger(),
-        ));
-        msgr.start().unwrap();
-        let monc = MonClient::start(Arc::clone(&msgr), cfg.mon_host.unwrap(), false);
-        let obj = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), &cfg);
-        obj.wait_for_map().unwrap();
-        Lib { pool, msgr, monc, obj }
-    }
-
-    fn osd_up(&self, osd: u32) -> bool {
-        self.monc.map().is_some_and(|m| m.is_up(OsdId(osd)))
-    }
-}
-
-impl Drop for Lib {
-    fn drop(&mut self) {
-        self.obj.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-        self.pool.shutdown();
-    }
-}
 
 // Goal: a 10 MiB object put with `rados` reads back byte-identical and exists on exactly the 3 OSDs that
 // placement names. Method: rados put/get through the CLI; `cuttle osd map` names the acting set; every OSD is

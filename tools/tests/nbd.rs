@@ -8,14 +8,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use messenger::{EntityName, Messenger, WorkerPool};
-use rados::config::Config;
-use rados::monclient::MonClient;
-use rados::objecter::Objecter;
 use rbd::image::{ImageOptions, Rbd};
 
 fn rbd_bin() -> &'static str {
@@ -69,42 +64,6 @@ fn mapped_pid(c: &Cluster, image: &str) -> u32 {
     let v: serde_json::Value = serde_json::from_str(&o).unwrap();
     v.as_array().unwrap().iter().find(|m| m["image"] == image).expect("mapped")["pid"].as_u64().unwrap()
         as u32
-}
-
-/// librbd in this process.
-struct Lib {
-    pool: Arc<WorkerPool>,
-    msgr: Arc<Messenger>,
-    monc: Arc<MonClient>,
-    obj: Arc<Objecter>,
-}
-
-impl Lib {
-    fn open(conf: &Path) -> Lib {
-        let cfg = Config::load(conf).unwrap();
-        let pool = WorkerPool::new(2).unwrap();
-        let msgr = Arc::new(Messenger::new(
-            Arc::clone(&pool),
-            EntityName::client(92),
-            tools::entropy(),
-            cfg.messenger(),
-        ));
-        msgr.start().unwrap();
-        let monc = MonClient::start(Arc::clone(&msgr), cfg.mon_host.unwrap(), false);
-        let obj = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), &cfg);
-        obj.wait_for_map().unwrap();
-        Lib { pool, msgr, monc, obj }
-    }
-}
-
-impl Drop for Lib {
-    fn drop(&mut self) {
-        self.obj.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-        self.pool.shutdown();
-    }
 }
 
 /// A minimal NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies) over a unix socket.

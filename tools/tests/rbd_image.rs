@@ -3,53 +3,14 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use messenger::{EntityName, Messenger, WorkerPool};
-use rados::config::Config;
-use rados::monclient::MonClient;
-use rados::objecter::{IoCtx, Objecter, RadosError};
+use rados::objecter::{IoCtx, RadosError};
 use rbd::image::{header_object, id_object, CreateOptions, Image, Rbd, RbdError, FEATURE_STRIPINGV2};
 use rbd::striper;
-
-struct Lib {
-    pool: Arc<WorkerPool>,
-    msgr: Arc<Messenger>,
-    monc: Arc<MonClient>,
-    obj: Arc<Objecter>,
-}
-
-impl Lib {
-    fn open(conf: &Path) -> Lib {
-        let cfg = Config::load(conf).unwrap();
-        let pool = WorkerPool::new(2).unwrap();
-        let msgr = Arc::new(Messenger::new(
-            Arc::clone(&pool),
-            EntityName::client(91),
-            tools::entropy(),
-            cfg.messenger(),
-        ));
-        msgr.start().unwrap();
-        let monc = MonClient::start(Arc::clone(&msgr), cfg.mon_host.unwrap(), false);
-        let obj = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), &cfg);
-        obj.wait_for_map().unwrap();
-        Lib { pool, msgr, monc, obj }
-    }
-}
-
-impl Drop for Lib {
-    fn drop(&mut self) {
-        self.obj.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-        self.pool.shutdown();
-    }
-}
 
 /// A small deterministic generator (xorshift64*), so failures reproduce.
 struct Rng(u64);

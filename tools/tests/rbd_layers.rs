@@ -3,53 +3,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use messenger::{EntityName, Messenger, WorkerPool};
-use rados::config::Config;
-use rados::monclient::MonClient;
-use rados::objecter::Objecter;
 use rbd::image::{CreateOptions, ImageOptions, Rbd};
 use rbd::layers::{CacheOptions, ReadaheadOptions};
-
-struct Lib {
-    pool: Arc<WorkerPool>,
-    msgr: Arc<Messenger>,
-    monc: Arc<MonClient>,
-    obj: Arc<Objecter>,
-}
-
-impl Lib {
-    fn open(conf: &Path) -> Lib {
-        let cfg = Config::load(conf).unwrap();
-        let pool = WorkerPool::new(2).unwrap();
-        let msgr = Arc::new(Messenger::new(
-            Arc::clone(&pool),
-            EntityName::client(92),
-            tools::entropy(),
-            cfg.messenger(),
-        ));
-        msgr.start().unwrap();
-        let monc = MonClient::start(Arc::clone(&msgr), cfg.mon_host.unwrap(), false);
-        let obj = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), &cfg);
-        obj.wait_for_map().unwrap();
-        Lib { pool, msgr, monc, obj }
-    }
-}
-
-impl Drop for Lib {
-    fn drop(&mut self) {
-        self.obj.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-        self.pool.shutdown();
-    }
-}
 
 fn pattern(seed: u8, n: usize) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
