@@ -10,6 +10,76 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+/// A program's connection to the cluster: a messenger on its own worker pool, a MonClient that already has
+/// the map, and an Objecter. Shut down on drop.
+pub struct ClusterClient {
+    pub cfg: rados::config::Config,
+    pub pool: Arc<messenger::WorkerPool>,
+    pub msgr: Arc<messenger::Messenger>,
+    pub monc: Arc<rados::monclient::MonClient>,
+    pub objecter: Arc<rados::objecter::Objecter>,
+}
+
+impl std::fmt::Debug for ClusterClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterClient({:?})", self.cfg.mon_host)
+    }
+}
+
+impl ClusterClient {
+    /// Connects and waits (up to `rados_mon_op_timeout`) for the first map; `conf_path` names the config in
+    /// errors.
+    pub fn connect(cfg: &rados::config::Config, conf_path: &Path) -> Result<ClusterClient> {
+        use messenger::{EntityName, Messenger, WorkerPool};
+        let mon = cfg.mon_host.with_context(|| format!("mon_host is not set in {}", conf_path.display()))?;
+        let threads = cfg.ms_async_op_threads;
+        if !(1..=messenger::WORKERS_MAX).contains(&threads) {
+            bail!("ms_async_op_threads is {threads}: it must be 1 to {}", messenger::WORKERS_MAX);
+        }
+        let pool = WorkerPool::new(threads).context("starting the messenger workers")?;
+        let name = EntityName::client(entropy() >> 16);
+        let msgr =
+            Arc::new(Messenger::new(Arc::clone(&pool), name, entropy().rotate_left(17), cfg.messenger()));
+        msgr.start().context("starting the messenger")?;
+        // Each client sets the policy it needs: lossy sessions to the monitor and to OSDs.
+        let monc = rados::monclient::MonClient::start(Arc::clone(&msgr), mon, false);
+        let objecter = rados::objecter::Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), cfg);
+        let client = ClusterClient { cfg: cfg.clone(), pool, msgr, monc, objecter };
+        if client.monc.wait_for_map(None, rados::config::secs(cfg.rados_mon_op_timeout)).is_err() {
+            bail!("cannot reach the monitor at {mon}");
+        }
+        Ok(client)
+    }
+
+    /// Stops the Objecter, the MonClient, the messenger and its workers (every thread joined). Idempotent.
+    pub fn shutdown(&self) {
+        self.objecter.shutdown();
+        self.monc.shutdown();
+        self.msgr.shutdown();
+        self.msgr.wait();
+        self.pool.shutdown();
+    }
+}
+
+impl Drop for ClusterClient {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Ends a command-line tool: prints an error as `NAME: reason` and exits 1, else exits 0 (stdout flushed).
+pub fn exit_with(name: &str, r: Result<()>) -> ! {
+    let code = match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
+}
+
 /// A progress line on stderr, like Ceph's "Importing image: 45% complete...", drawn only when stderr is a
 /// terminal and at most every 100 ms.
 #[derive(Debug)]

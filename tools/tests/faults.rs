@@ -39,9 +39,9 @@ fn a_10mib_object_reads_back_and_lives_exactly_where_placement_says() {
         m["acting"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_eq!(acting.len(), 3, "{m}");
     let pgid: PgId = m["pgid"].as_str().unwrap().parse().unwrap();
-    let lib = Lib::open(&c.conf());
+    let lib = lib_open(&c.conf());
     for osd in 0..4u32 {
-        let r = lib.obj.osd_command(OsdId(osd), OsdCommand::ListObjects { pgid }).unwrap();
+        let r = lib.objecter.osd_command(OsdId(osd), OsdCommand::ListObjects { pgid }).unwrap();
         let names = r.result.unwrap();
         let holds = names.iter().any(|n| n == "big-object");
         assert_eq!(holds, acting.contains(&osd), "osd.{osd} holds={holds}, acting={acting:?}");
@@ -137,13 +137,13 @@ fn fault_cluster(tag: &str) -> Cluster {
 fn kill_9_of_an_osd_under_write_load_loses_nothing() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = fault_cluster("kill");
-    let lib = Lib::open(&c.conf());
-    let io = lib.obj.ioctx("rbd").unwrap();
+    let lib = lib_open(&c.conf());
+    let io = lib.objecter.ioctx("rbd").unwrap();
     let load = Load::start(&io, 8);
     std::thread::sleep(Duration::from_secs(1));
     let t_kill = Instant::now();
     c.signal("osd.1", "KILL");
-    let took = c.wait_until("osd.1 marked down", Duration::from_secs(GRACE_S + 6), || !lib.osd_up(1));
+    let took = c.wait_until("osd.1 marked down", Duration::from_secs(GRACE_S + 6), || !osd_up(&lib, 1));
     assert!(took <= Duration::from_secs(GRACE_S + 3), "marked down after {took:?}");
     let t_down = Instant::now();
     c.wait_until("writes continue", Duration::from_secs(10), || load.acks_after(t_down) > 100);
@@ -161,20 +161,20 @@ fn kill_9_of_an_osd_under_write_load_loses_nothing() {
 fn sigstop_is_detected_and_sigcont_rejoins_without_stale_reads() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = fault_cluster("stop");
-    let lib = Lib::open(&c.conf());
-    let io = lib.obj.ioctx("rbd").unwrap();
+    let lib = lib_open(&c.conf());
+    let io = lib.objecter.ioctx("rbd").unwrap();
     let load = Load::start(&io, 8);
     std::thread::sleep(Duration::from_secs(1));
     let t_stop = Instant::now();
     c.signal("osd.2", "STOP");
-    let took = c.wait_until("osd.2 marked down", Duration::from_secs(GRACE_S + 6), || !lib.osd_up(2));
+    let took = c.wait_until("osd.2 marked down", Duration::from_secs(GRACE_S + 6), || !osd_up(&lib, 2));
     assert!(took <= Duration::from_secs(GRACE_S + 3), "marked down after {took:?}");
     let t_down = Instant::now();
     c.wait_until("writes continue", Duration::from_secs(10), || load.acks_after(t_down) > 100);
     let stall = load.max_stall_after(t_stop);
     assert!(stall <= Duration::from_secs(GRACE_S + 3), "writes stalled for {stall:?}");
     c.signal("osd.2", "CONT");
-    c.wait_until("osd.2 boots again", Duration::from_secs(20), || lib.osd_up(2));
+    c.wait_until("osd.2 boots again", Duration::from_secs(20), || osd_up(&lib, 2));
     c.wait_until("HEALTH_OK after it rejoins", Duration::from_secs(30), || {
         c.json(&["health"])["status"] == "HEALTH_OK"
     });
@@ -192,8 +192,8 @@ fn sigstop_is_detected_and_sigcont_rejoins_without_stale_reads() {
 fn a_restarted_monitor_keeps_its_map_and_everyone_reconnects() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::up("monrestart", 3, &["osd_heartbeat_interval=0.5", "osd_heartbeat_grace=3"]);
-    let lib = Lib::open(&c.conf());
-    let io = lib.obj.ioctx("rbd").unwrap();
+    let lib = lib_open(&c.conf());
+    let io = lib.objecter.ioctx("rbd").unwrap();
     io.write_full("before", b"kept".to_vec()).unwrap();
     let before = c.json(&["osd", "dump"]);
     c.signal("mon.0", "TERM");
@@ -260,8 +260,8 @@ fn garbage_to_every_daemon_port_crashes_nothing() {
         assert!(tools::process_alive(c.pid(d)), "{d} died");
     }
     assert_eq!(c.json(&["health"])["status"], "HEALTH_OK");
-    let lib = Lib::open(&c.conf());
-    let io = lib.obj.ioctx("rbd").unwrap();
+    let lib = lib_open(&c.conf());
+    let io = lib.objecter.ioctx("rbd").unwrap();
     io.write_full("still-works", b"yes".to_vec()).unwrap();
     assert_eq!(&io.read("still-works", 0, 0).unwrap()[..], b"yes");
 }

@@ -162,8 +162,8 @@ fn nbd_map_serves_real_clients() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::up("nbd", 3, &[]);
     let t0 = Instant::now();
-    let lib = Lib::open(&c.conf());
-    let rbdlib = Rbd::new(&lib.obj, "rbd").unwrap();
+    let lib = lib_open(&c.conf());
+    let rbdlib = Rbd::new(&lib.objecter, "rbd").unwrap();
     const SIZE: u64 = 256 << 20;
     ok(&c, &["create", "--size", "256M", "rbd/disk"]);
     let uri = map(&c, &["rbd/disk"]);
@@ -365,8 +365,8 @@ fn nbd_unmap_and_kill_keep_flushed_data() {
     assert!(acked_rounds >= 4, "only {acked_rounds} rounds acknowledged before unmap");
     eprintln!("{acked_rounds} rounds acknowledged to a flush before the server stopped");
     {
-        let lib = Lib::open(&c.conf());
-        let img = Rbd::new(&lib.obj, "rbd").unwrap().open_with("d", ImageOptions::uncached()).unwrap();
+        let lib = lib_open(&c.conf());
+        let img = Rbd::new(&lib.objecter, "rbd").unwrap().open_with("d", ImageOptions::uncached()).unwrap();
         for n in 0..acked_rounds * PER_ROUND {
             let got = img.read((n * BLOCK) as u64, BLOCK as u64).unwrap();
             assert!(got[..] == pattern(n as u64 + 1, BLOCK)[..], "flushed block {n} was lost");

@@ -55,9 +55,9 @@ fn absent(io: &IoCtx, oid: &str) -> bool {
 fn images_behave_like_an_in_memory_disk_on_a_real_cluster() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::up("rbd-image", 3, &[]);
-    let lib = Lib::open(&c.conf());
+    let lib = lib_open(&c.conf());
     let t0 = Instant::now();
-    let rbd = Rbd::new(&lib.obj, "rbd").unwrap();
+    let rbd = Rbd::new(&lib.objecter, "rbd").unwrap();
     let io = rbd.ioctx().clone();
 
     // --- create / list / info / errors
@@ -83,7 +83,7 @@ fn images_behave_like_an_in_memory_disk_on_a_real_cluster() {
     assert!(matches!(rbd.create("small", 1 << 20, bad), Err(RbdError::InvalidLayout(_))));
     assert!(absent(&io, &id_object("small")), "a refused create leaves nothing behind");
     assert!(matches!(rbd.open("missing"), Err(RbdError::NoSuchImage(_))));
-    assert!(matches!(Rbd::new(&lib.obj, "nopool"), Err(RbdError::NoSuchPool(_))));
+    assert!(matches!(Rbd::new(&lib.objecter, "nopool"), Err(RbdError::NoSuchPool(_))));
 
     // --- I/O against a model
     let img = rbd.open("striped").unwrap();

@@ -24,8 +24,8 @@ fn pattern(seed: u8, n: usize) -> Vec<u8> {
 fn cached_writes_reach_the_osds_exactly_at_flush_and_survive_a_crash() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::up("rbd-layers", 3, &[]);
-    let lib = Lib::open(&c.conf());
-    let rbd = Rbd::new(&lib.obj, "rbd").unwrap();
+    let lib = lib_open(&c.conf());
+    let rbd = Rbd::new(&lib.objecter, "rbd").unwrap();
     let striped = CreateOptions { order: Some(20), stripe_unit: Some(64 << 10), stripe_count: Some(2) };
     rbd.create("cached", 16 << 20, striped).unwrap();
     let slow_cache = ImageOptions {

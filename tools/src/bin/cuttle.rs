@@ -183,11 +183,7 @@ impl Drop for Client {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("cuttle: error: {e:#}");
-        std::process::exit(1);
-    }
+    tools::exit_with("cuttle", run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> Result<()> {

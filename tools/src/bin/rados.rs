@@ -12,18 +12,14 @@
 //! the end unless `--no-cleanup` is given.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use messenger::{EntityName, EntityType, Messenger, Policy, WorkerPool};
-use rados::config::{secs, Config};
-use rados::monclient::MonClient;
-use rados::objecter::{Completion, IoCtx, Objecter, RadosError};
+use rados::config::Config;
+use rados::objecter::{Completion, IoCtx, RadosError};
 
 /// Bytes per op when `put` and `get` move an object in pieces (Ceph's default op size).
 const CHUNK_BYTES: u64 = 4 << 20;
@@ -54,7 +50,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-use tools::Format;
+use tools::{ClusterClient as Client, Format};
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -102,60 +98,11 @@ enum BenchMode {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    let code = match run(cli) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("rados: {e:#}");
-            1
-        }
-    };
-    let _ = std::io::stdout().flush();
-    std::process::exit(code);
+    tools::exit_with("rados", run(Cli::parse()))
 }
 
-/// The client side of the cluster: messenger, MonClient, Objecter.
-struct Client {
-    objecter: Arc<Objecter>,
-    monc: Arc<MonClient>,
-    msgr: Arc<Messenger>,
-    cfg: Config,
-}
-
-impl Client {
-    fn connect(cfg: Config, conf_path: &std::path::Path) -> Result<Client> {
-        let mon: SocketAddr =
-            cfg.mon_host.ok_or_else(|| anyhow!("mon_host is not set in {}", conf_path.display()))?;
-        let threads = cfg.ms_async_op_threads;
-        if !(1..=messenger::WORKERS_MAX).contains(&threads) {
-            bail!("ms_async_op_threads is {threads}: it must be 1 to {}", messenger::WORKERS_MAX);
-        }
-        let pool = WorkerPool::new(threads).context("starting the messenger workers")?;
-        let name = EntityName::client(tools::entropy());
-        let msgr = Arc::new(Messenger::new(pool, name, tools::entropy().rotate_left(17), cfg.messenger()));
-        msgr.set_policy(EntityType::Mon, Policy::lossy_client());
-        msgr.set_policy(EntityType::Osd, Policy::lossy_client());
-        msgr.start().context("starting the messenger")?;
-        let monc = MonClient::start(Arc::clone(&msgr), mon, false);
-        if monc.wait_for_map(None, secs(cfg.rados_mon_op_timeout)).is_err() {
-            monc.shutdown();
-            msgr.shutdown();
-            bail!("cannot reach the monitor at {mon}");
-        }
-        let objecter = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), &cfg);
-        Ok(Client { objecter, monc, msgr, cfg })
-    }
-
-    fn ioctx(&self, pool: &str) -> Result<IoCtx> {
-        self.objecter.ioctx(pool).with_context(|| format!("error opening pool {pool}"))
-    }
-
-    fn shutdown(&self) {
-        self.objecter.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-    }
+fn ioctx(client: &Client, pool: &str) -> Result<IoCtx> {
+    client.objecter.ioctx(pool).with_context(|| format!("error opening pool {pool}"))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -188,10 +135,8 @@ fn run(cli: Cli) -> Result<()> {
             bail!("invalid -b {b}: larger than osd_max_write_size / osd_max_object_size ({max} bytes)");
         }
     }
-    let client = Client::connect(cfg, &conf_path)?;
-    let r = dispatch(&cli, &client, &pool, bench_size);
-    client.shutdown();
-    r
+    let client = Client::connect(&cfg, &conf_path)?;
+    dispatch(&cli, &client, &pool, bench_size)
 }
 
 /// An object name for messages: long names are cut (the limit is 2 KiB; nobody reads that in an error).
@@ -204,7 +149,7 @@ fn shown(obj: &str) -> String {
 }
 
 fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> Result<()> {
-    let io = client.ioctx(pool)?;
+    let io = ioctx(client, pool)?;
     let json = cli.format == Format::Json;
     let mut out = std::io::stdout().lock();
     match &cli.cmd {

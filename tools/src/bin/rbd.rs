@@ -24,14 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use messenger::{EntityName, EntityType, Messenger, Policy, WorkerPool};
-use rados::config::{secs, Config};
-use rados::monclient::MonClient;
-use rados::objecter::{ObjectOperation, Objecter, RadosError};
+use rados::config::Config;
+use rados::objecter::{ObjectOperation, RadosError};
 use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, Rbd};
 use rbd::nbd::server::{ListenAddr, Server};
 use serde::{Deserialize, Serialize};
-use tools::Format;
+use tools::{ClusterClient as Client, Format};
 
 const DEFAULT_POOL: &str = "rbd";
 /// Bytes per request when importing and exporting.
@@ -165,16 +163,7 @@ enum IoPattern {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    let code = match run(cli) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("rbd: {e:#}");
-            1
-        }
-    };
-    let _ = std::io::stdout().flush();
-    std::process::exit(code);
+    tools::exit_with("rbd", run(Cli::parse()))
 }
 
 /// POOL/IMAGE or IMAGE (pool rbd).
@@ -194,60 +183,14 @@ fn size_arg(what: &str, s: &str) -> Result<u64> {
     tools::parse_size(s).with_context(|| format!("invalid {what} {s:?}"))
 }
 
-/// The client side of the cluster: messenger, MonClient, Objecter.
-struct Client {
-    objecter: Arc<Objecter>,
-    monc: Arc<MonClient>,
-    msgr: Arc<Messenger>,
-    pool: Arc<WorkerPool>,
+fn rbd_pool(client: &Client, pool: &str) -> Result<Rbd> {
+    Rbd::new(&client.objecter, pool).map_err(|e| anyhow!("error opening pool {pool}: {e}"))
 }
 
-impl Client {
-    fn connect(cfg: &Config, conf_path: &Path) -> Result<Client> {
-        let mon: SocketAddr =
-            cfg.mon_host.ok_or_else(|| anyhow!("mon_host is not set in {}", conf_path.display()))?;
-        let threads = cfg.ms_async_op_threads;
-        if !(1..=messenger::WORKERS_MAX).contains(&threads) {
-            bail!("ms_async_op_threads is {threads}: it must be 1 to {}", messenger::WORKERS_MAX);
-        }
-        let pool = WorkerPool::new(threads).context("starting the messenger workers")?;
-        let name = EntityName::client(tools::entropy());
-        let msgr = Arc::new(Messenger::new(
-            Arc::clone(&pool),
-            name,
-            tools::entropy().rotate_left(17),
-            cfg.messenger(),
-        ));
-        msgr.set_policy(EntityType::Mon, Policy::lossy_client());
-        msgr.set_policy(EntityType::Osd, Policy::lossy_client());
-        msgr.start().context("starting the messenger")?;
-        let monc = MonClient::start(Arc::clone(&msgr), mon, false);
-        if monc.wait_for_map(None, secs(cfg.rados_mon_op_timeout)).is_err() {
-            monc.shutdown();
-            msgr.shutdown();
-            bail!("cannot reach the monitor at {mon}");
-        }
-        let objecter = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), cfg);
-        Ok(Client { objecter, monc, msgr, pool })
-    }
-
-    fn rbd(&self, pool: &str) -> Result<Rbd> {
-        Rbd::new(&self.objecter, pool).map_err(|e| anyhow!("error opening pool {pool}: {e}"))
-    }
-
-    fn open(&self, pool: &str, image: &str) -> Result<(Rbd, Image)> {
-        let rbd = self.rbd(pool)?;
-        let img = rbd.open(image).map_err(|e| anyhow!("error opening image {pool}/{image}: {e}"))?;
-        Ok((rbd, img))
-    }
-
-    fn shutdown(&self) {
-        self.objecter.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-        self.pool.shutdown();
-    }
+fn open_image(client: &Client, pool: &str, image: &str) -> Result<(Rbd, Image)> {
+    let rbd = rbd_pool(client, pool)?;
+    let img = rbd.open(image).map_err(|e| anyhow!("error opening image {pool}/{image}: {e}"))?;
+    Ok((rbd, img))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -274,9 +217,7 @@ fn run(cli: Cli) -> Result<()> {
         )?;
     }
     let client = Client::connect(&cfg, &conf_path)?;
-    let r = dispatch(&cli, &client, pre);
-    client.shutdown();
-    r
+    dispatch(&cli, &client, pre)
 }
 
 /// Values parsed before connecting.
@@ -354,14 +295,14 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
     match &cli.cmd {
         Cmd::Create { spec, .. } => {
             let (pool, image) = parse_spec(spec)?;
-            client
-                .rbd(&pool)?
+            rbd_pool(client, &pool)?
                 .create(&image, pre.size, pre.opts)
                 .map_err(|e| anyhow!("error creating {pool}/{image}: {e}"))?;
         }
         Cmd::Ls { pool } => {
             let pool = pool.as_deref().unwrap_or(DEFAULT_POOL);
-            let mut names = client.rbd(pool)?.list().map_err(|e| anyhow!("error listing {pool}: {e}"))?;
+            let mut names =
+                rbd_pool(client, pool)?.list().map_err(|e| anyhow!("error listing {pool}: {e}"))?;
             names.sort();
             if json {
                 println!("{}", serde_json::to_string(&names)?);
@@ -373,8 +314,9 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
         }
         Cmd::Info { spec } => {
             let (pool, image) = parse_spec(spec)?;
-            let info =
-                client.rbd(&pool)?.info(&image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
+            let info = rbd_pool(client, &pool)?
+                .info(&image)
+                .map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
             print_info(&info, json)?;
         }
         Cmd::Du { spec } => {
@@ -386,16 +328,20 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
             if let Some(m) = mappings()?.into_iter().find(|m| m.pool == pool && m.image == image) {
                 bail!("{pool}/{image} is mapped (pid {}, {}): unmap it first", m.pid, m.uri);
             }
-            client.rbd(&pool)?.remove(&image).map_err(|e| anyhow!("error removing {pool}/{image}: {e}"))?;
+            rbd_pool(client, &pool)?
+                .remove(&image)
+                .map_err(|e| anyhow!("error removing {pool}/{image}: {e}"))?;
         }
         Cmd::Rename { src, dst } => {
             let (pool, a) = parse_spec(src)?;
             let (_, b) = parse_spec(dst)?;
-            client.rbd(&pool)?.rename(&a, &b).map_err(|e| anyhow!("error renaming {src} to {dst}: {e}"))?;
+            rbd_pool(client, &pool)?
+                .rename(&a, &b)
+                .map_err(|e| anyhow!("error renaming {src} to {dst}: {e}"))?;
         }
         Cmd::Resize { spec, allow_shrink, .. } => {
             let (pool, image) = parse_spec(spec)?;
-            let (_, img) = client.open(&pool, &image)?;
+            let (_, img) = open_image(client, &pool, &image)?;
             img.resize(pre.size, *allow_shrink).map_err(|e| anyhow!("error resizing {pool}/{image}: {e}"))?;
             img.close();
         }
@@ -409,7 +355,7 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
         }
         Cmd::Bench { spec, io_type, io_threads, io_pattern, rw_mix_read, .. } => {
             let (pool, image) = parse_spec(spec)?;
-            let (_, img) = client.open(&pool, &image)?;
+            let (_, img) = open_image(client, &pool, &image)?;
             let b = BenchArgs {
                 io_type: *io_type,
                 io_size: pre.io_size,
@@ -475,7 +421,7 @@ fn print_info(i: &ImageInfo, json: bool) -> Result<()> {
 }
 
 fn du(client: &Client, pool: &str, image: &str, json: bool) -> Result<()> {
-    let rbd = client.rbd(pool)?;
+    let rbd = rbd_pool(client, pool)?;
     let info = rbd.info(image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
     let io = rbd.ioctx();
     let mut used = 0u64;
@@ -549,7 +495,7 @@ fn wait_oldest(q: &mut VecDeque<AioCompletion<()>>) -> Result<()> {
 }
 
 fn import(client: &Client, file: &str, pool: &str, image: &str) -> Result<()> {
-    let rbd = client.rbd(pool)?;
+    let rbd = rbd_pool(client, pool)?;
     let (mut input, size): (Box<dyn Read>, Option<u64>) = if file == "-" {
         (Box::new(std::io::stdin().lock()), None)
     } else {
@@ -597,7 +543,7 @@ fn import(client: &Client, file: &str, pool: &str, image: &str) -> Result<()> {
 }
 
 fn export(client: &Client, pool: &str, image: &str, file: &str) -> Result<()> {
-    let (_, img) = client.open(pool, image)?;
+    let (_, img) = open_image(client, pool, image)?;
     let size = img.size();
     let r = (|| -> Result<()> {
         let mut out: Box<dyn Write> = if file == "-" {
@@ -902,7 +848,7 @@ fn nbd_serve(
     let stop = tools::termination_flag()?;
     // The pidfile is the lock on the mapping: a second server for the same image refuses to start.
     let _pid = tools::PidFile::create(&file_for(pool, image, "pid"))?;
-    let (_, img) = client.open(pool, image)?;
+    let (_, img) = open_image(client, pool, image)?;
     let img = Arc::new(img);
     let addr = match (socket, port) {
         (Some(s), _) => ListenAddr::Unix(s),

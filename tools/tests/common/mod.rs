@@ -5,13 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use messenger::{EntityName, Messenger, WorkerPool};
 use rados::config::Config;
-use rados::monclient::MonClient;
-use rados::objecter::Objecter;
 use rados::OsdId;
 
 pub static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
@@ -186,38 +183,13 @@ pub fn write_file(p: &Path, bytes: &[u8]) {
     std::fs::write(p, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
 }
 
-/// A cluster client in this process: a messenger, a MonClient and an Objecter (what librbd and rados use).
-pub struct Lib {
-    pub pool: Arc<WorkerPool>,
-    pub msgr: Arc<Messenger>,
-    pub monc: Arc<MonClient>,
-    pub obj: Arc<Objecter>,
+/// A cluster client in this process (what librbd and rados use), for this cluster's config.
+pub fn lib_open(conf: &Path) -> tools::ClusterClient {
+    let cfg = Config::load(conf).unwrap();
+    tools::ClusterClient::connect(&cfg, conf).unwrap()
 }
 
-impl Lib {
-    pub fn open(conf: &Path) -> Lib {
-        let cfg = Config::load(conf).unwrap();
-        let pool = WorkerPool::new(2).unwrap();
-        let name = EntityName::client(tools::entropy() >> 16);
-        let msgr = Arc::new(Messenger::new(Arc::clone(&pool), name, tools::entropy(), cfg.messenger()));
-        msgr.start().unwrap();
-        let monc = MonClient::start(Arc::clone(&msgr), cfg.mon_host.unwrap(), false);
-        let obj = Objecter::new(Arc::clone(&msgr), Arc::clone(&monc), &cfg);
-        obj.wait_for_map().unwrap();
-        Lib { pool, msgr, monc, obj }
-    }
-
-    pub fn osd_up(&self, osd: u32) -> bool {
-        self.monc.map().is_some_and(|m| m.is_up(OsdId(osd)))
-    }
-}
-
-impl Drop for Lib {
-    fn drop(&mut self) {
-        self.obj.shutdown();
-        self.monc.shutdown();
-        self.msgr.shutdown();
-        self.msgr.wait();
-        self.pool.shutdown();
-    }
+/// Whether the client's current map says `osd` is up.
+pub fn osd_up(lib: &tools::ClusterClient, osd: u32) -> bool {
+    lib.monc.map().is_some_and(|m| m.is_up(OsdId(osd)))
 }
