@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::Receiver;
 use messenger::{
     Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
     WORKERS_MAX,
@@ -33,7 +33,9 @@ use rados::placement::Placement;
 use crate::exec::OpLimits;
 use crate::heartbeat::{HbReport, HeartbeatError, HeartbeatService, Peer};
 use crate::proto::{self, PeerMsg};
-use crate::shard::{reply_command, reply_op, Shard, ShardEvent, ShardShared, StallGuard};
+use crate::shard::{
+    reply_command, reply_op, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError,
+};
 use crate::store::{MemStore, ObjectStore};
 
 /// How often PG stats go to the monitor (and how soon after a PG changes state, at most this plus a tick).
@@ -101,7 +103,7 @@ struct Inner {
     hb: HeartbeatService,
     monc: Arc<MonClient>,
     store: Arc<dyn ObjectStore>,
-    shards: Vec<Sender<ShardEvent>>,
+    shards: Vec<Arc<ShardHandle>>,
     stats: Vec<Arc<Mutex<BTreeMap<PgId, PgStat>>>>,
     writes_in_flight: Vec<Arc<AtomicUsize>>,
     flags: Arc<Flags>,
@@ -294,14 +296,37 @@ impl Osd {
         };
         let queue = client_cap as usize + PEER_MESSAGES_MAX as usize + SHARD_QUEUE_SLACK;
         let nshards = cfg.osd_op_num_shards;
-        let (shard_tx, shard_rx): (Vec<_>, Vec<_>) =
-            (0..nshards).map(|_| crossbeam_channel::bounded::<ShardEvent>(queue)).unzip();
 
         let cluster = Arc::new(Messenger::new(Arc::clone(&pool), name, nonce ^ 0x636c, cfg.messenger()));
+        let store: Arc<dyn ObjectStore> = Arc::new(MemStore::new());
+        let guard =
+            Arc::new(StallGuard::new(secs(cfg.osd_heartbeat_grace / 2.0).max(Duration::from_secs(3))));
+        let (report_tx, report_rx) = crossbeam_channel::bounded::<()>(1);
+        let stats: Vec<_> = (0..nshards).map(|_| Arc::new(Mutex::new(BTreeMap::new()))).collect();
+        let in_flight: Vec<_> = (0..nshards).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let limits = OpLimits::from_config(cfg);
+        let shards: Vec<Arc<ShardHandle>> = (0..nshards)
+            .map(|index| {
+                let shard = Shard::new(ShardShared {
+                    whoami: id,
+                    index,
+                    count: nshards,
+                    store: Arc::clone(&store),
+                    limits,
+                    cluster: Arc::clone(&cluster),
+                    stats: Arc::clone(&stats[index]),
+                    writes_in_flight: Arc::clone(&in_flight[index]),
+                    report_now: report_tx.clone(),
+                    guard: Arc::clone(&guard),
+                });
+                ShardHandle::new(shard, queue)
+            })
+            .collect();
+
         cluster.set_default_policy(Policy::stateless_server());
         cluster.set_policy(EntityType::Client, Policy::stateless_server());
         cluster.set_policy(EntityType::Osd, Policy::lossless_peer().with_throttle(PEER_MESSAGES_MAX, 0));
-        cluster.add_dispatcher_tail(Arc::new(ClusterDispatcher { shards: shard_tx.clone() }));
+        cluster.add_dispatcher_tail(Arc::new(ClusterDispatcher { shards: shards.clone() }));
         let cluster_addr = cluster.bind(SocketAddr::new(ip, 0))?;
 
         let public = Arc::new(Messenger::new(Arc::clone(&pool), name, nonce, cfg.messenger()));
@@ -312,7 +337,7 @@ impl Osd {
         );
         public.set_policy(EntityType::Osd, Policy::stateless_server());
         public.add_dispatcher_tail(Arc::new(PublicDispatcher {
-            shards: shard_tx.clone(),
+            shards: shards.clone(),
             flags: Arc::clone(&flags),
         }));
         let public_addr = public.bind(SocketAddr::new(ip, 0))?;
@@ -322,13 +347,6 @@ impl Osd {
             hb_front: hb.front_addr(),
             hb_back: hb.back_addr(),
         };
-
-        let store: Arc<dyn ObjectStore> = Arc::new(MemStore::new());
-        let guard =
-            Arc::new(StallGuard::new(secs(cfg.osd_heartbeat_grace / 2.0).max(Duration::from_secs(3))));
-        let (report_tx, report_rx) = crossbeam_channel::bounded::<()>(1);
-        let stats: Vec<_> = (0..nshards).map(|_| Arc::new(Mutex::new(BTreeMap::new()))).collect();
-        let in_flight: Vec<_> = (0..nshards).map(|_| Arc::new(AtomicUsize::new(0))).collect();
 
         for m in [&cluster, &public] {
             m.start().map_err(OsdStartError::Thread)?;
@@ -349,7 +367,7 @@ impl Osd {
             hb,
             monc: Arc::clone(&monc),
             store: Arc::clone(&store),
-            shards: shard_tx,
+            shards: shards.clone(),
             stats: stats.clone(),
             writes_in_flight: in_flight.clone(),
             flags,
@@ -359,23 +377,10 @@ impl Osd {
         });
         let osd = Osd { inner: Arc::clone(&inner), threads: Mutex::new(Vec::new()) };
 
-        let limits = OpLimits::from_config(cfg);
-        for (index, rx) in shard_rx.into_iter().enumerate() {
-            let shard = Shard::new(ShardShared {
-                whoami: id,
-                index,
-                count: nshards,
-                store: Arc::clone(&store),
-                limits,
-                cluster: Arc::clone(&cluster),
-                stats: Arc::clone(&stats[index]),
-                writes_in_flight: Arc::clone(&in_flight[index]),
-                report_now: report_tx.clone(),
-                guard: Arc::clone(&guard),
-            });
+        for (index, shard) in shards.into_iter().enumerate() {
             let t = std::thread::Builder::new()
                 .name(format!("osd-shard-{index}"))
-                .spawn(move || shard.run(rx))
+                .spawn(move || shard.run())
                 .map_err(OsdStartError::Thread)?;
             osd.threads.lock().push(t);
         }
@@ -488,8 +493,8 @@ impl Osd {
         }
         inner.flags.stopping.store(true, Ordering::Release);
         inner.flags.stop_threads.store(true, Ordering::Release);
-        for tx in &inner.shards {
-            let _ = tx.send_timeout(ShardEvent::Stop, SHARD_SEND_TIMEOUT);
+        for shard in &inner.shards {
+            shard.stop();
         }
         for t in self.threads.lock().drain(..) {
             if t.join().is_err() {
@@ -589,11 +594,11 @@ fn handle_map(inner: &Inner, prev: Option<&OsdMap>, map: &Arc<OsdMap>) {
     } else if !up && !was_down {
         tracing::warn!(%me, epoch = %map.epoch, "the map shows this OSD down");
     }
-    for tx in &inner.shards {
-        match tx.send_timeout(ShardEvent::Map(Arc::clone(map)), SHARD_SEND_TIMEOUT) {
+    for shard in &inner.shards {
+        match shard.submit_timeout(ShardEvent::Map(Arc::clone(map)), SHARD_SEND_TIMEOUT) {
             Ok(()) => {}
-            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return, // shutting down
-            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
+            Err(SubmitError::Stopped) => return, // shutting down
+            Err(SubmitError::Full(_)) => {
                 tracing::error!(epoch = %map.epoch, "a shard did not take the new map within {SHARD_SEND_TIMEOUT:?}")
             }
         }
@@ -652,12 +657,12 @@ pub fn heartbeat_peers(map: &OsdMap, me: OsdId, min_peers: usize) -> Vec<Peer> {
 /// Client ops and commands from the public network: decoded on the messenger worker and handed to their
 /// shard (fast dispatch), or answered at once when they cannot be taken.
 struct PublicDispatcher {
-    shards: Vec<Sender<ShardEvent>>,
+    shards: Vec<Arc<ShardHandle>>,
     flags: Arc<Flags>,
 }
 
 impl PublicDispatcher {
-    fn shard(&self, pgid: PgId) -> &Sender<ShardEvent> {
+    fn shard(&self, pgid: PgId) -> &ShardHandle {
         &self.shards[pgid.seed as usize % self.shards.len()]
     }
 }
@@ -690,10 +695,9 @@ impl Dispatcher for PublicDispatcher {
                     // Not answered: the client resends to the new primary once the map moves the PG.
                     return Ok(());
                 }
-                let tx = self.shard(req.pgid);
-                match tx.try_send(ShardEvent::Op { conn: conn.clone(), msg: m, req }) {
+                match self.shard(req.pgid).try_submit(ShardEvent::Op { conn: conn.clone(), msg: m, req }) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(ShardEvent::Op { conn, msg, req })) => {
+                    Err(SubmitError::Full(ShardEvent::Op { conn, msg, req })) => {
                         tracing::error!("shard queue full despite the client throttle; refusing an op");
                         reply_op(
                             &conn,
@@ -727,7 +731,7 @@ impl Dispatcher for PublicDispatcher {
                         (req.pgid, ShardEvent::List { conn: conn.clone(), msg: m, req })
                     }
                 };
-                if let Err(TrySendError::Full(_)) = self.shard(pgid).try_send(ev) {
+                if let Err(SubmitError::Full(_)) = self.shard(pgid).try_submit(ev) {
                     tracing::error!("shard queue full; refusing a command");
                 }
             }
@@ -739,7 +743,7 @@ impl Dispatcher for PublicDispatcher {
 
 /// Replication and peering messages from other OSDs, handed to their shard on the messenger worker.
 struct ClusterDispatcher {
-    shards: Vec<Sender<ShardEvent>>,
+    shards: Vec<Arc<ShardHandle>>,
 }
 
 impl Dispatcher for ClusterDispatcher {
@@ -768,8 +772,8 @@ impl Dispatcher for ClusterDispatcher {
                 return Ok(());
             }
         };
-        let tx = &self.shards[peer.pgid().seed as usize % self.shards.len()];
-        if let Err(TrySendError::Full(_)) = tx.try_send(ShardEvent::Peer { from, peer, msg: m }) {
+        let shard = &self.shards[peer.pgid().seed as usize % self.shards.len()];
+        if let Err(SubmitError::Full(_)) = shard.try_submit(ShardEvent::Peer { from, peer, msg: m }) {
             tracing::error!(%from, "shard queue full despite the peer throttle; message dropped");
         }
         Ok(())
@@ -791,8 +795,8 @@ impl ClusterDispatcher {
         let Some(n) = conn.peer_name().filter(|n| n.ty == EntityType::Osd) else { return };
         let Ok(id) = u32::try_from(n.num) else { return };
         tracing::info!(peer = %OsdId(id), "cluster session reset");
-        for tx in &self.shards {
-            let _ = tx.send_timeout(ShardEvent::PeerReset(OsdId(id)), SHARD_SEND_TIMEOUT);
+        for shard in &self.shards {
+            let _ = shard.submit_timeout(ShardEvent::PeerReset(OsdId(id)), SHARD_SEND_TIMEOUT);
         }
     }
 }

@@ -1,10 +1,17 @@
-//! The sharded op queue (Ceph's `ShardedOpWQ`): PG `seed mod shards` picks the shard, and each shard is one
-//! thread that owns its PGs outright, so a slow PG stalls only its own shard and no PG needs a lock.
+//! The sharded op queue (Ceph's `ShardedOpWQ`): PG `seed mod shards` picks the shard, and each shard owns its
+//! PGs outright behind one lock, so a slow PG stalls only its own shard and no PG needs a lock of its own.
 //!
-//! Messenger workers hand a shard decoded messages through a bounded channel (fast dispatch: no hop through the
-//! messenger's dispatch thread). The channel cannot overflow: every message in it or held by a PG keeps its
-//! messenger throttle budget until it is answered or dropped, and the channel is sized for the client and peer
-//! throttles together (see `daemon`).
+//! Events run inline on the thread that submits them (a messenger worker, for client ops and replication
+//! messages: Ceph's fast dispatch carried all the way into the PG) whenever the shard is free; only when
+//! another thread is inside the shard does the event wait in the shard's bounded queue, and whoever holds the
+//! shard runs it before letting go. Each shard also has a thread of its own, which ticks the PGs' timers, takes
+//! over a backlog that an inline runner left behind (a runner stops after [`INLINE_BATCH_MAX`] events so that
+//! its sockets are not starved), and watches for the process having been frozen. On this path an op costs no
+//! thread hand-off in the OSD: the earlier design (worker -> shard thread -> worker) spent most of the OSD's
+//! CPU in the kernel switching threads.
+//!
+//! The queue cannot overflow: every message in it or held by a PG keeps its messenger throttle budget until it
+//! is answered or dropped, and the queue is sized for the client and peer throttles together (see `daemon`).
 //!
 //! The shard also holds what must wait for a newer map: a client op or peer message stamped with an epoch
 //! this OSD has not seen yet waits until the MonClient brings that map. And after the process was frozen
@@ -12,7 +19,7 @@
 //! monitor may have given its PGs to others, and it must not answer from a stale copy.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +46,8 @@ pub const MAP_WAIT_MAX: usize = 16_384;
 pub const LIST_OBJECTS_MAX: usize = 4096;
 /// After a freeze, client ops wait at most this long for a newer map.
 pub const STALL_HOLD: Duration = Duration::from_secs(3);
+/// Events a submitting thread runs inline before it hands the rest of the backlog to the shard's thread.
+pub const INLINE_BATCH_MAX: usize = 64;
 
 /// What a client op needs to be answered: the session it came on, its message tid, and the message itself,
 /// whose receive-throttle budget stays taken until the op is answered (backpressure on the client).
@@ -75,7 +84,6 @@ pub enum ShardEvent {
     /// The cluster session with this OSD was reset: what was queued to it is gone.
     PeerReset(OsdId),
     Map(Arc<OsdMap>),
-    Stop,
 }
 
 impl ShardEvent {
@@ -85,10 +93,7 @@ impl ShardEvent {
             ShardEvent::Op { req, .. } => req.epoch,
             ShardEvent::List { req, .. } => req.epoch,
             ShardEvent::Peer { peer, .. } => peer.epoch(),
-            ShardEvent::ListObjects { .. }
-            | ShardEvent::PeerReset(_)
-            | ShardEvent::Map(_)
-            | ShardEvent::Stop => Epoch(0),
+            ShardEvent::ListObjects { .. } | ShardEvent::PeerReset(_) | ShardEvent::Map(_) => Epoch(0),
         }
     }
 
@@ -166,32 +171,22 @@ impl Shard {
         Shard { sh, map: None, pgs: HashMap::new(), waiting_map: VecDeque::new(), last_beat: Instant::now() }
     }
 
-    /// The shard's thread body: runs until `Stop` or until every sender is gone.
-    pub fn run(mut self, rx: Receiver<ShardEvent>) {
-        let mut next_tick = Instant::now() + TICK;
-        loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let ev = match rx.recv_timeout(wait) {
-                Ok(ShardEvent::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(ev) => Some(ev),
-                Err(RecvTimeoutError::Timeout) => None,
-            };
-            let now = Instant::now();
-            self.sh.guard.check(self.last_beat, now, self.epoch());
-            self.last_beat = now;
-            if let Some(ev) = ev {
-                self.handle(now, ev);
-            }
-            if now >= next_tick {
-                self.tick(now);
-                next_tick = now + TICK;
-            }
-        }
-        tracing::debug!(shard = self.sh.index, pgs = self.pgs.len(), "shard stopped");
-    }
-
     fn epoch(&self) -> Epoch {
         self.map.as_ref().map_or(Epoch(0), |m| m.epoch)
+    }
+
+    /// Runs queued events, at most `budget` of them; returns whether the queue was left empty.
+    fn drain(&mut self, queue: &Mutex<VecDeque<ShardEvent>>, budget: usize) -> bool {
+        let now = Instant::now();
+        // Whoever runs events checks for a freeze: after SIGCONT a worker may get here before the shard's
+        // thread has ticked. Only the thread moves `last_beat`, so an idle shard is not mistaken for a frozen
+        // one.
+        self.sh.guard.check(self.last_beat, now, self.epoch());
+        for _ in 0..budget {
+            let Some(ev) = queue.lock().pop_front() else { return true };
+            self.handle(now, ev);
+        }
+        queue.lock().is_empty()
     }
 
     pub fn handle(&mut self, now: Instant, ev: ShardEvent) {
@@ -207,7 +202,6 @@ impl Shard {
                     self.flush(pgid);
                 }
             }
-            ShardEvent::Stop => {}
             ev => {
                 if self.must_wait(now, &ev) {
                     return self.park(ev);
@@ -291,10 +285,7 @@ impl Shard {
                     }
                 }
             }
-            ShardEvent::ListObjects { .. }
-            | ShardEvent::PeerReset(_)
-            | ShardEvent::Map(_)
-            | ShardEvent::Stop => {
+            ShardEvent::ListObjects { .. } | ShardEvent::PeerReset(_) | ShardEvent::Map(_) => {
                 unreachable!("handled without routing")
             }
         }
@@ -466,6 +457,121 @@ impl Shard {
             None
         };
         reply_command(conn, tid, OsdCommandReply { result: Ok(names), next });
+    }
+}
+
+/// Why an event was not taken.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The queue is full (the throttles should make this impossible); the event comes back.
+    Full(ShardEvent),
+    /// The shard has stopped.
+    Stopped,
+}
+
+/// A shard as the rest of the daemon sees it: submit events, stop it. Cheap to share across threads.
+pub struct ShardHandle {
+    queue: Mutex<VecDeque<ShardEvent>>,
+    cap: usize,
+    shard: Mutex<Shard>,
+    /// Wakes the shard's thread: to take over a backlog, or to stop.
+    wake: Sender<()>,
+    wake_rx: Receiver<()>,
+    stopped: AtomicBool,
+}
+
+impl ShardHandle {
+    /// A shard whose queue holds at most `cap` events; [`ShardHandle::run`] is its thread's body.
+    pub fn new(shard: Shard, cap: usize) -> Arc<ShardHandle> {
+        let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        Arc::new(ShardHandle {
+            queue: Mutex::new(VecDeque::with_capacity(cap.min(1024))),
+            cap,
+            shard: Mutex::new(shard),
+            wake,
+            wake_rx,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Takes an event without blocking and, if no other thread is inside the shard, runs it (and whatever
+    /// queued before it) on this thread. Events from one thread run in the order they were submitted.
+    pub fn try_submit(&self, ev: ShardEvent) -> Result<(), SubmitError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(SubmitError::Stopped);
+        }
+        {
+            let mut q = self.queue.lock();
+            if q.len() >= self.cap {
+                return Err(SubmitError::Full(ev));
+            }
+            q.push_back(ev);
+        }
+        self.run_inline();
+        Ok(())
+    }
+
+    /// Like [`ShardHandle::try_submit`], but waits up to `timeout` for room; for the daemon's own threads.
+    pub fn submit_timeout(&self, mut ev: ShardEvent, timeout: Duration) -> Result<(), SubmitError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.try_submit(ev) {
+                Err(SubmitError::Full(back)) if Instant::now() < deadline => {
+                    ev = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Runs the queue unless another thread is inside the shard. Nothing is stranded: an event is queued
+    /// before `try_lock`, so either this thread gets the lock and runs it, or the holder at that moment
+    /// finds it when it looks at the queue again after unlocking.
+    fn run_inline(&self) {
+        loop {
+            let Some(mut shard) = self.shard.try_lock() else { return };
+            let empty = shard.drain(&self.queue, INLINE_BATCH_MAX);
+            drop(shard);
+            if !empty {
+                // A long backlog: the shard's thread takes over so this worker gets back to its sockets.
+                let _ = self.wake.try_send(());
+                return;
+            }
+            if self.queue.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Stops the shard's thread; events submitted afterwards are refused.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+    }
+
+    /// The shard's thread: ticks the PGs every [`TICK`], runs any backlog, notices freezes; until stopped.
+    pub fn run(&self) {
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            if let Err(RecvTimeoutError::Disconnected) = self.wake_rx.recv_timeout(wait) {
+                break;
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                break;
+            }
+            let mut shard = self.shard.lock();
+            let now = Instant::now();
+            shard.drain(&self.queue, usize::MAX);
+            shard.last_beat = now;
+            if now >= next_tick {
+                shard.tick(now);
+                next_tick = now + TICK;
+            }
+        }
+        let shard = self.shard.lock();
+        tracing::debug!(shard = shard.sh.index, pgs = shard.pgs.len(), "shard stopped");
     }
 }
 
