@@ -697,7 +697,8 @@ impl Dispatcher for PublicDispatcher {
                 }
                 match self.shard(req.pgid).try_submit(ShardEvent::Op { conn: conn.clone(), msg: m, req }) {
                     Ok(()) => {}
-                    Err(SubmitError::Full(ShardEvent::Op { conn, msg, req })) => {
+                    Err(SubmitError::Full(ev)) => {
+                        let ShardEvent::Op { conn, msg, req } = *ev else { unreachable!("we queued an op") };
                         tracing::error!("shard queue full despite the client throttle; refusing an op");
                         reply_op(
                             &conn,

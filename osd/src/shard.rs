@@ -464,7 +464,7 @@ impl Shard {
 #[derive(Debug)]
 pub enum SubmitError {
     /// The queue is full (the throttles should make this impossible); the event comes back.
-    Full(ShardEvent),
+    Full(Box<ShardEvent>),
     /// The shard has stopped.
     Stopped,
 }
@@ -503,7 +503,7 @@ impl ShardHandle {
         {
             let mut q = self.queue.lock();
             if q.len() >= self.cap {
-                return Err(SubmitError::Full(ev));
+                return Err(SubmitError::Full(Box::new(ev)));
             }
             q.push_back(ev);
         }
@@ -517,7 +517,7 @@ impl ShardHandle {
         loop {
             match self.try_submit(ev) {
                 Err(SubmitError::Full(back)) if Instant::now() < deadline => {
-                    ev = back;
+                    ev = *back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 r => return r,
