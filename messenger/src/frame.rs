@@ -34,7 +34,7 @@ pub const COPY_BYTES_MAX: usize = 16 * 1024;
 /// The least the transmit staging buffer grows by.
 const STAGING_CHUNK_BYTES: usize = 64 * 1024;
 /// `writev` takes at most this many slices per call (Linux's IOV_MAX is 1024).
-pub const IOV_MAX: usize = 64;
+pub const IOV_MAX: usize = 256;
 
 const _: () = assert!(PREAMBLE_BYTES == 1 + 1 + 2 + 4 * SEGMENTS + 4 + 4);
 
@@ -369,17 +369,33 @@ impl TxQueue {
 
     /// Appends one frame. `segments[0]` is always small (header or control payload).
     pub fn push_frame(&mut self, tag: Tag, seg0: &[u8], front: &Bytes, data: &Bytes) {
-        let lens = [seg0.len() as u32, front.len() as u32, data.len() as u32];
+        self.push_frame_parts(tag, seg0, front, std::iter::once(data));
+    }
+
+    /// Appends one frame whose data segment is given in parts: they are queued one after the other (large
+    /// ones without a copy) and share one crc, so the receiver sees one ordinary segment.
+    pub fn push_frame_parts<'a, I>(&mut self, tag: Tag, seg0: &[u8], front: &Bytes, data: I)
+    where
+        I: Iterator<Item = &'a Bytes> + Clone,
+    {
+        let data_len: usize = data.clone().map(Bytes::len).sum();
+        let lens = [seg0.len() as u32, front.len() as u32, data_len as u32];
         self.push_raw(&Preamble { tag, lens }.encode());
         if !seg0.is_empty() {
             self.push_raw(seg0);
             self.push_raw(&crc32c::crc32c(seg0).to_le_bytes());
         }
-        for seg in [front, data] {
-            if !seg.is_empty() {
-                self.push_bytes(seg);
-                self.push_raw(&crc32c::crc32c(seg).to_le_bytes());
+        if !front.is_empty() {
+            self.push_bytes(front);
+            self.push_raw(&crc32c::crc32c(front).to_le_bytes());
+        }
+        if data_len > 0 {
+            let mut crc = 0;
+            for part in data.filter(|p| !p.is_empty()) {
+                self.push_bytes(part);
+                crc = crc32c::crc32c_append(crc, part);
             }
+            self.push_raw(&crc.to_le_bytes());
         }
     }
 
@@ -471,6 +487,23 @@ mod tests {
         assert_eq!(&pre[..20], &[10, 1, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(wire.len(), PREAMBLE_BYTES + 3 + 4);
         assert_eq!(&wire[24..27], &[1, 2, 3]);
+    }
+
+    proptest! {
+        /// A data segment sent in parts is, on the wire, exactly the frame of the parts joined together.
+        #[test]
+        fn data_in_parts_is_the_same_frame_as_data_joined(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20_000), 0..6),
+        ) {
+            let joined: Vec<u8> = parts.concat();
+            let parts: Vec<Bytes> = parts.into_iter().map(Bytes::from).collect();
+            let mut tx = TxQueue::new();
+            tx.push_frame_parts(Tag::Message, &[9; MSG_HEADER_BYTES], &Bytes::from_static(b"f"), parts.iter());
+            let wire = tx.take_all();
+            prop_assert_eq!(&wire, &one_frame(Tag::Message, &[9; MSG_HEADER_BYTES], b"f", &joined));
+            let f = decode_all(&wire).unwrap().unwrap();
+            prop_assert_eq!(&f.segments[2][..], &joined[..]);
+        }
     }
 
     #[test]

@@ -21,7 +21,12 @@ pub struct Message {
     /// Request id chosen by the sender's upper layer; the messenger only carries it.
     pub tid: u64,
     pub front: Bytes,
+    /// The data segment as received, or its first part when sent from parts ([`Message::with_data_parts`]).
     pub data: Bytes,
+    /// Further parts of the data segment, sent right after `data` without being copied together (a read
+    /// answered from several stored buffers). The receiver gets them as one contiguous `data`; always empty
+    /// on received messages.
+    pub(crate) data_more: Vec<Bytes>,
     /// Session sequence number: assigned when first sent, kept across resends, set on receipt.
     pub seq: u64,
     /// Receive-side throttle budget held while the upper layer owns the message; returned on drop.
@@ -38,7 +43,16 @@ pub struct DecodeError {
 
 impl Message {
     pub fn new(msg_type: u16, front: Bytes) -> Message {
-        Message { msg_type, priority: PRIO_DEFAULT, tid: 0, front, data: Bytes::new(), seq: 0, grant: None }
+        Message {
+            msg_type,
+            priority: PRIO_DEFAULT,
+            tid: 0,
+            front,
+            data: Bytes::new(),
+            data_more: Vec::new(),
+            seq: 0,
+            grant: None,
+        }
     }
 
     /// A message whose front is `body` encoded with postcard.
@@ -50,6 +64,24 @@ impl Message {
     pub fn with_data(mut self, data: Bytes) -> Message {
         self.data = data;
         self
+    }
+
+    /// The data segment as a sequence of buffers, written out back to back without copying them together.
+    pub fn with_data_parts(mut self, parts: Vec<Bytes>) -> Message {
+        let mut parts = parts.into_iter().filter(|p| !p.is_empty());
+        self.data = parts.next().unwrap_or_default();
+        self.data_more = parts.collect();
+        self
+    }
+
+    /// Every part of the data segment, in order (one part for a received message).
+    pub fn data_parts(&self) -> impl Iterator<Item = &Bytes> + Clone {
+        std::iter::once(&self.data).chain(self.data_more.iter())
+    }
+
+    /// Length of the data segment, over all its parts.
+    pub fn data_len(&self) -> usize {
+        self.data.len() + self.data_more.iter().map(Bytes::len).sum::<usize>()
     }
 
     pub fn with_tid(mut self, tid: u64) -> Message {
@@ -68,7 +100,7 @@ impl Message {
 
     /// Front plus data: what throttles charge.
     pub fn payload_bytes(&self) -> usize {
-        self.front.len() + self.data.len()
+        self.front.len() + self.data_len()
     }
 
     pub(crate) fn encode_header(&self, ack_seq: u64) -> [u8; MSG_HEADER_BYTES] {
@@ -125,7 +157,7 @@ impl fmt::Debug for Message {
             .field("tid", &self.tid)
             .field("seq", &self.seq)
             .field("front_bytes", &self.front.len())
-            .field("data_bytes", &self.data.len())
+            .field("data_bytes", &self.data_len())
             .finish()
     }
 }

@@ -653,6 +653,7 @@ impl Session {
                     tid: h.tid,
                     front,
                     data,
+                    data_more: Vec::new(),
                     seq: h.seq,
                     grant,
                 }));
@@ -843,7 +844,7 @@ impl Session {
                 m.seq = self.out_seq;
             }
             assert!(m.seq <= self.out_seq);
-            self.tx.push_frame(Tag::Message, &m.encode_header(self.in_seq), &m.front, &m.data);
+            self.tx.push_frame_parts(Tag::Message, &m.encode_header(self.in_seq), &m.front, m.data_parts());
             self.acked_seq_sent = self.in_seq;
             if lossy {
                 released.0 += 1;

@@ -69,8 +69,9 @@ impl OpLimits {
 pub struct Executed {
     /// One per op.
     pub outs: Vec<OpOut>,
-    /// The bytes of every `OpOut::Data`, in op order.
-    pub data: Bytes,
+    /// The bytes of every `OpOut::Data`, in op order, as the parts they were read in (the reply sends them
+    /// back to back without joining them).
+    pub data: Vec<Bytes>,
     /// The change (empty for a read-only request). Includes the object's new version when it exists after.
     pub txn: Transaction,
     /// Whether the object exists once `txn` is applied.
@@ -133,9 +134,9 @@ pub fn execute(
             OsdOp::Read { offset, len } => {
                 ctx.must_exist()?;
                 let len = if *len == 0 { ctx.size.saturating_sub(*offset) } else { *len };
-                let bytes = ctx.read(*offset, len)?;
-                let n = bytes.len() as u64;
-                data.push(bytes);
+                let parts = ctx.read_parts(*offset, len)?;
+                let n = parts.iter().map(|p| p.len() as u64).sum();
+                data.extend(parts);
                 OpOut::Data { len: n }
             }
             OsdOp::Stat => {
@@ -275,7 +276,6 @@ pub fn execute(
     if is_write(ops) && exists_after {
         txn.set_version(ctx.oid, version);
     }
-    let data = concat(data);
     Ok(Executed { outs, data, txn, exists_after, version_before: ctx.version_before })
 }
 
@@ -316,16 +316,19 @@ fn check_omap_count(n: usize) -> Result<(), OsdError> {
     Ok(())
 }
 
-fn concat(pieces: Vec<Bytes>) -> Bytes {
-    match pieces.len() {
-        0 => Bytes::new(),
-        1 => pieces.into_iter().next().expect("one piece"),
-        _ => {
-            let mut b = BytesMut::with_capacity(pieces.iter().map(|p| p.len()).sum());
-            for p in pieces {
-                b.extend_from_slice(&p);
+impl Executed {
+    /// The data parts joined into one buffer (a copy when there is more than one part).
+    pub fn data_joined(&self) -> Bytes {
+        match &self.data[..] {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => {
+                let mut b = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                for p in parts {
+                    b.extend_from_slice(p);
+                }
+                b.freeze()
             }
-            b.freeze()
         }
     }
 }
@@ -452,6 +455,21 @@ impl<'a> ObjCtx<'a> {
     }
 
     /// `[offset, offset + len)` clipped to the current size, as the ops so far left it.
+    /// Like [`ObjCtx::read`], as the store's own buffers where nothing in this request changed them.
+    fn read_parts(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, OsdError> {
+        let end = offset.saturating_add(len).min(self.size);
+        if self.data_ops.is_empty() && self.base_valid && offset < end {
+            let parts = self
+                .store
+                .read_parts(self.oid.pg, &self.oid.name, offset, end - offset)
+                .map_err(store_err)?;
+            if parts.iter().map(|p| p.len() as u64).sum::<u64>() == end - offset {
+                return Ok(parts);
+            }
+        }
+        Ok(vec![self.read(offset, len)?])
+    }
+
     fn read(&self, offset: u64, len: u64) -> Result<Bytes, OsdError> {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
@@ -591,22 +609,22 @@ mod tests {
         assert_eq!(s.stat(pg(), "o").unwrap().version, ver(1));
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }, OsdOp::Stat], b"", 0).unwrap();
         assert_eq!(ex.outs, vec![OpOut::Data { len: 5 }, OpOut::Stat { size: 5, version: 1 }]);
-        assert_eq!(&ex.data[..], b"\0\0abc");
+        assert_eq!(&ex.data_joined()[..], b"\0\0abc");
         assert!(ex.txn.is_empty(), "reads change nothing");
 
         run(&s, "o", vec![OsdOp::Append { len: 2 }], b"de", 2).unwrap();
         run(&s, "o", vec![OsdOp::Zero { offset: 3, len: 100 }], b"", 3).unwrap();
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }], b"", 0).unwrap();
-        assert_eq!(&ex.data[..], b"\0\0a\0\0\0\0", "zero is clipped to the object");
+        assert_eq!(&ex.data_joined()[..], b"\0\0a\0\0\0\0", "zero is clipped to the object");
         run(&s, "o", vec![OsdOp::WriteFull { len: 4 }], b"wxyz", 4).unwrap();
         run(&s, "o", vec![OsdOp::Truncate { size: 2 }], b"", 5).unwrap();
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 1, len: 10 }, OsdOp::Stat], b"", 0).unwrap();
-        assert_eq!(&ex.data[..], b"x");
+        assert_eq!(&ex.data_joined()[..], b"x");
         assert_eq!(ex.outs[1], OpOut::Stat { size: 2, version: 5 });
 
         run(&s, "o", vec![OsdOp::SetXattr { name: "a".into(), len: 2 }], b"av", 6).unwrap();
         let ex = run(&s, "o", vec![OsdOp::GetXattr { name: "a".into() }], b"", 0).unwrap();
-        assert_eq!(&ex.data[..], b"av");
+        assert_eq!(&ex.data_joined()[..], b"av");
         run(&s, "o", vec![OsdOp::RmXattr { name: "a".into() }], b"", 7).unwrap();
         check_err(&s, "o", vec![OsdOp::GetXattr { name: "a".into() }], b"", |e| *e == OsdError::NoAttr);
         check_err(&s, "o", vec![OsdOp::RmXattr { name: "a".into() }], b"", |e| *e == OsdError::NoAttr);
@@ -727,7 +745,7 @@ mod tests {
             |e| *e == OsdError::NotFound,
         );
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }], b"", 0).unwrap();
-        assert_eq!(&ex.data[..], b"abc");
+        assert_eq!(&ex.data_joined()[..], b"abc");
     }
 
     #[test]
@@ -768,9 +786,9 @@ mod tests {
                 OpOut::Keys(vec!["a".into()]),
             ]
         );
-        assert_eq!(&ex.data[..], b"abcdWXYZab\0\0\0!v");
+        assert_eq!(&ex.data_joined()[..], b"abcdWXYZab\0\0\0!v");
         let stored = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }], b"", 0).unwrap();
-        assert_eq!(&stored.data[..], b"ab\0\0\0!");
+        assert_eq!(&stored.data_joined()[..], b"ab\0\0\0!");
 
         let ex = run(
             &s,

@@ -153,7 +153,8 @@ pub enum PgOutput<C> {
     Reply {
         ctx: C,
         reply: OsdOpReply,
-        data: Bytes,
+        /// The reply's data segment, in parts sent back to back.
+        data: Vec<Bytes>,
     },
     ListReply {
         ctx: C,
@@ -196,7 +197,7 @@ struct InFlight<C> {
     name: String,
     waiting_on: BTreeSet<OsdId>,
     reply: OsdOpReply,
-    data: Bytes,
+    data: Vec<Bytes>,
     /// The request and every resend of it that arrived meanwhile.
     waiters: Vec<Waiting<C>>,
 }
@@ -519,7 +520,7 @@ impl<C> Pg<C> {
     fn reply_err(&mut self, ctx: C, req: &OsdOpRequest, e: OsdError, version: u64) {
         let reply =
             OsdOpReply { tid: req.reqid.tid, epoch: self.epoch(), result: Err(e), version, outs: Vec::new() };
-        self.outputs.push_back(PgOutput::Reply { ctx, reply, data: Bytes::new() });
+        self.outputs.push_back(PgOutput::Reply { ctx, reply, data: Vec::new() });
     }
 
     fn answer(&mut self, w: Waiting<C>, e: OsdError) {
@@ -679,7 +680,7 @@ impl<C> Pg<C> {
                 version: d.version,
                 outs: d.outs.clone(),
             };
-            self.outputs.push_back(PgOutput::Reply { ctx: op.ctx, reply, data: Bytes::new() });
+            self.outputs.push_back(PgOutput::Reply { ctx: op.ctx, reply, data: Vec::new() });
             return;
         }
         let name = &op.req.oid;
@@ -1535,7 +1536,9 @@ mod tests {
                                 self.net.push_back((id, to, msg));
                             }
                         }
-                        PgOutput::Reply { ctx, reply, data } => self.replies.push((id, ctx, reply, data)),
+                        PgOutput::Reply { ctx, reply, data } => {
+                            self.replies.push((id, ctx, reply, data.concat().into()))
+                        }
                         PgOutput::ListReply { ctx, reply } => self.list_replies.push((ctx, reply)),
                         PgOutput::StateChanged => {}
                     }

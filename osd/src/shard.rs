@@ -416,7 +416,8 @@ impl Shard {
             match o {
                 PgOutput::Send { to, msg } => self.send_peer(to, &msg),
                 PgOutput::Reply { ctx, reply, data } => {
-                    let m = Message::encode(types::OSD_OP_REPLY, &reply).with_tid(ctx.tid).with_data(data);
+                    let m =
+                        Message::encode(types::OSD_OP_REPLY, &reply).with_tid(ctx.tid).with_data_parts(data);
                     // A client that went away resends to whoever is primary then; nothing to do here.
                     let _ = ctx.conn.send_message(m);
                 }
