@@ -21,16 +21,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
+use rados::config::{secs, Config};
 use rados::objecter::{IoCtx, ObjectOperation, Objecter, OpReply, RadosError};
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch::{
+    Dispatch, Limits, ObjOp, ObjectSink, OnDone, CALLBACK_PARKED_OPS_MAX, PARKED_OPS_MAX, SUBMIT_WAIT_MAX,
+};
 use crate::layers::{Cache, CacheOptions, Done, Layer, Readahead, ReadaheadOptions, Req};
 use crate::striper::{self, Layout, LayoutError, ObjectExtent};
 
@@ -50,8 +52,6 @@ pub const FEATURE_STRIPINGV2: u64 = 2;
 pub const QUEUE_DEPTH_DEFAULT: usize = 32;
 /// Steps per compound op: well below the OSD's 256 so one op never gets refused.
 const STEPS_PER_OP_MAX: usize = 64;
-/// Image requests waiting for the dispatcher; submitters block when it is full.
-const REQUEST_QUEUE_MAX: usize = 1024;
 /// Header read-modify-write attempts before giving up (each failure means another client won a race).
 const HEADER_RETRIES_MAX: u32 = 100;
 /// Directory pages when listing.
@@ -81,6 +81,10 @@ pub enum RbdError {
     Corrupt { object: String, why: String },
     #[error("the image handle is closed")]
     Closed,
+    #[error("too many object ops queued ({parked_ops} parked; waited {waited_ms} ms for room)")]
+    QueueFull { parked_ops: usize, waited_ms: u64 },
+    #[error("bad value for option {option}: {why}")]
+    BadOption { option: &'static str, why: String },
     #[error("rados: {0}")]
     Rados(RadosError),
 }
@@ -512,22 +516,6 @@ fn info_of(name: &str, id: &str, h: &Header) -> ImageInfo {
     }
 }
 
-/// What an image request's object op does when it answers.
-enum OnDone {
-    /// Copies each read step's bytes to its buffer offset; an absent object or short read leaves zeros.
-    Read(Vec<ObjectExtent>),
-    /// A write: any error fails the request.
-    Write,
-    /// Discard-type ops: an absent object is fine.
-    AbsentOk,
-}
-
-struct ObjOp {
-    oid: String,
-    op: ObjectOperation,
-    on_done: OnDone,
-}
-
 /// Groups object extents per object (first-appearance order) and chunks them into ops of at most
 /// [`STEPS_PER_OP_MAX`] steps.
 fn group_extents(extents: &[ObjectExtent]) -> Vec<(u64, Vec<ObjectExtent>)> {
@@ -671,124 +659,6 @@ impl<T> AioCompletion<T> {
     }
 }
 
-/// Per image request: object ops outstanding and, for reads, the buffer being filled.
-struct ReqState<T> {
-    pending: usize,
-    buf: Vec<u8>,
-    err: Option<RbdError>,
-    finish: Option<Box<dyn FnOnce(Vec<u8>) -> T + Send>>,
-    done: Option<Box<dyn FnOnce(Result<T>) + Send>>,
-}
-
-/// The dispatcher's work item: type-erased so reads and writes share the queue.
-type Job = Box<dyn FnOnce(&Dispatch) + Send>;
-
-/// Bounds object ops in flight for the whole image.
-struct Depth {
-    inflight: Mutex<usize>,
-    cv: Condvar,
-    max: usize,
-}
-
-impl Depth {
-    fn acquire(&self) {
-        let mut g = self.inflight.lock();
-        while *g >= self.max {
-            self.cv.wait(&mut g);
-        }
-        *g += 1;
-    }
-
-    fn release(&self) {
-        let mut g = self.inflight.lock();
-        assert!(*g > 0);
-        *g -= 1;
-        self.cv.notify_one();
-    }
-}
-
-struct Dispatch {
-    io: IoCtx,
-    depth: Arc<Depth>,
-}
-
-impl Dispatch {
-    /// Submits every object op of one image request; the last answer completes `slot`.
-    fn submit<T: Send + 'static>(
-        &self,
-        ops: Vec<ObjOp>,
-        buf_len: usize,
-        finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
-        done: Box<dyn FnOnce(Result<T>) + Send>,
-    ) {
-        if ops.is_empty() {
-            done(Ok(finish(vec![0; buf_len])));
-            return;
-        }
-        let st = Arc::new(Mutex::new(ReqState {
-            pending: ops.len(),
-            buf: vec![0; buf_len],
-            err: None,
-            finish: Some(finish),
-            done: Some(done),
-        }));
-        for o in ops {
-            self.depth.acquire();
-            let st2 = Arc::clone(&st);
-            let depth = Arc::clone(&self.depth);
-            let on_done = o.on_done;
-            match self.io.aio_operate(&o.oid, o.op) {
-                Ok(c) => c.on_complete(move |r| {
-                    depth.release();
-                    object_done(&st2, on_done, r);
-                }),
-                Err(e) => {
-                    self.depth.release();
-                    object_done(&st2, on_done, Err(e));
-                }
-            }
-        }
-    }
-}
-
-/// Runs on a messenger thread: copy, count down, and complete the image request after its last op.
-fn object_done<T>(st: &Mutex<ReqState<T>>, on_done: OnDone, r: Result<OpReply, RadosError>) {
-    let mut g = st.lock();
-    let err = match (on_done, r) {
-        (OnDone::Read(pieces), Ok(reply)) => {
-            let mut err = None;
-            for (i, p) in pieces.iter().enumerate() {
-                match reply.data(i) {
-                    Ok(d) => {
-                        let n = d.len().min(p.len as usize);
-                        let at = p.buffer_offset as usize;
-                        g.buf[at..at + n].copy_from_slice(&d[..n]);
-                    }
-                    Err(e) => err = Some(e.into()),
-                }
-            }
-            err
-        }
-        (OnDone::Read(_) | OnDone::AbsentOk, Err(RadosError::NotFound)) => None,
-        (_, Ok(_)) => None,
-        (_, Err(e)) => Some(RbdError::from(e)),
-    };
-    if let Some(e) = err {
-        g.err.get_or_insert(e);
-    }
-    g.pending -= 1;
-    if g.pending == 0 {
-        let buf = std::mem::take(&mut g.buf);
-        let r = match g.err.take() {
-            Some(e) => Err(e),
-            None => Ok((g.finish.take().expect("finished once"))(buf)),
-        };
-        let done = g.done.take().expect("completed once");
-        drop(g);
-        done(r);
-    }
-}
-
 struct Shared {
     header: Header,
     version: u64,
@@ -796,30 +666,14 @@ struct Shared {
 }
 
 /// The bottom layer: maps image extents to per-object compound ops and hands them to the image's
-/// dispatcher thread.
-struct ObjectDispatch {
+/// [`Dispatch`] (its in-flight budget and FIFO; see `dispatch.rs`).
+pub(crate) struct ObjectDispatch<S> {
     id: String,
     shared: Arc<Mutex<Shared>>,
-    tx: Mutex<Option<mpsc::SyncSender<Job>>>,
+    dispatch: Arc<Dispatch<S>>,
 }
 
-impl ObjectDispatch {
-    fn enqueue<T: Send + 'static>(
-        &self,
-        ops: Vec<ObjOp>,
-        buf_len: usize,
-        finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
-        done: Box<dyn FnOnce(Result<T>) + Send>,
-    ) {
-        let Some(tx) = self.tx.lock().clone() else { return done(Err(RbdError::Closed)) };
-        // A full queue blocks the submitter (backpressure); a stopped dispatcher hands the job back.
-        if let Err(mpsc::SendError(job)) =
-            tx.send(Box::new(move |d: &Dispatch| d.submit(ops, buf_len, finish, done)))
-        {
-            drop(job);
-        }
-    }
-
+impl<S: ObjectSink> ObjectDispatch<S> {
     fn read_ops(&self, layout: &Layout, offset: u64, len: u64) -> Vec<ObjOp> {
         let extents = layout.map_extent(offset, len).expect("checked against the size");
         group_extents(&extents)
@@ -827,7 +681,8 @@ impl ObjectDispatch {
             .map(|(n, pieces)| {
                 let op =
                     pieces.iter().fold(ObjectOperation::new(), |op, p| op.read(p.offset_in_object, p.len));
-                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Read(pieces) }
+                let bytes = pieces.iter().map(|p| p.len).sum();
+                ObjOp { oid: striper::object_name(&self.id, n), op, bytes, on_done: OnDone::Read(pieces) }
             })
             .collect()
     }
@@ -841,7 +696,8 @@ impl ObjectDispatch {
                     let at = p.buffer_offset as usize;
                     op.write(p.offset_in_object, data.slice(at..at + p.len as usize))
                 });
-                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Write }
+                let bytes = pieces.iter().map(|p| p.len).sum();
+                ObjOp { oid: striper::object_name(&self.id, n), op, bytes, on_done: OnDone::Write }
             })
             .collect()
     }
@@ -864,6 +720,8 @@ impl ObjectDispatch {
                 ops.push(ObjOp {
                     oid: striper::object_name(&self.id, n),
                     op: discard_op(os, c),
+                    // Removes, zeros and truncates carry no payload: the Objecter charges them nothing.
+                    bytes: 0,
                     on_done: OnDone::AbsentOk,
                 });
             }
@@ -872,7 +730,7 @@ impl ObjectDispatch {
     }
 }
 
-impl Layer for ObjectDispatch {
+impl<S: ObjectSink> Layer for ObjectDispatch<S> {
     fn submit(&self, req: Req, done: Done) {
         let layout = {
             let s = self.shared.lock();
@@ -889,15 +747,15 @@ impl Layer for ObjectDispatch {
         match req {
             Req::Read { offset, len } => {
                 let ops = self.read_ops(&layout, offset, len);
-                self.enqueue(ops, len as usize, Box::new(Bytes::from), done)
+                self.dispatch.submit(ops, len as usize, done)
             }
             Req::Write { offset, data } => {
                 let ops = self.write_ops(&layout, offset, &data);
-                self.enqueue(ops, 0, Box::new(|_| Bytes::new()), done)
+                self.dispatch.submit(ops, 0, done)
             }
             Req::Discard { offset, len } => {
                 let ops = self.discard_ops(&layout, offset, len);
-                self.enqueue(ops, 0, Box::new(|_| Bytes::new()), done)
+                self.dispatch.submit(ops, 0, done)
             }
         }
     }
@@ -914,6 +772,28 @@ impl Layer for ObjectDispatch {
 pub struct ImageOptions {
     pub cache: CacheOptions,
     pub readahead: ReadaheadOptions,
+    /// The in-flight budget of the Objecter under the image; the image keeps its own budget within it.
+    pub objecter: ObjecterBudget,
+}
+
+/// The Objecter's in-flight budget (`objecter_inflight_ops`, `objecter_inflight_op_bytes`).
+///
+/// Object dispatch starts parked ops from messenger threads, where `aio_operate` must not wait for room
+/// in the Objecter's budget. It cannot wait while this image's own budget (queue depth, and these bytes) is
+/// within the Objecter's and the image is the Objecter's only user, which is how the `rbd` tool and the NBD
+/// server run. Images sharing an Objecter with other busy users should leave it headroom (a lower queue
+/// depth): the Objecter then waits, bounded by its own timeout, but on a messenger thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjecterBudget {
+    pub ops_max: usize,
+    pub bytes_max: u64,
+}
+
+impl Default for ObjecterBudget {
+    fn default() -> Self {
+        let c = Config::default();
+        ObjecterBudget { ops_max: c.objecter_inflight_ops, bytes_max: c.objecter_inflight_op_bytes }
+    }
 }
 
 impl ImageOptions {
@@ -922,6 +802,65 @@ impl ImageOptions {
         ImageOptions {
             cache: CacheOptions { enabled: false, ..Default::default() },
             readahead: ReadaheadOptions { enabled: false, ..Default::default() },
+            objecter: ObjecterBudget::default(),
+        }
+    }
+
+    /// The options the config's `rbd_cache*`, `rbd_readahead_*` and `objecter_inflight_*` give. Refuses
+    /// Ceph's constraints broken: `rbd_cache_max_dirty <= rbd_cache_size`, and with a write-back cache
+    /// `rbd_cache_target_dirty <= rbd_cache_max_dirty`.
+    pub fn from_config(c: &Config) -> Result<ImageOptions> {
+        let bad = |option: &'static str, why: String| Err(RbdError::BadOption { option, why });
+        if c.rbd_cache_max_dirty > c.rbd_cache_size {
+            return bad(
+                "rbd_cache_max_dirty",
+                format!("{} is above rbd_cache_size {}", c.rbd_cache_max_dirty, c.rbd_cache_size),
+            );
+        }
+        if c.rbd_cache_max_dirty > 0 && c.rbd_cache_target_dirty > c.rbd_cache_max_dirty {
+            return bad(
+                "rbd_cache_target_dirty",
+                format!(
+                    "{} is above rbd_cache_max_dirty {}",
+                    c.rbd_cache_target_dirty, c.rbd_cache_max_dirty
+                ),
+            );
+        }
+        if c.objecter_inflight_ops == 0 {
+            return bad("objecter_inflight_ops", "must be at least 1".into());
+        }
+        Ok(ImageOptions {
+            cache: CacheOptions {
+                enabled: c.rbd_cache,
+                size_bytes: c.rbd_cache_size,
+                max_dirty_bytes: c.rbd_cache_max_dirty,
+                target_dirty_bytes: c.rbd_cache_target_dirty,
+                max_dirty_age: secs(c.rbd_cache_max_dirty_age),
+                writethrough_until_flush: c.rbd_cache_writethrough_until_flush,
+            },
+            readahead: ReadaheadOptions {
+                // As Ceph: a zero window turns read-ahead off.
+                enabled: c.rbd_readahead_max_bytes > 0,
+                trigger_requests: c.rbd_readahead_trigger_requests,
+                max_bytes: c.rbd_readahead_max_bytes,
+                disable_after_bytes: c.rbd_readahead_disable_after_bytes,
+            },
+            objecter: ObjecterBudget {
+                ops_max: c.objecter_inflight_ops,
+                bytes_max: c.objecter_inflight_op_bytes,
+            },
+        })
+    }
+
+    /// The object dispatch budget for a queue depth of `depth`: within the Objecter's (see
+    /// [`ObjecterBudget`]).
+    fn dispatch_limits(&self, depth: usize) -> Limits {
+        Limits {
+            depth: depth.min(self.objecter.ops_max).max(1),
+            bytes_max: self.objecter.bytes_max,
+            parked_max: PARKED_OPS_MAX,
+            callback_parked_max: CALLBACK_PARKED_OPS_MAX,
+            wait_max: SUBMIT_WAIT_MAX,
         }
     }
 }
@@ -935,16 +874,36 @@ pub struct Image {
     id: String,
     shared: Arc<Mutex<Shared>>,
     queue_depth: usize,
-    dispatch: Arc<ObjectDispatch>,
+    dispatch: Arc<Dispatch<IoCtx>>,
     cache: Option<Arc<Cache>>,
     top: Arc<dyn Layer>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    opts: ImageOptions,
 }
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Image({:?} id {})", self.name.lock(), self.id)
     }
+}
+
+/// The layer stack over object dispatch, as [`ImageOptions`] ask.
+fn build_stack<S: ObjectSink>(
+    od: Arc<ObjectDispatch<S>>,
+    opts: &ImageOptions,
+) -> Result<(Arc<dyn Layer>, Option<Arc<Cache>>)> {
+    let shared = Arc::clone(&od.shared);
+    let id = od.id.clone();
+    let mut top: Arc<dyn Layer> = od;
+    if opts.readahead.enabled {
+        top = Arc::new(Readahead::new(opts.readahead, top, Box::new(move || shared.lock().header.size)));
+    }
+    let mut cache = None;
+    if opts.cache.enabled {
+        let c = Arc::new(Cache::start(opts.cache, Arc::clone(&top), &id)?);
+        top = Arc::clone(&c) as Arc<dyn Layer>;
+        cache = Some(c);
+    }
+    Ok((top, cache))
 }
 
 impl Image {
@@ -958,54 +917,36 @@ impl Image {
         opts: ImageOptions,
     ) -> Result<Image> {
         let layout = header.layout()?;
-        let (tx, rx) = mpsc::sync_channel::<Job>(REQUEST_QUEUE_MAX);
-        let dispatch = Dispatch {
-            io: io.clone(),
-            depth: Arc::new(Depth { inflight: Mutex::new(0), cv: Condvar::new(), max: depth.max(1) }),
-        };
-        let worker = std::thread::Builder::new()
-            .name(format!("rbd-{id}"))
-            .spawn(move || {
-                for job in rx {
-                    job(&dispatch);
-                }
-            })
-            .map_err(|e| RbdError::Rados(RadosError::Io(format!("spawning the dispatcher: {e}"))))?;
+        let limits = opts.dispatch_limits(depth);
+        let dispatch = Dispatch::new(io.clone(), limits);
         let shared = Arc::new(Mutex::new(Shared { header, version, layout }));
         let od = Arc::new(ObjectDispatch {
             id: id.clone(),
             shared: Arc::clone(&shared),
-            tx: Mutex::new(Some(tx)),
+            dispatch: Arc::clone(&dispatch),
         });
-        let mut top: Arc<dyn Layer> = Arc::clone(&od) as Arc<dyn Layer>;
-        if opts.readahead.enabled {
-            let sh = Arc::clone(&shared);
-            top = Arc::new(Readahead::new(opts.readahead, top, Box::new(move || sh.lock().header.size)));
-        }
-        let mut cache = None;
-        if opts.cache.enabled {
-            let c = match Cache::start(opts.cache, Arc::clone(&top), &id) {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    drop(od.tx.lock().take());
-                    let _ = worker.join();
-                    return Err(e);
-                }
-            };
-            top = Arc::clone(&c) as Arc<dyn Layer>;
-            cache = Some(c);
-        }
+        let (top, cache) = build_stack(od, &opts)?;
         Ok(Image {
             io,
             name: Mutex::new(name),
             id,
             shared,
-            queue_depth: depth.max(1),
-            dispatch: od,
+            queue_depth: limits.depth,
+            dispatch,
             cache,
             top,
-            worker: Mutex::new(Some(worker)),
+            opts,
         })
+    }
+
+    /// The options the image was opened with.
+    pub fn options(&self) -> &ImageOptions {
+        &self.opts
+    }
+
+    /// Object ops in flight at most (the queue depth, within the Objecter's budget).
+    pub fn queue_depth(&self) -> usize {
+        self.queue_depth
     }
 
     pub fn id(&self) -> &str {
@@ -1113,7 +1054,7 @@ impl Image {
     ) -> Result<AioCompletion<T>> {
         let (offset, len) = req.range();
         self.check_range(offset, len)?;
-        if self.dispatch.tx.lock().is_none() {
+        if self.dispatch.is_closed() {
             return Err(RbdError::Closed);
         }
         let (c, slot) = AioCompletion::new();
@@ -1174,18 +1115,17 @@ impl Image {
         self.cache.as_ref().map_or(0, |c| c.state().held_bytes())
     }
 
-    /// Flushes the cache, waits for queued requests to be submitted and stops the dispatcher. Requests
-    /// already submitted still complete. Later calls fail with [`RbdError::Closed`].
+    /// Flushes the cache, refuses further requests and waits (bounded) until every object op parked for
+    /// budget has been started; ops still parked then fail with [`RbdError::Closed`]. Requests already
+    /// started still complete. Later calls fail with [`RbdError::Closed`]. From a completion callback it
+    /// does not wait for parked ops (they still start as budget frees up).
     pub fn close(&self) {
         if let Some(c) = &self.cache {
             if let Err(e) = c.close() {
                 tracing::error!(image = %self.id, error = %e, "flushing the cache on close failed");
             }
         }
-        drop(self.dispatch.tx.lock().take());
-        if let Some(w) = self.worker.lock().take() {
-            let _ = w.join();
-        }
+        self.dispatch.close();
     }
 
     /// Stops the handle as a crash would: dirty cached data is dropped, not written back (for tests of
