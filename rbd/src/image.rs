@@ -518,7 +518,11 @@ fn info_of(name: &str, id: &str, h: &Header) -> ImageInfo {
 
 /// Groups object extents per object (first-appearance order) and chunks them into ops of at most
 /// [`STEPS_PER_OP_MAX`] steps.
-fn group_extents(extents: &[ObjectExtent]) -> Vec<(u64, Vec<ObjectExtent>)> {
+fn group_extents(extents: Vec<ObjectExtent>) -> Vec<(u64, Vec<ObjectExtent>)> {
+    // The common request (4K inside one object) is one extent: no map, and the striper's vector is reused.
+    if let [e] = extents.as_slice() {
+        return vec![(e.object_no, extents)];
+    }
     let mut order: Vec<u64> = Vec::new();
     let mut per: BTreeMap<u64, Vec<ObjectExtent>> = BTreeMap::new();
     for e in extents {
@@ -527,7 +531,7 @@ fn group_extents(extents: &[ObjectExtent]) -> Vec<(u64, Vec<ObjectExtent>)> {
                 order.push(e.object_no);
                 Vec::new()
             })
-            .push(*e);
+            .push(e);
     }
     let mut out = Vec::new();
     for n in order {
@@ -676,7 +680,7 @@ pub(crate) struct ObjectDispatch<S> {
 impl<S: ObjectSink> ObjectDispatch<S> {
     fn read_ops(&self, layout: &Layout, offset: u64, len: u64) -> Vec<ObjOp> {
         let extents = layout.map_extent(offset, len).expect("checked against the size");
-        group_extents(&extents)
+        group_extents(extents)
             .into_iter()
             .map(|(n, pieces)| {
                 let op =
@@ -689,7 +693,7 @@ impl<S: ObjectSink> ObjectDispatch<S> {
 
     fn write_ops(&self, layout: &Layout, offset: u64, data: &Bytes) -> Vec<ObjOp> {
         let extents = layout.map_extent(offset, data.len() as u64).expect("checked against the size");
-        group_extents(&extents)
+        group_extents(extents)
             .into_iter()
             .map(|(n, pieces)| {
                 let op = pieces.iter().fold(ObjectOperation::new(), |op, p| {
@@ -886,11 +890,11 @@ impl std::fmt::Debug for Image {
     }
 }
 
+/// An image's layers: the top of the stack, and the cache if there is one.
+type Stack = (Arc<dyn Layer>, Option<Arc<Cache>>);
+
 /// The layer stack over object dispatch, as [`ImageOptions`] ask.
-fn build_stack<S: ObjectSink>(
-    od: Arc<ObjectDispatch<S>>,
-    opts: &ImageOptions,
-) -> Result<(Arc<dyn Layer>, Option<Arc<Cache>>)> {
+fn build_stack<S: ObjectSink>(od: Arc<ObjectDispatch<S>>, opts: &ImageOptions) -> Result<Stack> {
     let shared = Arc::clone(&od.shared);
     let id = od.id.clone();
     let mut top: Arc<dyn Layer> = od;
@@ -1257,7 +1261,7 @@ mod tests {
         // together hold every piece exactly once. Method: 4K stripe unit, 1M objects, a 40 MiB extent.
         let layout = Layout::new(1 << 20, 4096, 2).unwrap();
         let ext = layout.map_extent(12_345, 40 << 20).unwrap();
-        let groups = group_extents(&ext);
+        let groups = group_extents(ext.clone());
         let mut seen: Vec<ObjectExtent> = Vec::new();
         for (n, pieces) in &groups {
             assert!(pieces.len() <= STEPS_PER_OP_MAX);
@@ -1300,5 +1304,182 @@ mod tests {
         let c = c.wait_timeout(Duration::from_millis(1)).unwrap_err();
         std::thread::spawn(move || slot.complete(Ok(3)));
         assert_eq!(c.wait().unwrap(), 3);
+    }
+
+    /// Object dispatch over a fake sink, with the layers `opts` ask for, on an image of `size` bytes.
+    fn stack_over_fake(
+        layout: Layout,
+        size: u64,
+        limits: Limits,
+        hold: bool,
+        opts: &ImageOptions,
+    ) -> (Arc<Dispatch<crate::dispatch::fake::FakeSink>>, Stack) {
+        let header = Header {
+            format: HEADER_FORMAT,
+            size,
+            order: layout.order(),
+            stripe_unit: layout.stripe_unit_bytes(),
+            stripe_count: layout.stripe_count(),
+            features: 0,
+            created_unix_s: 0,
+        };
+        let d = Dispatch::new(crate::dispatch::fake::FakeSink::new(hold), limits);
+        let od = Arc::new(ObjectDispatch {
+            id: "img".into(),
+            shared: Arc::new(Mutex::new(Shared { header, version: 1, layout })),
+            dispatch: Arc::clone(&d),
+        });
+        (d, build_stack(od, opts).unwrap())
+    }
+
+    fn call(l: &dyn Layer, req: Req) -> Result<Bytes> {
+        crate::layers::fake::call(l, req)
+    }
+
+    #[test]
+    fn object_dispatch_maps_reads_to_objects_and_assembles_striped_ones() {
+        // Goal: the bottom layer reads through the sink: a 4K read is one op on the right object, a read
+        // spanning two objects is assembled in image order, a read past the end is refused. Method: 4K
+        // stripe unit over 2 objects of 64K; the fake answers each object's reads with its object number.
+        let layout = Layout::new(64 << 10, 4096, 2).unwrap();
+        let limits = ImageOptions::uncached().dispatch_limits(8);
+        let (d, (top, cache)) = stack_over_fake(layout, 1 << 20, limits, false, &ImageOptions::uncached());
+        assert!(cache.is_none());
+        d.sink().0.lock().answer = Box::new(|oid, ops| {
+            let (_, n) = striper::parse_object_name(oid).unwrap();
+            let outs = ops
+                .iter()
+                .map(|o| match o {
+                    rados::msg::OsdOp::Read { len, .. } => {
+                        rados::objecter::OpOutput::Data(Bytes::from(vec![n as u8 + 1; *len as usize]))
+                    }
+                    _ => rados::objecter::OpOutput::None,
+                })
+                .collect();
+            Ok(OpReply { version: 1, outs })
+        });
+        assert_eq!(call(&*top, Req::Read { offset: 4096, len: 4096 }).unwrap(), vec![2; 4096]);
+        assert_eq!(d.sink().started(), [striper::object_name("img", 1)]);
+        let got = call(&*top, Req::Read { offset: 2048, len: 4096 }).unwrap();
+        assert_eq!(&got[..2048], &[1; 2048]);
+        assert_eq!(&got[2048..], &[2; 2048]);
+        assert!(matches!(
+            call(&*top, Req::Read { offset: 1 << 20, len: 1 }),
+            Err(RbdError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn cache_write_back_started_from_a_completion_callback_progresses_with_the_fifo_full() {
+        // Goal: a layer that submits from inside a completion callback (the cache writing back a write that
+        // a read's callback made) never blocks the completing thread, even with the FIFO full, and its
+        // write-back reaches the sink. Method: depth 1, parked_max 2; a write-back cache whose target is 0
+        // (every cached write goes down at once); three reads fill depth and FIFO; the first read's callback
+        // writes; answering that read must return promptly.
+        let layout = Layout::new(1 << 20, 1 << 20, 1).unwrap();
+        let opts = ImageOptions {
+            cache: CacheOptions {
+                writethrough_until_flush: false,
+                target_dirty_bytes: 0,
+                max_dirty_age: Duration::from_secs(3600),
+                ..CacheOptions::default()
+            },
+            readahead: ReadaheadOptions { enabled: false, ..Default::default() },
+            ..ImageOptions::default()
+        };
+        let limits = Limits {
+            parked_max: 2,
+            callback_parked_max: 2,
+            wait_max: Duration::from_secs(60),
+            ..opts.dispatch_limits(1)
+        };
+        let (d, (top, cache)) = stack_over_fake(layout, 4 << 20, limits, true, &opts);
+        assert!(cache.is_some());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (top2, d2) = (Arc::clone(&top), Arc::clone(&d));
+        let tx2 = tx.clone();
+        top.submit(
+            Req::Read { offset: 0, len: 4096 },
+            Box::new(move |r| {
+                assert!(r.is_ok());
+                // The second read started when this one answered: fill the FIFO again first.
+                let tx4 = tx2.clone();
+                top2.submit(
+                    Req::Read { offset: 2 << 20, len: 4096 },
+                    Box::new(move |r| {
+                        let _ = tx4.send(("read", r.is_ok()));
+                    }),
+                );
+                assert_eq!(d2.stats().parked, 2, "the FIFO is full when the cache writes back");
+                let tx3 = tx2.clone();
+                top2.submit(
+                    Req::Write { offset: 3 << 20, data: Bytes::from(vec![9; 4096]) },
+                    Box::new(move |r| {
+                        let _ = tx3.send(("write", r.is_ok()));
+                    }),
+                );
+            }),
+        );
+        for i in 1..3u64 {
+            let tx = tx.clone();
+            top.submit(
+                Req::Read { offset: i << 20, len: 4096 },
+                Box::new(move |r| {
+                    let _ = tx.send(("read", r.is_ok()));
+                }),
+            );
+        }
+        assert_eq!(d.stats().parked, 2, "the FIFO is full");
+        let (tx_done, rx_done) = std::sync::mpsc::channel();
+        let d2 = Arc::clone(&d);
+        std::thread::spawn(move || {
+            d2.sink().release(0);
+            let _ = tx_done.send(());
+        });
+        rx_done.recv_timeout(Duration::from_secs(5)).expect("the completing thread never blocks");
+        // The write is acknowledged from the cache; its write-back is parked behind the reads.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), ("write", true));
+        assert_eq!(d.stats().parked, 3, "the write-back took the callback room");
+        d.sink().release_all();
+        let oids = d.sink().started();
+        let names: Vec<String> = [0, 1, 2, 2, 3].iter().map(|n| striper::object_name("img", *n)).collect();
+        assert_eq!(oids, names, "three reads, the callback's read, then the write-back");
+        assert_eq!(cache.unwrap().state().held_bytes(), 0, "the write-back answered");
+    }
+
+    #[test]
+    fn image_options_come_from_the_config_with_the_layer_defaults() {
+        // Goal: the config's defaults are the layers' defaults, its values reach the layer stack, and
+        // Ceph's constraints between the cache sizes are enforced. Method: default config, then
+        // rbd_cache=false and rbd_readahead_max_bytes=0 (an uncached stack), then broken constraints.
+        let c = Config::default();
+        let o = ImageOptions::from_config(&c).unwrap();
+        assert_eq!(o, ImageOptions::default());
+        let mut c = Config::default();
+        c.set("rbd_cache", "false").unwrap();
+        c.set("rbd_readahead_max_bytes", "0").unwrap();
+        c.set("rbd_cache_max_dirty_age", "2.5").unwrap();
+        c.set("objecter_inflight_ops", "16").unwrap();
+        let o = ImageOptions::from_config(&c).unwrap();
+        assert!(!o.cache.enabled && !o.readahead.enabled);
+        assert_eq!(o.cache.max_dirty_age, Duration::from_millis(2500));
+        assert_eq!(o.dispatch_limits(32).depth, 16, "the queue depth stays within the Objecter's budget");
+        let layout = Layout::new(1 << 22, 1 << 22, 1).unwrap();
+        let (_, (_, cache)) = stack_over_fake(layout, 1 << 22, o.dispatch_limits(4), false, &o);
+        assert!(cache.is_none(), "rbd_cache=false gives an uncached image");
+        let mut c = Config::default();
+        c.set("rbd_cache_max_dirty", &(64u64 << 20).to_string()).unwrap();
+        assert!(matches!(
+            ImageOptions::from_config(&c),
+            Err(RbdError::BadOption { option: "rbd_cache_max_dirty", .. })
+        ));
+        let mut c = Config::default();
+        c.set("rbd_cache_target_dirty", &(30u64 << 20).to_string()).unwrap();
+        assert!(matches!(
+            ImageOptions::from_config(&c),
+            Err(RbdError::BadOption { option: "rbd_cache_target_dirty", .. })
+        ));
+        c.set("rbd_cache_max_dirty", "0").unwrap();
+        assert!(ImageOptions::from_config(&c).is_ok(), "writethrough ignores the target");
     }
 }
