@@ -328,4 +328,38 @@ mod tests {
         }
         assert!(OPTIONS.iter().any(|o| o.name == "osd_heartbeat_grace" && o.default == "20.0"));
     }
+
+    #[test]
+    fn rbd_options_have_cephs_names_and_are_typed() {
+        // Goal: librbd's options are settable under Ceph's names and refuse values of the wrong type.
+        // Method: set each kind, then bad values.
+        let mut c = Config::default();
+        assert!(c.rbd_cache && c.rbd_cache_writethrough_until_flush);
+        assert_eq!(
+            (c.rbd_cache_size, c.rbd_cache_max_dirty, c.rbd_cache_target_dirty),
+            (32 << 20, 24 << 20, 16 << 20)
+        );
+        c.set("rbd_cache", "false").unwrap();
+        c.set("rbd_cache_max_dirty_age", "0.5").unwrap();
+        c.set("rbd_readahead_trigger_requests", "4").unwrap();
+        c.set("rbd_readahead_disable_after_bytes", "0").unwrap();
+        assert!(!c.rbd_cache);
+        assert_eq!(c.rbd_cache_max_dirty_age, 0.5);
+        assert_eq!((c.rbd_readahead_trigger_requests, c.rbd_readahead_disable_after_bytes), (4, 0));
+        assert!(matches!(c.set("rbd_cache", "maybe"), Err(ConfigError::BadValue { .. })));
+        assert!(matches!(c.set("rbd_cache_size", "-1"), Err(ConfigError::BadValue { .. })));
+        for name in [
+            "rbd_cache",
+            "rbd_cache_size",
+            "rbd_cache_max_dirty",
+            "rbd_cache_target_dirty",
+            "rbd_cache_max_dirty_age",
+            "rbd_cache_writethrough_until_flush",
+            "rbd_readahead_max_bytes",
+            "rbd_readahead_trigger_requests",
+            "rbd_readahead_disable_after_bytes",
+        ] {
+            assert!(OPTIONS.iter().any(|o| o.name == name), "{name} is not in OPTIONS");
+        }
+    }
 }
