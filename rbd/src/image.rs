@@ -296,12 +296,24 @@ fn trim_ops(id: &str, layout: &Layout, old_size: u64, new_size: u64) -> Vec<(Str
 pub struct Rbd {
     io: IoCtx,
     queue_depth: usize,
+    objecter: ObjecterBudget,
 }
 
 impl Rbd {
     /// Fails with [`RbdError::NoSuchPool`] if the pool does not exist.
     pub fn new(objecter: &Arc<Objecter>, pool: &str) -> Result<Rbd> {
-        Ok(Rbd { io: objecter.ioctx(pool)?, queue_depth: QUEUE_DEPTH_DEFAULT })
+        Ok(Rbd {
+            io: objecter.ioctx(pool)?,
+            queue_depth: QUEUE_DEPTH_DEFAULT,
+            objecter: ObjecterBudget::default(),
+        })
+    }
+
+    /// The in-flight budget of the Objecter under this handle (default: the config defaults); images
+    /// opened from here keep their own budget within it (see [`ObjecterBudget`]).
+    pub fn with_objecter_budget(mut self, budget: ObjecterBudget) -> Rbd {
+        self.objecter = budget;
+        self
     }
 
     /// Object ops in flight per image request or management call (at least 1).
@@ -433,7 +445,8 @@ impl Rbd {
     pub fn open_with(&self, name: &str, opts: ImageOptions) -> Result<Image> {
         let id = self.image_id(name)?;
         let (header, version) = self.read_header(&id, name)?;
-        Image::start(self.io.clone(), name.to_string(), id, header, version, self.queue_depth, opts)
+        let limits = self.objecter.dispatch_limits(self.queue_depth);
+        Image::start(self.io.clone(), name.to_string(), id, header, version, limits, opts)
     }
 
     pub fn info(&self, name: &str) -> Result<ImageInfo> {
@@ -776,8 +789,6 @@ impl<S: ObjectSink> Layer for ObjectDispatch<S> {
 pub struct ImageOptions {
     pub cache: CacheOptions,
     pub readahead: ReadaheadOptions,
-    /// The in-flight budget of the Objecter under the image; the image keeps its own budget within it.
-    pub objecter: ObjecterBudget,
 }
 
 /// The Objecter's in-flight budget (`objecter_inflight_ops`, `objecter_inflight_op_bytes`).
@@ -795,8 +806,25 @@ pub struct ObjecterBudget {
 
 impl Default for ObjecterBudget {
     fn default() -> Self {
-        let c = Config::default();
-        ObjecterBudget { ops_max: c.objecter_inflight_ops, bytes_max: c.objecter_inflight_op_bytes }
+        ObjecterBudget::from_config(&Config::default())
+    }
+}
+
+impl ObjecterBudget {
+    /// The budget an Objecter built from `c` has.
+    pub fn from_config(c: &Config) -> ObjecterBudget {
+        ObjecterBudget { ops_max: c.objecter_inflight_ops.max(1), bytes_max: c.objecter_inflight_op_bytes }
+    }
+
+    /// The object dispatch budget of an image with queue depth `depth`: within this one.
+    fn dispatch_limits(&self, depth: usize) -> Limits {
+        Limits {
+            depth: depth.min(self.ops_max).max(1),
+            bytes_max: self.bytes_max,
+            parked_max: PARKED_OPS_MAX,
+            callback_parked_max: CALLBACK_PARKED_OPS_MAX,
+            wait_max: SUBMIT_WAIT_MAX,
+        }
     }
 }
 
@@ -806,11 +834,10 @@ impl ImageOptions {
         ImageOptions {
             cache: CacheOptions { enabled: false, ..Default::default() },
             readahead: ReadaheadOptions { enabled: false, ..Default::default() },
-            objecter: ObjecterBudget::default(),
         }
     }
 
-    /// The options the config's `rbd_cache*`, `rbd_readahead_*` and `objecter_inflight_*` give. Refuses
+    /// The options the config's `rbd_cache*` and `rbd_readahead_*` give. Refuses
     /// Ceph's constraints broken: `rbd_cache_max_dirty <= rbd_cache_size`, and with a write-back cache
     /// `rbd_cache_target_dirty <= rbd_cache_max_dirty`.
     pub fn from_config(c: &Config) -> Result<ImageOptions> {
@@ -830,9 +857,6 @@ impl ImageOptions {
                 ),
             );
         }
-        if c.objecter_inflight_ops == 0 {
-            return bad("objecter_inflight_ops", "must be at least 1".into());
-        }
         Ok(ImageOptions {
             cache: CacheOptions {
                 enabled: c.rbd_cache,
@@ -849,23 +873,7 @@ impl ImageOptions {
                 max_bytes: c.rbd_readahead_max_bytes,
                 disable_after_bytes: c.rbd_readahead_disable_after_bytes,
             },
-            objecter: ObjecterBudget {
-                ops_max: c.objecter_inflight_ops,
-                bytes_max: c.objecter_inflight_op_bytes,
-            },
         })
-    }
-
-    /// The object dispatch budget for a queue depth of `depth`: within the Objecter's (see
-    /// [`ObjecterBudget`]).
-    fn dispatch_limits(&self, depth: usize) -> Limits {
-        Limits {
-            depth: depth.min(self.objecter.ops_max).max(1),
-            bytes_max: self.objecter.bytes_max,
-            parked_max: PARKED_OPS_MAX,
-            callback_parked_max: CALLBACK_PARKED_OPS_MAX,
-            wait_max: SUBMIT_WAIT_MAX,
-        }
     }
 }
 
@@ -917,11 +925,10 @@ impl Image {
         id: String,
         header: Header,
         version: u64,
-        depth: usize,
+        limits: Limits,
         opts: ImageOptions,
     ) -> Result<Image> {
         let layout = header.layout()?;
-        let limits = opts.dispatch_limits(depth);
         let dispatch = Dispatch::new(io.clone(), limits);
         let shared = Arc::new(Mutex::new(Shared { header, version, layout }));
         let od = Arc::new(ObjectDispatch {
@@ -1342,7 +1349,7 @@ mod tests {
         // spanning two objects is assembled in image order, a read past the end is refused. Method: 4K
         // stripe unit over 2 objects of 64K; the fake answers each object's reads with its object number.
         let layout = Layout::new(64 << 10, 4096, 2).unwrap();
-        let limits = ImageOptions::uncached().dispatch_limits(8);
+        let limits = ObjecterBudget::default().dispatch_limits(8);
         let (d, (top, cache)) = stack_over_fake(layout, 1 << 20, limits, false, &ImageOptions::uncached());
         assert!(cache.is_none());
         d.sink().0.lock().answer = Box::new(|oid, ops| {
@@ -1385,13 +1392,12 @@ mod tests {
                 ..CacheOptions::default()
             },
             readahead: ReadaheadOptions { enabled: false, ..Default::default() },
-            ..ImageOptions::default()
         };
         let limits = Limits {
             parked_max: 2,
             callback_parked_max: 2,
             wait_max: Duration::from_secs(60),
-            ..opts.dispatch_limits(1)
+            ..ObjecterBudget::default().dispatch_limits(1)
         };
         let (d, (top, cache)) = stack_over_fake(layout, 4 << 20, limits, true, &opts);
         assert!(cache.is_some());
@@ -1463,9 +1469,14 @@ mod tests {
         let o = ImageOptions::from_config(&c).unwrap();
         assert!(!o.cache.enabled && !o.readahead.enabled);
         assert_eq!(o.cache.max_dirty_age, Duration::from_millis(2500));
-        assert_eq!(o.dispatch_limits(32).depth, 16, "the queue depth stays within the Objecter's budget");
+        let budget = ObjecterBudget::from_config(&c);
+        assert_eq!(
+            budget.dispatch_limits(32).depth,
+            16,
+            "the queue depth stays within the Objecter's budget"
+        );
         let layout = Layout::new(1 << 22, 1 << 22, 1).unwrap();
-        let (_, (_, cache)) = stack_over_fake(layout, 1 << 22, o.dispatch_limits(4), false, &o);
+        let (_, (_, cache)) = stack_over_fake(layout, 1 << 22, budget.dispatch_limits(4), false, &o);
         assert!(cache.is_none(), "rbd_cache=false gives an uncached image");
         let mut c = Config::default();
         c.set("rbd_cache_max_dirty", &(64u64 << 20).to_string()).unwrap();

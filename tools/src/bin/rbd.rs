@@ -26,7 +26,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use rados::config::Config;
 use rados::objecter::{ObjectOperation, RadosError};
-use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, ImageOptions, Rbd};
+use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, ImageOptions, ObjecterBudget, Rbd};
 use rbd::nbd::server::{ListenAddr, Server};
 use serde::{Deserialize, Serialize};
 use tools::{ClusterClient as Client, Format};
@@ -184,7 +184,9 @@ fn size_arg(what: &str, s: &str) -> Result<u64> {
 }
 
 fn rbd_pool(client: &Client, pool: &str) -> Result<Rbd> {
-    Rbd::new(&client.objecter, pool).map_err(|e| anyhow!("error opening pool {pool}: {e}"))
+    Ok(Rbd::new(&client.objecter, pool)
+        .map_err(|e| anyhow!("error opening pool {pool}: {e}"))?
+        .with_objecter_budget(ObjecterBudget::from_config(&client.cfg)))
 }
 
 /// Opens an image with the cache and read-ahead the config's `rbd_cache*` and `rbd_readahead_*` options
