@@ -386,6 +386,9 @@ impl<S: ObjectSink> Dispatch<S> {
         let mut failed: Vec<(Parked, RbdError)> = Vec::new();
         let mut err: Option<RbdError> = None;
         let mut deadline: Option<Instant> = None;
+        // An op that found the FIFO empty, the budget free and nobody sending: it is already counted in
+        // flight and we are the sender, so it starts without going through the FIFO.
+        let mut direct: Option<Parked> = None;
         let mut q = self.q.lock();
         for p in ops {
             if let Some(e) = &err {
@@ -399,10 +402,14 @@ impl<S: ObjectSink> Dispatch<S> {
                 }
             } else {
                 while q.parked.len() >= l.parked_max && !q.closed {
+                    // Nobody waits while it is the sender: start what can start first.
+                    if let Some(first) = direct.take() {
+                        MutexGuard::unlocked(&mut q, || self.send(Some(first)));
+                        continue;
+                    }
                     if q.needs_sender(&l) {
-                        // Parked ops can start: start them (we do not wait while we are the sender).
                         q.sending = true;
-                        MutexGuard::unlocked(&mut q, || self.send());
+                        MutexGuard::unlocked(&mut q, || self.send(None));
                         continue;
                     }
                     let d = *deadline.get_or_insert_with(|| Instant::now() + l.wait_max);
@@ -426,12 +433,20 @@ impl<S: ObjectSink> Dispatch<S> {
             if err.is_none() && q.closed {
                 err = Some(RbdError::Closed);
             }
-            match &err {
-                Some(e) => failed.push((p, e.clone())),
-                None => q.parked.push_back(p),
+            if let Some(e) = &err {
+                failed.push((p, e.clone()));
+            } else if !q.sending && q.parked.is_empty() && q.fits(&l, p.op.bytes) {
+                debug_assert!(direct.is_none(), "a direct op makes us the sender");
+                q.inflight_ops += 1;
+                q.inflight_bytes += p.op.bytes;
+                assert!(q.inflight_ops <= l.depth, "queue depth exceeded");
+                q.sending = true;
+                direct = Some(p);
+            } else {
+                q.parked.push_back(p);
             }
         }
-        let send = q.needs_sender(&l);
+        let send = direct.is_some() || q.needs_sender(&l);
         if send {
             q.sending = true;
         }
@@ -440,37 +455,38 @@ impl<S: ObjectSink> Dispatch<S> {
             p.fail(e);
         }
         if send {
-            self.send();
+            self.send(direct);
         }
     }
 
-    /// Starts parked ops in FIFO order while they fit the budget. Only the sender calls this (it set
-    /// `sending`); it clears `sending` under the same lock in which it finds nothing more to start, so a
-    /// completion or submitter that looks afterwards takes over (no lost wake-up).
-    fn send(self: &Arc<Self>) {
+    /// Starts `first` (already counted in flight), then parked ops in FIFO order while they fit the budget.
+    /// Only the sender calls this (it set `sending`); it clears `sending` under the same lock in which it
+    /// finds nothing more to start, so a completion or submitter that looks afterwards takes over (no lost
+    /// wake-up).
+    fn send(self: &Arc<Self>, mut next: Option<Parked>) {
         loop {
-            let p = {
-                let mut q = self.q.lock();
-                assert!(q.sending, "only the sender starts parked ops");
-                let fits = q.parked.front().is_some_and(|p| q.fits(&self.limits, p.op.bytes));
-                if !fits {
-                    q.sending = false;
-                    return;
+            if let Some(p) = next.take() {
+                self.start(p);
+            }
+            let mut q = self.q.lock();
+            assert!(q.sending, "only the sender starts parked ops");
+            let fits = q.parked.front().is_some_and(|p| q.fits(&self.limits, p.op.bytes));
+            if !fits {
+                q.sending = false;
+                return;
+            }
+            let p = q.parked.pop_front().expect("a head that fits");
+            q.inflight_ops += 1;
+            q.inflight_bytes += p.op.bytes;
+            assert!(q.inflight_ops <= self.limits.depth, "queue depth exceeded");
+            if q.waiting > 0 {
+                if q.closed {
+                    self.room.notify_all();
+                } else {
+                    self.room.notify_one();
                 }
-                let p = q.parked.pop_front().expect("a head that fits");
-                q.inflight_ops += 1;
-                q.inflight_bytes += p.op.bytes;
-                assert!(q.inflight_ops <= self.limits.depth, "queue depth exceeded");
-                if q.waiting > 0 {
-                    if q.closed {
-                        self.room.notify_all();
-                    } else {
-                        self.room.notify_one();
-                    }
-                }
-                p
-            };
-            self.start(p);
+            }
+            next = Some(p);
         }
     }
 
@@ -500,7 +516,7 @@ impl<S: ObjectSink> Dispatch<S> {
             s
         };
         if send {
-            self.send();
+            self.send(None);
         }
     }
 
@@ -519,7 +535,7 @@ impl<S: ObjectSink> Dispatch<S> {
         while !q.parked.is_empty() {
             if q.needs_sender(&self.limits) {
                 q.sending = true;
-                MutexGuard::unlocked(&mut q, || self.send());
+                MutexGuard::unlocked(&mut q, || self.send(None));
                 continue;
             }
             q.waiting += 1;

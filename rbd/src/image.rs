@@ -1058,19 +1058,58 @@ impl Image {
         }
     }
 
-    fn submit<T: Send + 'static>(
-        &self,
-        req: Req,
-        map: impl FnOnce(Bytes) -> T + Send + 'static,
-    ) -> Result<AioCompletion<T>> {
+    /// Starts a request whose outcome goes to `done`, on the thread that completes it.
+    fn submit_with(&self, req: Req, done: Done) -> Result<()> {
         let (offset, len) = req.range();
         self.check_range(offset, len)?;
         if self.dispatch.is_closed() {
             return Err(RbdError::Closed);
         }
+        self.top.submit(req, done);
+        Ok(())
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        req: Req,
+        map: impl FnOnce(Bytes) -> T + Send + 'static,
+    ) -> Result<AioCompletion<T>> {
         let (c, slot) = AioCompletion::new();
-        self.top.submit(req, Box::new(move |r| slot.complete(r.map(map))));
+        self.submit_with(req, Box::new(move |r| slot.complete(r.map(map))))?;
         Ok(c)
+    }
+
+    /// [`Image::aio_read`] with the outcome handed to `f` instead of an [`AioCompletion`]: no completion
+    /// slot to allocate and lock per request (the NBD server's path). `f` runs exactly once, on the thread
+    /// that completes the request (a messenger thread, or this one when it completes at once), so it must
+    /// not block. On `Err` nothing was started and `f` is dropped unrun.
+    pub fn aio_read_with(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(Result<Bytes>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_with(Req::Read { offset, len }, Box::new(f))
+    }
+
+    /// [`Image::aio_write`] with the outcome handed to `f` (see [`Image::aio_read_with`]).
+    pub fn aio_write_with(
+        &self,
+        offset: u64,
+        data: Bytes,
+        f: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_with(Req::Write { offset, data }, Box::new(move |r| f(r.map(|_| ()))))
+    }
+
+    /// [`Image::aio_discard`] with the outcome handed to `f` (see [`Image::aio_read_with`]).
+    pub fn aio_discard_with(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_with(Req::Discard { offset, len }, Box::new(move |r| f(r.map(|_| ()))))
     }
 
     /// Reads `len` bytes at `offset`; never-written ranges read as zeros.
