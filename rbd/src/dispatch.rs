@@ -1,12 +1,14 @@
 //! Object dispatch's engine: keeps an image's object ops within its in-flight budget without a thread of
 //! its own.
 //!
-//! An image request arrives as a list of per-object compound ops ([`ObjOp`]). They go into one FIFO per
-//! image; whoever finds the budget free and nobody else sending becomes the *sender* and starts parked ops
-//! (on its own thread) until the FIFO is empty or the budget is used up. A completion that gives budget back
+//! An image request arrives as a list of per-object compound ops ([`ObjOp`]). An op that finds the FIFO
+//! empty, the budget free and nobody else sending starts at once on the caller's thread (the caller becomes
+//! the *sender* for as long as it starts ops); otherwise it is parked in the image's FIFO. The sender keeps
+//! starting parked ops until the FIFO is empty or the budget is used up. A completion that gives budget back
 //! becomes the sender itself when ops are parked and nobody sends, so parked ops leave from the messenger
-//! thread that completed an op, without blocking and without a thread hop. The common case, a submitter that
-//! finds room, costs one uncontended lock and goes straight to the Objecter on the caller's thread.
+//! thread that completed an op, without blocking and without a thread hop. The common case, a submitter
+//! that finds room, takes the image's lock twice (to start, and to see that nothing else is parked) and
+//! goes straight to the Objecter; its completion takes it once more.
 //!
 //! Invariants (asserted or argued where they are used):
 //! - **Budget.** At most `depth` object ops and (unless only one op is in flight) `bytes_max` bytes are in

@@ -9,9 +9,11 @@
 //! - `rbd_data.<id>.<object number, 16 hex>`: the data ([`striper::object_name`]).
 //!
 //! I/O: an image request is mapped by the [`Layout`] to object extents, grouped per object into one compound
-//! op each, and handed to the image's dispatcher thread, which keeps at most `queue_depth` object ops in
-//! flight for the whole image. Completions of object ops run on messenger threads and only copy bytes and
-//! count down; the image request's [`AioCompletion`] fires when its last object op has answered.
+//! op each, and handed to the image's object dispatch (`dispatch.rs`), which keeps at most `queue_depth`
+//! object ops in flight for the whole image: it starts them on the caller's thread, or parks them in a
+//! bounded FIFO that completions drain. Completions of object ops run on messenger threads and only copy
+//! bytes (none for a read of one object extent) and count down; the image request's [`AioCompletion`] (or
+//! the callback of an `aio_*_with` call) fires when its last object op has answered.
 //!
 //! Above object dispatch sit the layers of [`crate::layers`] (write-back cache, read-ahead), chosen by
 //! [`ImageOptions`] at open.
