@@ -834,6 +834,44 @@ mod tests {
     }
 
     #[test]
+    fn a_request_with_more_ops_than_the_fifo_holds_still_goes_through_in_order() {
+        // Goal: a plain submitter whose one request outgrows the FIFO starts what it holds before waiting
+        // (it must never wait as the sender) and finishes. Method: depth 2, parked_max 2, a 9-op request;
+        // once with a fake that answers at once, once with answers released from another thread.
+        for hold in [false, true] {
+            let d = Dispatch::new(FakeSink::new(hold), limits(2, 2, 2, Duration::from_secs(10)));
+            let out = recorder();
+            let stop = Arc::new(AtomicBool::new(false));
+            let answerer = {
+                let (d, stop) = (Arc::clone(&d), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        if d.sink().held() > 0 {
+                            d.sink().release(0);
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            };
+            let names: Vec<String> = (0..9).map(|i| format!("o{i}")).collect();
+            let d2 = Arc::clone(&d);
+            let (ops, out2) = (names.iter().map(|n| wop(n, 1)).collect(), Arc::clone(&out));
+            within_5s("the big submission", move || d2.submit(ops, 0, into(&out2, 0)));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while outcome(&out, 0).is_none() {
+                assert!(Instant::now() < deadline, "the request never completed (hold {hold})");
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::Release);
+            answerer.join().unwrap();
+            assert_eq!(outcome(&out, 0), Some(Ok(Bytes::new())));
+            assert_eq!(d.sink().started(), names);
+            assert!(d.sink().0.lock().inflight_max_seen <= 2);
+        }
+    }
+
+    #[test]
     fn the_byte_budget_bounds_bytes_in_flight_and_a_larger_op_goes_alone() {
         // Goal: the Objecter's byte rule holds per image: at most bytes_max in flight unless one op is
         // larger, which then goes alone. Method: 10 000-byte budget, 4096-byte ops and a 50 000-byte op.
