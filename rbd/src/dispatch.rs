@@ -17,8 +17,9 @@
 //!   messenger thread. (The Objecter drops an op from its budget before it runs the op's callback, and we
 //!   count an op in flight from before `aio_operate` until its callback, so the Objecter's ops from this
 //!   image are always a subset of ours.)
-//! - **Order.** Object ops start in the order they were parked: only the sender pops the FIFO, there is one
-//!   sender at a time, and a new op never skips ahead of parked ones. So two requests from one submitter
+//! - **Order.** Object ops start in the order they were submitted: only the sender starts ops, there is one
+//!   sender at a time, it pops the FIFO in order, and a new op starts directly only when nothing is parked
+//!   and nobody sends (otherwise it is parked behind the rest). So two requests from one submitter
 //!   reach the Objecter in the order they were submitted, as with the former dispatcher thread, and the
 //!   Objecter keeps per-object order from there.
 //! - **Progress.** When the FIFO is non-empty, either a sender is running or the head does not fit the
