@@ -133,6 +133,24 @@ options! {
     rados_mon_op_timeout: f64 = 30.0;
     /// Seconds between a client's keepalives to the monitor.
     mon_client_ping_interval: f64 = 10.0;
+    /// Open images with librbd's write-back cache (writethrough until the first flush, see below).
+    rbd_cache: bool = true;
+    /// Cache size, bytes; it bounds rbd_cache_max_dirty (no clean data is cached).
+    rbd_cache_size: u64 = 32 << 20;
+    /// Writers block above this many dirty plus in-flight write-back bytes (0 = writethrough; <= rbd_cache_size).
+    rbd_cache_max_dirty: u64 = 24 << 20;
+    /// Write-back starts when dirty bytes exceed this, bytes (at most rbd_cache_max_dirty).
+    rbd_cache_target_dirty: u64 = 16 << 20;
+    /// Dirty data older than this is written back, seconds.
+    rbd_cache_max_dirty_age: f64 = 1.0;
+    /// Write through until the guest's first flush (a guest that never flushes may not expect write-back).
+    rbd_cache_writethrough_until_flush: bool = true;
+    /// Largest read-ahead window, bytes (0 = no read-ahead).
+    rbd_readahead_max_bytes: u64 = 512 << 10;
+    /// Sequential reads in a row before read-ahead starts.
+    rbd_readahead_trigger_requests: u32 = 10;
+    /// Read-ahead switches off for an open image after this many bytes read through it (0 = never).
+    rbd_readahead_disable_after_bytes: u64 = 50 << 20;
     /// Log filter for daemons (tracing-subscriber syntax, e.g. "info" or "messenger=debug,info").
     log_level: String = "info".to_string();
 }
@@ -309,5 +327,39 @@ mod tests {
             assert!(!o.help.is_empty(), "{} has no help", o.name);
         }
         assert!(OPTIONS.iter().any(|o| o.name == "osd_heartbeat_grace" && o.default == "20.0"));
+    }
+
+    #[test]
+    fn rbd_options_have_cephs_names_and_are_typed() {
+        // Goal: librbd's options are settable under Ceph's names and refuse values of the wrong type.
+        // Method: set each kind, then bad values.
+        let mut c = Config::default();
+        assert!(c.rbd_cache && c.rbd_cache_writethrough_until_flush);
+        assert_eq!(
+            (c.rbd_cache_size, c.rbd_cache_max_dirty, c.rbd_cache_target_dirty),
+            (32 << 20, 24 << 20, 16 << 20)
+        );
+        c.set("rbd_cache", "false").unwrap();
+        c.set("rbd_cache_max_dirty_age", "0.5").unwrap();
+        c.set("rbd_readahead_trigger_requests", "4").unwrap();
+        c.set("rbd_readahead_disable_after_bytes", "0").unwrap();
+        assert!(!c.rbd_cache);
+        assert_eq!(c.rbd_cache_max_dirty_age, 0.5);
+        assert_eq!((c.rbd_readahead_trigger_requests, c.rbd_readahead_disable_after_bytes), (4, 0));
+        assert!(matches!(c.set("rbd_cache", "maybe"), Err(ConfigError::BadValue { .. })));
+        assert!(matches!(c.set("rbd_cache_size", "-1"), Err(ConfigError::BadValue { .. })));
+        for name in [
+            "rbd_cache",
+            "rbd_cache_size",
+            "rbd_cache_max_dirty",
+            "rbd_cache_target_dirty",
+            "rbd_cache_max_dirty_age",
+            "rbd_cache_writethrough_until_flush",
+            "rbd_readahead_max_bytes",
+            "rbd_readahead_trigger_requests",
+            "rbd_readahead_disable_after_bytes",
+        ] {
+            assert!(OPTIONS.iter().any(|o| o.name == name), "{name} is not in OPTIONS");
+        }
     }
 }

@@ -9,9 +9,11 @@
 //! - `rbd_data.<id>.<object number, 16 hex>`: the data ([`striper::object_name`]).
 //!
 //! I/O: an image request is mapped by the [`Layout`] to object extents, grouped per object into one compound
-//! op each, and handed to the image's dispatcher thread, which keeps at most `queue_depth` object ops in
-//! flight for the whole image. Completions of object ops run on messenger threads and only copy bytes and
-//! count down; the image request's [`AioCompletion`] fires when its last object op has answered.
+//! op each, and handed to the image's object dispatch (`dispatch.rs`), which keeps at most `queue_depth`
+//! object ops in flight for the whole image: it starts them on the caller's thread, or parks them in a
+//! bounded FIFO that completions drain. Completions of object ops run on messenger threads and only copy
+//! bytes (none for a read of one object extent) and count down; the image request's [`AioCompletion`] (or
+//! the callback of an `aio_*_with` call) fires when its last object op has answered.
 //!
 //! Above object dispatch sit the layers of [`crate::layers`] (write-back cache, read-ahead), chosen by
 //! [`ImageOptions`] at open.
@@ -21,16 +23,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
+use rados::config::{secs, Config};
 use rados::objecter::{IoCtx, ObjectOperation, Objecter, OpReply, RadosError};
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch::{
+    Dispatch, Limits, ObjOp, ObjectSink, OnDone, CALLBACK_PARKED_OPS_MAX, PARKED_OPS_MAX, SUBMIT_WAIT_MAX,
+};
 use crate::layers::{Cache, CacheOptions, Done, Layer, Readahead, ReadaheadOptions, Req};
 use crate::striper::{self, Layout, LayoutError, ObjectExtent};
 
@@ -50,8 +54,6 @@ pub const FEATURE_STRIPINGV2: u64 = 2;
 pub const QUEUE_DEPTH_DEFAULT: usize = 32;
 /// Steps per compound op: well below the OSD's 256 so one op never gets refused.
 const STEPS_PER_OP_MAX: usize = 64;
-/// Image requests waiting for the dispatcher; submitters block when it is full.
-const REQUEST_QUEUE_MAX: usize = 1024;
 /// Header read-modify-write attempts before giving up (each failure means another client won a race).
 const HEADER_RETRIES_MAX: u32 = 100;
 /// Directory pages when listing.
@@ -81,6 +83,10 @@ pub enum RbdError {
     Corrupt { object: String, why: String },
     #[error("the image handle is closed")]
     Closed,
+    #[error("too many object ops queued ({parked_ops} parked; waited {waited_ms} ms for room)")]
+    QueueFull { parked_ops: usize, waited_ms: u64 },
+    #[error("bad value for option {option}: {why}")]
+    BadOption { option: &'static str, why: String },
     #[error("rados: {0}")]
     Rados(RadosError),
 }
@@ -292,12 +298,24 @@ fn trim_ops(id: &str, layout: &Layout, old_size: u64, new_size: u64) -> Vec<(Str
 pub struct Rbd {
     io: IoCtx,
     queue_depth: usize,
+    objecter: ObjecterBudget,
 }
 
 impl Rbd {
     /// Fails with [`RbdError::NoSuchPool`] if the pool does not exist.
     pub fn new(objecter: &Arc<Objecter>, pool: &str) -> Result<Rbd> {
-        Ok(Rbd { io: objecter.ioctx(pool)?, queue_depth: QUEUE_DEPTH_DEFAULT })
+        Ok(Rbd {
+            io: objecter.ioctx(pool)?,
+            queue_depth: QUEUE_DEPTH_DEFAULT,
+            objecter: ObjecterBudget::default(),
+        })
+    }
+
+    /// The in-flight budget of the Objecter under this handle (default: the config defaults); images
+    /// opened from here keep their own budget within it (see [`ObjecterBudget`]).
+    pub fn with_objecter_budget(mut self, budget: ObjecterBudget) -> Rbd {
+        self.objecter = budget;
+        self
     }
 
     /// Object ops in flight per image request or management call (at least 1).
@@ -429,7 +447,8 @@ impl Rbd {
     pub fn open_with(&self, name: &str, opts: ImageOptions) -> Result<Image> {
         let id = self.image_id(name)?;
         let (header, version) = self.read_header(&id, name)?;
-        Image::start(self.io.clone(), name.to_string(), id, header, version, self.queue_depth, opts)
+        let limits = self.objecter.dispatch_limits(self.queue_depth);
+        Image::start(self.io.clone(), name.to_string(), id, header, version, limits, opts)
     }
 
     pub fn info(&self, name: &str) -> Result<ImageInfo> {
@@ -512,25 +531,13 @@ fn info_of(name: &str, id: &str, h: &Header) -> ImageInfo {
     }
 }
 
-/// What an image request's object op does when it answers.
-enum OnDone {
-    /// Copies each read step's bytes to its buffer offset; an absent object or short read leaves zeros.
-    Read(Vec<ObjectExtent>),
-    /// A write: any error fails the request.
-    Write,
-    /// Discard-type ops: an absent object is fine.
-    AbsentOk,
-}
-
-struct ObjOp {
-    oid: String,
-    op: ObjectOperation,
-    on_done: OnDone,
-}
-
 /// Groups object extents per object (first-appearance order) and chunks them into ops of at most
 /// [`STEPS_PER_OP_MAX`] steps.
-fn group_extents(extents: &[ObjectExtent]) -> Vec<(u64, Vec<ObjectExtent>)> {
+fn group_extents(extents: Vec<ObjectExtent>) -> Vec<(u64, Vec<ObjectExtent>)> {
+    // The common request (4K inside one object) is one extent: no map, and the striper's vector is reused.
+    if let [e] = extents.as_slice() {
+        return vec![(e.object_no, extents)];
+    }
     let mut order: Vec<u64> = Vec::new();
     let mut per: BTreeMap<u64, Vec<ObjectExtent>> = BTreeMap::new();
     for e in extents {
@@ -539,7 +546,7 @@ fn group_extents(extents: &[ObjectExtent]) -> Vec<(u64, Vec<ObjectExtent>)> {
                 order.push(e.object_no);
                 Vec::new()
             })
-            .push(*e);
+            .push(e);
     }
     let mut out = Vec::new();
     for n in order {
@@ -671,124 +678,6 @@ impl<T> AioCompletion<T> {
     }
 }
 
-/// Per image request: object ops outstanding and, for reads, the buffer being filled.
-struct ReqState<T> {
-    pending: usize,
-    buf: Vec<u8>,
-    err: Option<RbdError>,
-    finish: Option<Box<dyn FnOnce(Vec<u8>) -> T + Send>>,
-    done: Option<Box<dyn FnOnce(Result<T>) + Send>>,
-}
-
-/// The dispatcher's work item: type-erased so reads and writes share the queue.
-type Job = Box<dyn FnOnce(&Dispatch) + Send>;
-
-/// Bounds object ops in flight for the whole image.
-struct Depth {
-    inflight: Mutex<usize>,
-    cv: Condvar,
-    max: usize,
-}
-
-impl Depth {
-    fn acquire(&self) {
-        let mut g = self.inflight.lock();
-        while *g >= self.max {
-            self.cv.wait(&mut g);
-        }
-        *g += 1;
-    }
-
-    fn release(&self) {
-        let mut g = self.inflight.lock();
-        assert!(*g > 0);
-        *g -= 1;
-        self.cv.notify_one();
-    }
-}
-
-struct Dispatch {
-    io: IoCtx,
-    depth: Arc<Depth>,
-}
-
-impl Dispatch {
-    /// Submits every object op of one image request; the last answer completes `slot`.
-    fn submit<T: Send + 'static>(
-        &self,
-        ops: Vec<ObjOp>,
-        buf_len: usize,
-        finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
-        done: Box<dyn FnOnce(Result<T>) + Send>,
-    ) {
-        if ops.is_empty() {
-            done(Ok(finish(vec![0; buf_len])));
-            return;
-        }
-        let st = Arc::new(Mutex::new(ReqState {
-            pending: ops.len(),
-            buf: vec![0; buf_len],
-            err: None,
-            finish: Some(finish),
-            done: Some(done),
-        }));
-        for o in ops {
-            self.depth.acquire();
-            let st2 = Arc::clone(&st);
-            let depth = Arc::clone(&self.depth);
-            let on_done = o.on_done;
-            match self.io.aio_operate(&o.oid, o.op) {
-                Ok(c) => c.on_complete(move |r| {
-                    depth.release();
-                    object_done(&st2, on_done, r);
-                }),
-                Err(e) => {
-                    self.depth.release();
-                    object_done(&st2, on_done, Err(e));
-                }
-            }
-        }
-    }
-}
-
-/// Runs on a messenger thread: copy, count down, and complete the image request after its last op.
-fn object_done<T>(st: &Mutex<ReqState<T>>, on_done: OnDone, r: Result<OpReply, RadosError>) {
-    let mut g = st.lock();
-    let err = match (on_done, r) {
-        (OnDone::Read(pieces), Ok(reply)) => {
-            let mut err = None;
-            for (i, p) in pieces.iter().enumerate() {
-                match reply.data(i) {
-                    Ok(d) => {
-                        let n = d.len().min(p.len as usize);
-                        let at = p.buffer_offset as usize;
-                        g.buf[at..at + n].copy_from_slice(&d[..n]);
-                    }
-                    Err(e) => err = Some(e.into()),
-                }
-            }
-            err
-        }
-        (OnDone::Read(_) | OnDone::AbsentOk, Err(RadosError::NotFound)) => None,
-        (_, Ok(_)) => None,
-        (_, Err(e)) => Some(RbdError::from(e)),
-    };
-    if let Some(e) = err {
-        g.err.get_or_insert(e);
-    }
-    g.pending -= 1;
-    if g.pending == 0 {
-        let buf = std::mem::take(&mut g.buf);
-        let r = match g.err.take() {
-            Some(e) => Err(e),
-            None => Ok((g.finish.take().expect("finished once"))(buf)),
-        };
-        let done = g.done.take().expect("completed once");
-        drop(g);
-        done(r);
-    }
-}
-
 struct Shared {
     header: Header,
     version: u64,
@@ -796,52 +685,38 @@ struct Shared {
 }
 
 /// The bottom layer: maps image extents to per-object compound ops and hands them to the image's
-/// dispatcher thread.
-struct ObjectDispatch {
+/// [`Dispatch`] (its in-flight budget and FIFO; see `dispatch.rs`).
+pub(crate) struct ObjectDispatch<S> {
     id: String,
     shared: Arc<Mutex<Shared>>,
-    tx: Mutex<Option<mpsc::SyncSender<Job>>>,
+    dispatch: Arc<Dispatch<S>>,
 }
 
-impl ObjectDispatch {
-    fn enqueue<T: Send + 'static>(
-        &self,
-        ops: Vec<ObjOp>,
-        buf_len: usize,
-        finish: Box<dyn FnOnce(Vec<u8>) -> T + Send>,
-        done: Box<dyn FnOnce(Result<T>) + Send>,
-    ) {
-        let Some(tx) = self.tx.lock().clone() else { return done(Err(RbdError::Closed)) };
-        // A full queue blocks the submitter (backpressure); a stopped dispatcher hands the job back.
-        if let Err(mpsc::SendError(job)) =
-            tx.send(Box::new(move |d: &Dispatch| d.submit(ops, buf_len, finish, done)))
-        {
-            drop(job);
-        }
-    }
-
+impl<S: ObjectSink> ObjectDispatch<S> {
     fn read_ops(&self, layout: &Layout, offset: u64, len: u64) -> Vec<ObjOp> {
         let extents = layout.map_extent(offset, len).expect("checked against the size");
-        group_extents(&extents)
+        group_extents(extents)
             .into_iter()
             .map(|(n, pieces)| {
                 let op =
                     pieces.iter().fold(ObjectOperation::new(), |op, p| op.read(p.offset_in_object, p.len));
-                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Read(pieces) }
+                let bytes = pieces.iter().map(|p| p.len).sum();
+                ObjOp { oid: striper::object_name(&self.id, n), op, bytes, on_done: OnDone::Read(pieces) }
             })
             .collect()
     }
 
     fn write_ops(&self, layout: &Layout, offset: u64, data: &Bytes) -> Vec<ObjOp> {
         let extents = layout.map_extent(offset, data.len() as u64).expect("checked against the size");
-        group_extents(&extents)
+        group_extents(extents)
             .into_iter()
             .map(|(n, pieces)| {
                 let op = pieces.iter().fold(ObjectOperation::new(), |op, p| {
                     let at = p.buffer_offset as usize;
                     op.write(p.offset_in_object, data.slice(at..at + p.len as usize))
                 });
-                ObjOp { oid: striper::object_name(&self.id, n), op, on_done: OnDone::Write }
+                let bytes = pieces.iter().map(|p| p.len).sum();
+                ObjOp { oid: striper::object_name(&self.id, n), op, bytes, on_done: OnDone::Write }
             })
             .collect()
     }
@@ -864,6 +739,8 @@ impl ObjectDispatch {
                 ops.push(ObjOp {
                     oid: striper::object_name(&self.id, n),
                     op: discard_op(os, c),
+                    // Removes, zeros and truncates carry no payload: the Objecter charges them nothing.
+                    bytes: 0,
                     on_done: OnDone::AbsentOk,
                 });
             }
@@ -872,7 +749,7 @@ impl ObjectDispatch {
     }
 }
 
-impl Layer for ObjectDispatch {
+impl<S: ObjectSink> Layer for ObjectDispatch<S> {
     fn submit(&self, req: Req, done: Done) {
         let layout = {
             let s = self.shared.lock();
@@ -889,15 +766,15 @@ impl Layer for ObjectDispatch {
         match req {
             Req::Read { offset, len } => {
                 let ops = self.read_ops(&layout, offset, len);
-                self.enqueue(ops, len as usize, Box::new(Bytes::from), done)
+                self.dispatch.submit(ops, len as usize, done)
             }
             Req::Write { offset, data } => {
                 let ops = self.write_ops(&layout, offset, &data);
-                self.enqueue(ops, 0, Box::new(|_| Bytes::new()), done)
+                self.dispatch.submit(ops, 0, done)
             }
             Req::Discard { offset, len } => {
                 let ops = self.discard_ops(&layout, offset, len);
-                self.enqueue(ops, 0, Box::new(|_| Bytes::new()), done)
+                self.dispatch.submit(ops, 0, done)
             }
         }
     }
@@ -916,6 +793,43 @@ pub struct ImageOptions {
     pub readahead: ReadaheadOptions,
 }
 
+/// The Objecter's in-flight budget (`objecter_inflight_ops`, `objecter_inflight_op_bytes`).
+///
+/// Object dispatch starts parked ops from messenger threads, where `aio_operate` must not wait for room
+/// in the Objecter's budget. It cannot wait while this image's own budget (queue depth, and these bytes) is
+/// within the Objecter's and the image is the Objecter's only user, which is how the `rbd` tool and the NBD
+/// server run. Images sharing an Objecter with other busy users should leave it headroom (a lower queue
+/// depth): the Objecter then waits, bounded by its own timeout, but on a messenger thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjecterBudget {
+    pub ops_max: usize,
+    pub bytes_max: u64,
+}
+
+impl Default for ObjecterBudget {
+    fn default() -> Self {
+        ObjecterBudget::from_config(&Config::default())
+    }
+}
+
+impl ObjecterBudget {
+    /// The budget an Objecter built from `c` has.
+    pub fn from_config(c: &Config) -> ObjecterBudget {
+        ObjecterBudget { ops_max: c.objecter_inflight_ops.max(1), bytes_max: c.objecter_inflight_op_bytes }
+    }
+
+    /// The object dispatch budget of an image with queue depth `depth`: within this one.
+    fn dispatch_limits(&self, depth: usize) -> Limits {
+        Limits {
+            depth: depth.min(self.ops_max).max(1),
+            bytes_max: self.bytes_max,
+            parked_max: PARKED_OPS_MAX,
+            callback_parked_max: CALLBACK_PARKED_OPS_MAX,
+            wait_max: SUBMIT_WAIT_MAX,
+        }
+    }
+}
+
 impl ImageOptions {
     /// No cache and no read-ahead: every call goes straight to object dispatch.
     pub fn uncached() -> ImageOptions {
@@ -923,6 +837,45 @@ impl ImageOptions {
             cache: CacheOptions { enabled: false, ..Default::default() },
             readahead: ReadaheadOptions { enabled: false, ..Default::default() },
         }
+    }
+
+    /// The options the config's `rbd_cache*` and `rbd_readahead_*` give. Refuses
+    /// Ceph's constraints broken: `rbd_cache_max_dirty <= rbd_cache_size`, and with a write-back cache
+    /// `rbd_cache_target_dirty <= rbd_cache_max_dirty`.
+    pub fn from_config(c: &Config) -> Result<ImageOptions> {
+        let bad = |option: &'static str, why: String| Err(RbdError::BadOption { option, why });
+        if c.rbd_cache_max_dirty > c.rbd_cache_size {
+            return bad(
+                "rbd_cache_max_dirty",
+                format!("{} is above rbd_cache_size {}", c.rbd_cache_max_dirty, c.rbd_cache_size),
+            );
+        }
+        if c.rbd_cache_max_dirty > 0 && c.rbd_cache_target_dirty > c.rbd_cache_max_dirty {
+            return bad(
+                "rbd_cache_target_dirty",
+                format!(
+                    "{} is above rbd_cache_max_dirty {}",
+                    c.rbd_cache_target_dirty, c.rbd_cache_max_dirty
+                ),
+            );
+        }
+        Ok(ImageOptions {
+            cache: CacheOptions {
+                enabled: c.rbd_cache,
+                size_bytes: c.rbd_cache_size,
+                max_dirty_bytes: c.rbd_cache_max_dirty,
+                target_dirty_bytes: c.rbd_cache_target_dirty,
+                max_dirty_age: secs(c.rbd_cache_max_dirty_age),
+                writethrough_until_flush: c.rbd_cache_writethrough_until_flush,
+            },
+            readahead: ReadaheadOptions {
+                // As Ceph: a zero window turns read-ahead off.
+                enabled: c.rbd_readahead_max_bytes > 0,
+                trigger_requests: c.rbd_readahead_trigger_requests,
+                max_bytes: c.rbd_readahead_max_bytes,
+                disable_after_bytes: c.rbd_readahead_disable_after_bytes,
+            },
+        })
     }
 }
 
@@ -935,16 +888,36 @@ pub struct Image {
     id: String,
     shared: Arc<Mutex<Shared>>,
     queue_depth: usize,
-    dispatch: Arc<ObjectDispatch>,
+    dispatch: Arc<Dispatch<IoCtx>>,
     cache: Option<Arc<Cache>>,
     top: Arc<dyn Layer>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    opts: ImageOptions,
 }
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Image({:?} id {})", self.name.lock(), self.id)
     }
+}
+
+/// An image's layers: the top of the stack, and the cache if there is one.
+type Stack = (Arc<dyn Layer>, Option<Arc<Cache>>);
+
+/// The layer stack over object dispatch, as [`ImageOptions`] ask.
+fn build_stack<S: ObjectSink>(od: Arc<ObjectDispatch<S>>, opts: &ImageOptions) -> Result<Stack> {
+    let shared = Arc::clone(&od.shared);
+    let id = od.id.clone();
+    let mut top: Arc<dyn Layer> = od;
+    if opts.readahead.enabled {
+        top = Arc::new(Readahead::new(opts.readahead, top, Box::new(move || shared.lock().header.size)));
+    }
+    let mut cache = None;
+    if opts.cache.enabled {
+        let c = Arc::new(Cache::start(opts.cache, Arc::clone(&top), &id)?);
+        top = Arc::clone(&c) as Arc<dyn Layer>;
+        cache = Some(c);
+    }
+    Ok((top, cache))
 }
 
 impl Image {
@@ -954,58 +927,39 @@ impl Image {
         id: String,
         header: Header,
         version: u64,
-        depth: usize,
+        limits: Limits,
         opts: ImageOptions,
     ) -> Result<Image> {
         let layout = header.layout()?;
-        let (tx, rx) = mpsc::sync_channel::<Job>(REQUEST_QUEUE_MAX);
-        let dispatch = Dispatch {
-            io: io.clone(),
-            depth: Arc::new(Depth { inflight: Mutex::new(0), cv: Condvar::new(), max: depth.max(1) }),
-        };
-        let worker = std::thread::Builder::new()
-            .name(format!("rbd-{id}"))
-            .spawn(move || {
-                for job in rx {
-                    job(&dispatch);
-                }
-            })
-            .map_err(|e| RbdError::Rados(RadosError::Io(format!("spawning the dispatcher: {e}"))))?;
+        let dispatch = Dispatch::new(io.clone(), limits);
         let shared = Arc::new(Mutex::new(Shared { header, version, layout }));
         let od = Arc::new(ObjectDispatch {
             id: id.clone(),
             shared: Arc::clone(&shared),
-            tx: Mutex::new(Some(tx)),
+            dispatch: Arc::clone(&dispatch),
         });
-        let mut top: Arc<dyn Layer> = Arc::clone(&od) as Arc<dyn Layer>;
-        if opts.readahead.enabled {
-            let sh = Arc::clone(&shared);
-            top = Arc::new(Readahead::new(opts.readahead, top, Box::new(move || sh.lock().header.size)));
-        }
-        let mut cache = None;
-        if opts.cache.enabled {
-            let c = match Cache::start(opts.cache, Arc::clone(&top), &id) {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    drop(od.tx.lock().take());
-                    let _ = worker.join();
-                    return Err(e);
-                }
-            };
-            top = Arc::clone(&c) as Arc<dyn Layer>;
-            cache = Some(c);
-        }
+        let (top, cache) = build_stack(od, &opts)?;
         Ok(Image {
             io,
             name: Mutex::new(name),
             id,
             shared,
-            queue_depth: depth.max(1),
-            dispatch: od,
+            queue_depth: limits.depth,
+            dispatch,
             cache,
             top,
-            worker: Mutex::new(Some(worker)),
+            opts,
         })
+    }
+
+    /// The options the image was opened with.
+    pub fn options(&self) -> &ImageOptions {
+        &self.opts
+    }
+
+    /// Object ops in flight at most (the queue depth, within the Objecter's budget).
+    pub fn queue_depth(&self) -> usize {
+        self.queue_depth
     }
 
     pub fn id(&self) -> &str {
@@ -1106,19 +1060,58 @@ impl Image {
         }
     }
 
+    /// Starts a request whose outcome goes to `done`, on the thread that completes it.
+    fn submit_with(&self, req: Req, done: Done) -> Result<()> {
+        let (offset, len) = req.range();
+        self.check_range(offset, len)?;
+        if self.dispatch.is_closed() {
+            return Err(RbdError::Closed);
+        }
+        self.top.submit(req, done);
+        Ok(())
+    }
+
     fn submit<T: Send + 'static>(
         &self,
         req: Req,
         map: impl FnOnce(Bytes) -> T + Send + 'static,
     ) -> Result<AioCompletion<T>> {
-        let (offset, len) = req.range();
-        self.check_range(offset, len)?;
-        if self.dispatch.tx.lock().is_none() {
-            return Err(RbdError::Closed);
-        }
         let (c, slot) = AioCompletion::new();
-        self.top.submit(req, Box::new(move |r| slot.complete(r.map(map))));
+        self.submit_with(req, Box::new(move |r| slot.complete(r.map(map))))?;
         Ok(c)
+    }
+
+    /// [`Image::aio_read`] with the outcome handed to `f` instead of an [`AioCompletion`]: no completion
+    /// slot to allocate and lock per request (the NBD server's path). `f` runs exactly once, on the thread
+    /// that completes the request (a messenger thread, or this one when it completes at once), so it must
+    /// not block. On `Err` nothing was started and `f` is dropped unrun.
+    pub fn aio_read_with(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(Result<Bytes>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_with(Req::Read { offset, len }, Box::new(f))
+    }
+
+    /// [`Image::aio_write`] with the outcome handed to `f` (see [`Image::aio_read_with`]).
+    pub fn aio_write_with(
+        &self,
+        offset: u64,
+        data: Bytes,
+        f: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_with(Req::Write { offset, data }, Box::new(move |r| f(r.map(|_| ()))))
+    }
+
+    /// [`Image::aio_discard`] with the outcome handed to `f` (see [`Image::aio_read_with`]).
+    pub fn aio_discard_with(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_with(Req::Discard { offset, len }, Box::new(move |r| f(r.map(|_| ()))))
     }
 
     /// Reads `len` bytes at `offset`; never-written ranges read as zeros.
@@ -1174,18 +1167,17 @@ impl Image {
         self.cache.as_ref().map_or(0, |c| c.state().held_bytes())
     }
 
-    /// Flushes the cache, waits for queued requests to be submitted and stops the dispatcher. Requests
-    /// already submitted still complete. Later calls fail with [`RbdError::Closed`].
+    /// Flushes the cache, refuses further requests and waits (bounded) until every object op parked for
+    /// budget has been started; ops still parked then fail with [`RbdError::Closed`]. Requests already
+    /// started still complete. Later calls fail with [`RbdError::Closed`]. From a completion callback it
+    /// does not wait for parked ops (they still start as budget frees up).
     pub fn close(&self) {
         if let Some(c) = &self.cache {
             if let Err(e) = c.close() {
                 tracing::error!(image = %self.id, error = %e, "flushing the cache on close failed");
             }
         }
-        drop(self.dispatch.tx.lock().take());
-        if let Some(w) = self.worker.lock().take() {
-            let _ = w.join();
-        }
+        self.dispatch.close();
     }
 
     /// Stops the handle as a crash would: dirty cached data is dropped, not written back (for tests of
@@ -1317,7 +1309,7 @@ mod tests {
         // together hold every piece exactly once. Method: 4K stripe unit, 1M objects, a 40 MiB extent.
         let layout = Layout::new(1 << 20, 4096, 2).unwrap();
         let ext = layout.map_extent(12_345, 40 << 20).unwrap();
-        let groups = group_extents(&ext);
+        let groups = group_extents(ext.clone());
         let mut seen: Vec<ObjectExtent> = Vec::new();
         for (n, pieces) in &groups {
             assert!(pieces.len() <= STEPS_PER_OP_MAX);
@@ -1360,5 +1352,186 @@ mod tests {
         let c = c.wait_timeout(Duration::from_millis(1)).unwrap_err();
         std::thread::spawn(move || slot.complete(Ok(3)));
         assert_eq!(c.wait().unwrap(), 3);
+    }
+
+    /// Object dispatch over a fake sink, with the layers `opts` ask for, on an image of `size` bytes.
+    fn stack_over_fake(
+        layout: Layout,
+        size: u64,
+        limits: Limits,
+        hold: bool,
+        opts: &ImageOptions,
+    ) -> (Arc<Dispatch<crate::dispatch::fake::FakeSink>>, Stack) {
+        let header = Header {
+            format: HEADER_FORMAT,
+            size,
+            order: layout.order(),
+            stripe_unit: layout.stripe_unit_bytes(),
+            stripe_count: layout.stripe_count(),
+            features: 0,
+            created_unix_s: 0,
+        };
+        let d = Dispatch::new(crate::dispatch::fake::FakeSink::new(hold), limits);
+        let od = Arc::new(ObjectDispatch {
+            id: "img".into(),
+            shared: Arc::new(Mutex::new(Shared { header, version: 1, layout })),
+            dispatch: Arc::clone(&d),
+        });
+        (d, build_stack(od, opts).unwrap())
+    }
+
+    fn call(l: &dyn Layer, req: Req) -> Result<Bytes> {
+        crate::layers::fake::call(l, req)
+    }
+
+    #[test]
+    fn object_dispatch_maps_reads_to_objects_and_assembles_striped_ones() {
+        // Goal: the bottom layer reads through the sink: a 4K read is one op on the right object, a read
+        // spanning two objects is assembled in image order, a read past the end is refused. Method: 4K
+        // stripe unit over 2 objects of 64K; the fake answers each object's reads with its object number.
+        let layout = Layout::new(64 << 10, 4096, 2).unwrap();
+        let limits = ObjecterBudget::default().dispatch_limits(8);
+        let (d, (top, cache)) = stack_over_fake(layout, 1 << 20, limits, false, &ImageOptions::uncached());
+        assert!(cache.is_none());
+        d.sink().0.lock().answer = Box::new(|oid, ops| {
+            let (_, n) = striper::parse_object_name(oid).unwrap();
+            let outs = ops
+                .iter()
+                .map(|o| match o {
+                    rados::msg::OsdOp::Read { len, .. } => {
+                        rados::objecter::OpOutput::Data(Bytes::from(vec![n as u8 + 1; *len as usize]))
+                    }
+                    _ => rados::objecter::OpOutput::None,
+                })
+                .collect();
+            Ok(OpReply { version: 1, outs })
+        });
+        assert_eq!(call(&*top, Req::Read { offset: 4096, len: 4096 }).unwrap(), vec![2; 4096]);
+        assert_eq!(d.sink().started(), [striper::object_name("img", 1)]);
+        let got = call(&*top, Req::Read { offset: 2048, len: 4096 }).unwrap();
+        assert_eq!(&got[..2048], &[1; 2048]);
+        assert_eq!(&got[2048..], &[2; 2048]);
+        assert!(matches!(
+            call(&*top, Req::Read { offset: 1 << 20, len: 1 }),
+            Err(RbdError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn cache_write_back_started_from_a_completion_callback_progresses_with_the_fifo_full() {
+        // Goal: a layer that submits from inside a completion callback (the cache writing back a write that
+        // a read's callback made) never blocks the completing thread, even with the FIFO full, and its
+        // write-back reaches the sink. Method: depth 1, parked_max 2; a write-back cache whose target is 0
+        // (every cached write goes down at once); three reads fill depth and FIFO; the first read's callback
+        // writes; answering that read must return promptly.
+        let layout = Layout::new(1 << 20, 1 << 20, 1).unwrap();
+        let opts = ImageOptions {
+            cache: CacheOptions {
+                writethrough_until_flush: false,
+                target_dirty_bytes: 0,
+                max_dirty_age: Duration::from_secs(3600),
+                ..CacheOptions::default()
+            },
+            readahead: ReadaheadOptions { enabled: false, ..Default::default() },
+        };
+        let limits = Limits {
+            parked_max: 2,
+            callback_parked_max: 2,
+            wait_max: Duration::from_secs(60),
+            ..ObjecterBudget::default().dispatch_limits(1)
+        };
+        let (d, (top, cache)) = stack_over_fake(layout, 4 << 20, limits, true, &opts);
+        assert!(cache.is_some());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (top2, d2) = (Arc::clone(&top), Arc::clone(&d));
+        let tx2 = tx.clone();
+        top.submit(
+            Req::Read { offset: 0, len: 4096 },
+            Box::new(move |r| {
+                assert!(r.is_ok());
+                // The second read started when this one answered: fill the FIFO again first.
+                let tx4 = tx2.clone();
+                top2.submit(
+                    Req::Read { offset: 2 << 20, len: 4096 },
+                    Box::new(move |r| {
+                        let _ = tx4.send(("read", r.is_ok()));
+                    }),
+                );
+                assert_eq!(d2.stats().parked, 2, "the FIFO is full when the cache writes back");
+                let tx3 = tx2.clone();
+                top2.submit(
+                    Req::Write { offset: 3 << 20, data: Bytes::from(vec![9; 4096]) },
+                    Box::new(move |r| {
+                        let _ = tx3.send(("write", r.is_ok()));
+                    }),
+                );
+            }),
+        );
+        for i in 1..3u64 {
+            let tx = tx.clone();
+            top.submit(
+                Req::Read { offset: i << 20, len: 4096 },
+                Box::new(move |r| {
+                    let _ = tx.send(("read", r.is_ok()));
+                }),
+            );
+        }
+        assert_eq!(d.stats().parked, 2, "the FIFO is full");
+        let (tx_done, rx_done) = std::sync::mpsc::channel();
+        let d2 = Arc::clone(&d);
+        std::thread::spawn(move || {
+            d2.sink().release(0);
+            let _ = tx_done.send(());
+        });
+        rx_done.recv_timeout(Duration::from_secs(5)).expect("the completing thread never blocks");
+        // The write is acknowledged from the cache; its write-back is parked behind the reads.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), ("write", true));
+        assert_eq!(d.stats().parked, 3, "the write-back took the callback room");
+        d.sink().release_all();
+        let oids = d.sink().started();
+        let names: Vec<String> = [0, 1, 2, 2, 3].iter().map(|n| striper::object_name("img", *n)).collect();
+        assert_eq!(oids, names, "three reads, the callback's read, then the write-back");
+        assert_eq!(cache.unwrap().state().held_bytes(), 0, "the write-back answered");
+    }
+
+    #[test]
+    fn image_options_come_from_the_config_with_the_layer_defaults() {
+        // Goal: the config's defaults are the layers' defaults, its values reach the layer stack, and
+        // Ceph's constraints between the cache sizes are enforced. Method: default config, then
+        // rbd_cache=false and rbd_readahead_max_bytes=0 (an uncached stack), then broken constraints.
+        let c = Config::default();
+        let o = ImageOptions::from_config(&c).unwrap();
+        assert_eq!(o, ImageOptions::default());
+        let mut c = Config::default();
+        c.set("rbd_cache", "false").unwrap();
+        c.set("rbd_readahead_max_bytes", "0").unwrap();
+        c.set("rbd_cache_max_dirty_age", "2.5").unwrap();
+        c.set("objecter_inflight_ops", "16").unwrap();
+        let o = ImageOptions::from_config(&c).unwrap();
+        assert!(!o.cache.enabled && !o.readahead.enabled);
+        assert_eq!(o.cache.max_dirty_age, Duration::from_millis(2500));
+        let budget = ObjecterBudget::from_config(&c);
+        assert_eq!(
+            budget.dispatch_limits(32).depth,
+            16,
+            "the queue depth stays within the Objecter's budget"
+        );
+        let layout = Layout::new(1 << 22, 1 << 22, 1).unwrap();
+        let (_, (_, cache)) = stack_over_fake(layout, 1 << 22, budget.dispatch_limits(4), false, &o);
+        assert!(cache.is_none(), "rbd_cache=false gives an uncached image");
+        let mut c = Config::default();
+        c.set("rbd_cache_max_dirty", &(64u64 << 20).to_string()).unwrap();
+        assert!(matches!(
+            ImageOptions::from_config(&c),
+            Err(RbdError::BadOption { option: "rbd_cache_max_dirty", .. })
+        ));
+        let mut c = Config::default();
+        c.set("rbd_cache_target_dirty", &(30u64 << 20).to_string()).unwrap();
+        assert!(matches!(
+            ImageOptions::from_config(&c),
+            Err(RbdError::BadOption { option: "rbd_cache_target_dirty", .. })
+        ));
+        c.set("rbd_cache_max_dirty", "0").unwrap();
+        assert!(ImageOptions::from_config(&c).is_ok(), "writethrough ignores the target");
     }
 }

@@ -14,10 +14,12 @@
 //!   [`nbd::server`], the thin mio shell that serves an `Image` over it (what `rbd map` runs).
 //!
 //! What it deliberately is not: `striper` and the NBD protocol core hold no sockets, threads or clocks
-//! (STYLE.md §2); `nbd::server` is the only socket code here. `image` and `layers` drive the Objecter and own
-//! threads by nature (a dispatcher per open image, a cache flusher). Like every client of the cluster, rbd never
-//! imports mon or osd.
+//! (STYLE.md §2); `nbd::server` is the only socket code here. `image` and `layers` drive the Objecter; the
+//! only thread they own is a cached image's flusher. Object dispatch (`dispatch`) has no thread: object ops
+//! start on the submitter's thread, or on the messenger thread whose completion freed budget. Like every
+//! client of the cluster, rbd never imports mon or osd.
 
+mod dispatch;
 pub mod image;
 pub mod layers;
 pub mod nbd;

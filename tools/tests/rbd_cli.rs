@@ -167,6 +167,30 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
         assert!(b[k].as_f64().is_some_and(|v| v > 0.0), "bench JSON lacks {k}: {b}");
     }
     assert_eq!(b["ops"], 512);
+    assert_eq!(b["rbd_cache"], true, "the cache is on by default: {b}");
+    // The rbd_* options reach the image: the same bench with rbd_cache = false in the config runs uncached,
+    // and an inconsistent cache config is refused before any I/O.
+    let uncached = c.dir.join("uncached.toml");
+    let conf = std::fs::read_to_string(c.conf()).unwrap();
+    std::fs::write(&uncached, format!("{conf}\nrbd_cache = false\nobjecter_inflight_ops = 8\n")).unwrap();
+    let o = run(Command::new(rbd_bin()).arg("--conf").arg(&uncached).args([
+        "bench",
+        "--io-type",
+        "write",
+        "--io-total",
+        "64K",
+        "--format",
+        "json",
+        "rbd/s",
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let u: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!((u["rbd_cache"].as_bool(), u["queue_depth"].as_u64()), (Some(false), Some(8)), "{u}");
+    let bad = c.dir.join("bad-cache.toml");
+    std::fs::write(&bad, format!("{conf}\nrbd_cache_max_dirty = 1000\nrbd_cache_size = 10\n")).unwrap();
+    let o =
+        run(Command::new(rbd_bin()).arg("--conf").arg(&bad).args(["bench", "--io-type", "read", "rbd/s"]));
+    assert!(!o.status.success() && stderr(&o).contains("rbd_cache_max_dirty"), "{}", stderr(&o));
     let plain = ok(&c, &["bench", "--io-type", "readwrite", "--io-total", "1M", "rbd/s"]);
     assert!(plain.contains("SEC       OPS   OPS/SEC   BYTES/SEC") && plain.contains("ops/sec:"), "{plain}");
     fails(&c, &["bench", "--io-type", "read", "--io-size", "0", "rbd/s"], "io-size");

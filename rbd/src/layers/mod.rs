@@ -53,7 +53,9 @@ pub type Done = Box<dyn FnOnce(Result<Bytes>) + Send>;
 /// A layer of the image I/O stack.
 pub trait Layer: Send + Sync {
     /// Starts a request. May block for backpressure (a full queue, a cache over its dirty limit), never on
-    /// the request's own completion.
+    /// the request's own completion. Object dispatch never blocks a submission made from one of its
+    /// completion callbacks (see `dispatch.rs`); the cache's own waits (dirty limit, a discard behind an
+    /// overlapping write-back) still can.
     fn submit(&self, req: Req, done: Done);
     /// Returns once every write acknowledged before the call is on the OSDs.
     fn flush(&self) -> Result<()>;

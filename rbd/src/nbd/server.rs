@@ -2,8 +2,10 @@
 //! [`ServerSession`].
 //!
 //! Requests go to the image's async API and are answered as they complete, out of order: each request's
-//! [`AioCompletion::on_complete`] callback pushes its reply onto [`Replies`] and wakes the loop through a
-//! mio [`Waker`] (only when the queue turns non-empty), so a request costs no thread hand-off of its own.
+//! completion callback ([`Image::aio_read_with`] and friends, which skip the [`crate::image::AioCompletion`]
+//! slot) pushes its reply onto [`Replies`] and wakes the loop through a mio [`Waker`] (only when the queue
+//! turns non-empty), so a request costs no thread hand-off of its own. The image starts the request's
+//! object ops on the loop thread itself (or parks them when the image's queue depth is used up).
 //! Flushes and FUA writes call the blocking [`Image::flush`], which must not run in a completion callback
 //! (an Objecter thread) nor on the loop, so they go to one flush thread; a flush first waits there for the
 //! writes issued before it (see [`WriteTracker`]), which complete through callbacks, never that thread.
@@ -552,19 +554,19 @@ impl Server {
             let _ = c.session.reply(id, Err(to_nbd(&e)));
         };
         match kind {
-            RequestKind::Read { offset, len } => match img.aio_read(offset, len as u64) {
-                Ok(a) => {
-                    let r = Arc::clone(&self.replies);
-                    a.on_complete(move |res| {
-                        r.push(Done { conn: t, id, result: res.map(Some).map_err(|e| to_nbd(&e)) })
-                    });
+            RequestKind::Read { offset, len } => {
+                let r = Arc::clone(&self.replies);
+                let done = move |res: Result<Bytes, RbdError>| {
+                    r.push(Done { conn: t, id, result: res.map(Some).map_err(|e| to_nbd(&e)) })
+                };
+                if let Err(e) = img.aio_read_with(offset, len as u64, done) {
+                    fail(c, e)
                 }
-                Err(e) => fail(c, e),
-            },
+            }
             RequestKind::Write { offset, data, fua } => {
                 let seq = self.tracker.begin();
-                match img.aio_write(offset, data) {
-                    Ok(a) => a.on_complete(self.write_done(t, id, seq, fua)),
+                match img.aio_write_with(offset, data, self.write_done(t, id, seq, fua)) {
+                    Ok(()) => {}
                     Err(e) => {
                         self.tracker.end(seq);
                         fail(c, e)
@@ -575,8 +577,8 @@ impl Server {
             // is a SHOULD about allocation, not about content, so ignoring it is allowed.
             RequestKind::Trim { offset, len, fua } | RequestKind::WriteZeroes { offset, len, fua, .. } => {
                 let seq = self.tracker.begin();
-                match img.aio_discard(offset, len as u64) {
-                    Ok(a) => a.on_complete(self.write_done(t, id, seq, fua)),
+                match img.aio_discard_with(offset, len as u64, self.write_done(t, id, seq, fua)) {
+                    Ok(()) => {}
                     Err(e) => {
                         self.tracker.end(seq);
                         fail(c, e)

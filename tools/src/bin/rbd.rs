@@ -26,7 +26,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use rados::config::Config;
 use rados::objecter::{ObjectOperation, RadosError};
-use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, Rbd};
+use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, ImageOptions, ObjecterBudget, Rbd};
 use rbd::nbd::server::{ListenAddr, Server};
 use serde::{Deserialize, Serialize};
 use tools::{ClusterClient as Client, Format};
@@ -184,13 +184,23 @@ fn size_arg(what: &str, s: &str) -> Result<u64> {
 }
 
 fn rbd_pool(client: &Client, pool: &str) -> Result<Rbd> {
-    Rbd::new(&client.objecter, pool).map_err(|e| anyhow!("error opening pool {pool}: {e}"))
+    Ok(Rbd::new(&client.objecter, pool)
+        .map_err(|e| anyhow!("error opening pool {pool}: {e}"))?
+        .with_objecter_budget(ObjecterBudget::from_config(&client.cfg)))
 }
 
+/// Opens an image with the cache and read-ahead the config's `rbd_cache*` and `rbd_readahead_*` options
+/// ask for.
 fn open_image(client: &Client, pool: &str, image: &str) -> Result<(Rbd, Image)> {
     let rbd = rbd_pool(client, pool)?;
-    let img = rbd.open(image).map_err(|e| anyhow!("error opening image {pool}/{image}: {e}"))?;
+    let img = rbd
+        .open_with(image, image_options(client)?)
+        .map_err(|e| anyhow!("error opening image {pool}/{image}: {e}"))?;
     Ok((rbd, img))
+}
+
+fn image_options(client: &Client) -> Result<ImageOptions> {
+    ImageOptions::from_config(&client.cfg).map_err(|e| anyhow!("{e}"))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -505,7 +515,9 @@ fn import(client: &Client, file: &str, pool: &str, image: &str) -> Result<()> {
     };
     rbd.create(image, size.unwrap_or(0), CreateOptions::default())
         .map_err(|e| anyhow!("error creating {pool}/{image}: {e}"))?;
-    let img = rbd.open(image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
+    let img = rbd
+        .open_with(image, image_options(client)?)
+        .map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
     let r = (|| -> Result<()> {
         let mut progress = tools::Progress::new("Importing image", size);
         let mut offset = 0u64;
@@ -705,6 +717,7 @@ fn bench(img: &Image, b: &BenchArgs, json: bool) -> Result<()> {
                 "io_threads": b.threads, "io_pattern": format!("{:?}", b.pattern).to_lowercase(),
                 "ops": ops, "elapsed_s": elapsed, "ops_per_s": ops_per_s, "bytes_per_s": bytes_per_s,
                 "lat_us_avg": avg, "lat_us_p99": p99,
+                "rbd_cache": img.options().cache.enabled, "queue_depth": img.queue_depth(),
             })
         );
     } else {
