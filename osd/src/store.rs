@@ -15,7 +15,7 @@
 //! restarted OSD with a MemStore comes back empty and recovers its PGs from its peers.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use bytes::{Bytes, BytesMut};
@@ -344,10 +344,29 @@ struct MemObject {
     omap: BTreeMap<String, Vec<u8>>,
 }
 
+/// One PG's objects: found by hash (every op looks its object up, and benchmark-style names share long
+/// prefixes that make ordered comparisons cost), listed in name order from a separate index kept in step.
 #[derive(Debug, Default)]
 struct MemPg {
-    objects: BTreeMap<String, MemObject>,
+    objects: HashMap<String, MemObject>,
+    names: BTreeSet<String>,
     bytes: u64,
+}
+
+impl MemPg {
+    /// The object, created empty if it does not exist.
+    fn entry(&mut self, name: &str) -> &mut MemObject {
+        if !self.objects.contains_key(name) {
+            self.names.insert(name.to_owned());
+            self.objects.insert(name.to_owned(), MemObject::default());
+        }
+        self.objects.get_mut(name).expect("just made sure it exists")
+    }
+
+    fn remove(&mut self, name: &str) -> Option<MemObject> {
+        self.names.remove(name);
+        self.objects.remove(name)
+    }
 }
 
 type Shard = HashMap<PgId, MemPg>;
@@ -497,16 +516,17 @@ impl MemStore {
         let invariant = "validated: the object exists";
         match op {
             TxOp::Touch { oid } => {
-                mpg.objects.entry(oid.name.clone()).or_default();
+                mpg.entry(&oid.name);
             }
             TxOp::Write { oid, offset, len } => {
                 let data = payload.next().expect("validated: one payload piece per write");
                 assert_eq!(data.len() as u64, *len);
-                let o = mpg.objects.entry(oid.name.clone()).or_default();
+                let o = mpg.entry(&oid.name);
                 let before = o.size;
                 write_chunks(o, *offset, data);
                 o.size = o.size.max(offset + len);
-                mpg.bytes = mpg.bytes + o.size - before;
+                let after = o.size;
+                mpg.bytes = mpg.bytes + after - before;
             }
             TxOp::Zero { oid, offset, len } => {
                 let o = mpg.objects.get_mut(&oid.name).expect(invariant);
@@ -523,7 +543,7 @@ impl MemStore {
                 mpg.bytes = mpg.bytes - before + o.size;
             }
             TxOp::Remove { oid } => {
-                let o = mpg.objects.remove(&oid.name).expect(invariant);
+                let o = mpg.remove(&oid.name).expect(invariant);
                 mpg.bytes -= o.size;
             }
             TxOp::SetAttr { oid, name, len } => {
@@ -789,10 +809,13 @@ impl ObjectStore for MemStore {
             Some(a) => Bound::Excluded(a.to_string()),
             None => Bound::Unbounded,
         };
-        mpg.objects
+        mpg.names
             .range((lower, Bound::Unbounded))
             .take(max)
-            .map(|(n, o)| ListEntry { name: n.clone(), version: o.version.unwrap_or(Eversion::ZERO) })
+            .map(|n| {
+                let version = mpg.objects.get(n).and_then(|o| o.version).unwrap_or(Eversion::ZERO);
+                ListEntry { name: n.clone(), version }
+            })
             .collect()
     }
 
