@@ -10,10 +10,13 @@
 //! 1. [`object_hash`] hashes the object name (Ceph's `ceph_str_hash_rjenkins`, bit for bit);
 //! 2. [`stable_mod`] folds the hash into `0..pg_num` so that growing `pg_num` splits PGs instead of
 //!    reshuffling them ([`object_to_pg`] does both);
-//! 3. [`Placement::raw_osds`] maps the PG to `size` OSDs with straw2, a weighted rendezvous hash, over a
+//! 3. [`Placement::straw2_osds`] maps the PG to `size` OSDs with straw2, a weighted rendezvous hash, over a
 //!    fixed hierarchy root, host, OSD, replicas on distinct hosts: the effect of CRUSH's default rule
 //!    `chooseleaf firstn 0 type host`, though not its output (the draws and the collision handling differ);
-//! 4. [`Placement::up_acting`] drops the OSDs that are down.
+//! 4. [`Placement::raw_osds`] applies the PG's upmap exceptions ([`OsdMap::pg_upmap_items`], Ceph's
+//!    `_apply_upmap`), which the balancer (`crate::balancer`) writes because hashing alone cannot spread
+//!    128 PGs evenly;
+//! 5. [`Placement::up_acting`] drops the OSDs that are down.
 
 use std::collections::BTreeMap;
 
@@ -175,7 +178,52 @@ impl<'m> Placement<'m> {
         Placement { map, hosts, osds }
     }
 
-    /// The PG's OSDs, primary first, before removing those that are down (Ceph's "raw" set).
+    /// The PG's OSDs, primary first, before removing those that are down: the straw2 set with the PG's
+    /// upmap items applied (Ceph's `pg_to_raw_upmap`).
+    ///
+    /// Each `(from, to)` item, in order, replaces `from` with `to` in the set built so far, and is ignored
+    /// unless `from` is in that set, `to` exists, is in with weight > 0 and is not in the set yet, and the
+    /// set spans no fewer distinct hosts afterwards (so replicas on distinct hosts stay on distinct hosts).
+    /// Ceph ignores an inapplicable item the same way; the failure-domain check is ours (Ceph leaves it to
+    /// the balancer that wrote the item). Ignoring instead of failing keeps placement total: an item that
+    /// names an OSD since marked out or purged just stops applying, with no epoch in between.
+    pub fn raw_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
+        let mut set = self.straw2_osds(pg)?;
+        if let Some(items) = self.map.pg_upmap_items.get(&pg) {
+            for &(from, to) in items {
+                if let Some(index) = set.iter().position(|&osd| osd == from) {
+                    if self.upmap_target_ok(&set, index, to) {
+                        set[index] = to;
+                    }
+                }
+            }
+        }
+        debug_assert!(set.iter().enumerate().all(|(i, osd)| !set[..i].contains(osd)));
+        Ok(set)
+    }
+
+    /// Whether replacing `set[index]` with `to` is a valid upmap step: `to` is eligible, not in the set
+    /// already, and the set keeps at least as many distinct hosts.
+    pub(crate) fn upmap_target_ok(&self, set: &[OsdId], index: usize, to: OsdId) -> bool {
+        let Some(info) = self.map.osds.get(&to) else { return false };
+        if !info.in_ || info.weight == 0 || set.contains(&to) {
+            return false;
+        }
+        let map: &'m OsdMap = self.map;
+        let host = |osd: OsdId| map.osds.get(&osd).map(|info| info.host.as_str());
+        let others: Vec<Option<&str>> =
+            set.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, &osd)| host(osd)).collect();
+        // Distinct hosts before and after: only the replaced member's host can leave, only `to`'s arrive.
+        let distinct = |extra: Option<&str>| {
+            let mut hosts: Vec<Option<&str>> = others.iter().copied().chain([extra]).collect();
+            hosts.sort_unstable();
+            hosts.dedup();
+            hosts.len()
+        };
+        distinct(Some(info.host.as_str())) >= distinct(host(set[index]))
+    }
+
+    /// The PG's OSDs by straw2 alone, before upmap items (Ceph's "raw" CRUSH output).
     ///
     /// Replica `rank` goes to the host that wins a straw2 draw over the hosts not used yet, then to the
     /// OSD of that host that wins a straw2 draw among its OSDs. When there are fewer hosts than replicas,
@@ -190,7 +238,7 @@ impl<'m> Placement<'m> {
     ///   changes only slot 0 instead of shifting every slot down.
     /// - The OSD within a host is drawn with a fixed rank, so a host that moves from one rank to another
     ///   keeps the same OSD and its data stays put.
-    pub fn raw_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
+    pub fn straw2_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
         let pool = self.pool(pg)?;
         let size = usize::from(pool.size);
         let key = pg_key(pg);
@@ -231,6 +279,11 @@ impl<'m> Placement<'m> {
         assert!(chosen.len() <= size);
         debug_assert!(chosen.iter().enumerate().all(|(i, osd)| !chosen[..i].contains(osd)));
         Ok(chosen)
+    }
+
+    /// The map this placement was built from.
+    pub fn map(&self) -> &'m OsdMap {
+        self.map
     }
 
     /// The PG's up and acting sets: [`Placement::raw_osds`] without the OSDs that are down, order kept (for
