@@ -716,6 +716,91 @@ mod tests {
         ("1.b", &[3, 0, 2], &[0, 2]),
     ];
 
+    /// Upmap items apply in order on top of straw2, each only if valid: `from` in the set, `to` existing,
+    /// in, of weight > 0, not in the set yet, and no fewer distinct hosts afterwards. The rest are ignored.
+    #[test]
+    fn upmap_items_apply_only_when_valid() {
+        let mut map = cluster(
+            &[
+                (0, "a", WEIGHT_ONE),
+                (1, "a", WEIGHT_ONE),
+                (2, "b", WEIGHT_ONE),
+                (3, "b", WEIGHT_ONE),
+                (4, "c", WEIGHT_ONE),
+                (5, "c", WEIGHT_ONE),
+                (6, "d", WEIGHT_ONE),
+                (7, "d", WEIGHT_ONE),
+                (8, "e", WEIGHT_ONE),
+                (9, "f", 0),
+            ],
+            pool(1, 3, 16),
+        );
+        map.osds.get_mut(&OsdId(8)).unwrap().in_ = false;
+        map.osds.get_mut(&OsdId(7)).unwrap().up = false;
+        let pg = PgId::new(PoolId(1), 3);
+        let straw2 = Placement::new(&map).straw2_osds(pg).unwrap();
+        let host = |osd: OsdId| map.osds[&osd].host.clone();
+        let sibling = |osd: OsdId| OsdId(osd.0 ^ 1);
+        let free: Vec<OsdId> =
+            (0..8).map(OsdId).filter(|o| !straw2.iter().any(|s| host(*s) == host(*o))).collect();
+        assert_eq!(free.len(), 2, "one host of a..d is unused: {straw2:?}");
+        let [s0, s1, s2] = [straw2[0], straw2[1], straw2[2]];
+
+        let check = |items: Vec<(OsdId, OsdId)>, expected: Vec<OsdId>| {
+            let mut m = map.clone();
+            m.pg_upmap_items.insert(pg, items.clone());
+            m.validate().unwrap();
+            let placement = Placement::new(&m);
+            assert_eq!(placement.straw2_osds(pg).unwrap(), straw2, "straw2 ignores upmaps");
+            assert_eq!(placement.raw_osds(pg).unwrap(), expected, "{items:?}");
+            let up: Vec<OsdId> = expected.iter().copied().filter(|o| m.is_up(*o)).collect();
+            assert_eq!(placement.up_acting(pg).unwrap().up, up, "{items:?}");
+            // Other PGs are untouched.
+            let other = PgId::new(PoolId(1), 4);
+            assert_eq!(placement.raw_osds(other).unwrap(), Placement::new(&map).raw_osds(other).unwrap());
+        };
+        // Valid: to an unused host, or within the same host; order kept.
+        check(vec![(s1, free[0])], vec![s0, free[0], s2]);
+        check(vec![(s0, sibling(s0))], vec![sibling(s0), s1, s2]);
+        check(vec![(s2, sibling(s2)), (s0, free[0])], vec![free[0], s1, sibling(s2)]);
+        // The unused host's two OSDs are one host: the second item would put two replicas there.
+        check(vec![(s2, free[1]), (s0, free[0])], vec![s0, s1, free[1]]);
+        // Applied in order: the second item sees the first one's result.
+        check(vec![(s0, free[0]), (free[0], free[1])], vec![free[1], s1, s2]);
+        // Ignored: target missing, out, weight 0, already in the set; source not in the set; host clash.
+        check(vec![(s0, OsdId(99))], straw2.clone());
+        check(vec![(s0, OsdId(8))], straw2.clone());
+        check(vec![(s0, OsdId(9))], straw2.clone());
+        check(vec![(s0, s1)], straw2.clone());
+        check(vec![(free[0], free[1])], straw2.clone());
+        check(vec![(s0, sibling(s1))], straw2.clone());
+        // An ignored item does not stop the next one.
+        check(vec![(s0, OsdId(99)), (s1, free[0])], vec![s0, free[0], s2]);
+    }
+
+    /// With fewer hosts than replicas straw2 doubles up on a host; an upmap item may move a replica as long
+    /// as the set keeps as many distinct hosts.
+    #[test]
+    fn upmap_keeps_as_many_hosts_when_hosts_are_few() {
+        let map = cluster(
+            &[(0, "a", WEIGHT_ONE), (1, "a", WEIGHT_ONE), (2, "a", WEIGHT_ONE), (3, "b", WEIGHT_ONE)],
+            pool(1, 3, 8),
+        );
+        let pg = PgId::new(PoolId(1), 0);
+        let straw2 = Placement::new(&map).straw2_osds(pg).unwrap();
+        assert!(straw2.contains(&OsdId(3)));
+        let spare = (0..3).map(OsdId).find(|o| !straw2.contains(o)).unwrap();
+        let on_a = *straw2.iter().find(|o| o.0 < 3).unwrap();
+        let with = |items: Vec<(OsdId, OsdId)>| {
+            let mut m = map.clone();
+            m.pg_upmap_items.insert(pg, items);
+            Placement::new(&m).raw_osds(pg).unwrap()
+        };
+        let swapped: Vec<OsdId> = straw2.iter().map(|&o| if o == on_a { spare } else { o }).collect();
+        assert_eq!(with(vec![(on_a, spare)]), swapped, "a to a keeps both hosts");
+        assert_eq!(with(vec![(OsdId(3), spare)]), straw2, "b to a would leave one host");
+    }
+
     #[test]
     fn placement_errors() {
         let map = flat_cluster(4, 1, 16);
