@@ -2005,7 +2005,7 @@ mod tests {
         let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
         let mut c = Cluster::new(config("host", 2), &host_refs);
         let mut subscriber = c.s.map().clone();
-        let mut follow = |c: &Cluster, subscriber: &mut OsdMap| {
+        let follow = |c: &Cluster, subscriber: &mut OsdMap| {
             let update = c.s.map_update_since(Some(subscriber.epoch)).unwrap();
             for inc in &update.incrementals {
                 subscriber.apply(inc).unwrap();

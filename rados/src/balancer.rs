@@ -19,10 +19,17 @@
 //!    lowers an integer that is never negative, so the loop ends. When it ends with every move possible,
 //!    every count is the floor or the ceiling of its share (the deviations sum to zero and differ by at
 //!    most one share unit).
-//! 4. Picks, for a move, first a replica that goes back to where the previous map had it (a move that
-//!    undoes movement the change itself caused, so it costs no data copy), then any valid one: the PG's
-//!    current holder is overfull and the target is eligible, not in the PG, and keeps the PG's distinct
-//!    hosts ([`Placement::raw_osds`]' rule, checked by re-applying the PG's items).
+//! 4. Picks the move that copies least, given the previous map: in a PG whose members changed, a replica an
+//!    OSD only just received can go back to an OSD that had it (a "restore", one copy fewer; taken even when
+//!    it leaves the squared deviation equal) or on to another OSD (a "redirect", no extra copy: the copy was
+//!    due anyway). Only when neither helps does it move a replica that was already in place, from the most
+//!    overfull OSD that has a valid move to the most underfull one that takes it. A move is valid when the
+//!    target is eligible, not in the PG, and keeps the PG's distinct hosts ([`Placement::raw_osds`]' rule,
+//!    checked by re-applying the PG's items).
+//!
+//! With this order, in the maps the tests try (one OSD per host, 3 to 20 OSDs, 128 PGs), adding an OSD
+//! copies replicas only onto it, and removing one copies the replicas it held and at most 4 more: about
+//! the least any placement can move.
 //!
 //! A move edits the PG's items minimally: an item that put the replica on the overfull OSD is retargeted,
 //! or removed if it would map an OSD back to itself; otherwise one item is appended.
@@ -156,6 +163,15 @@ fn effective(placement: &Placement<'_>, straw2: &[OsdId], items: &[(OsdId, OsdId
     PgState { straw2: straw2.to_vec(), items: kept, set }
 }
 
+/// One replica move: in PG `seed`, the OSD at `index` of the set gives its replica to `to`; `items` are
+/// the PG's upmap items afterwards.
+struct Move {
+    seed: u32,
+    index: usize,
+    to: OsdId,
+    items: Vec<(OsdId, OsdId)>,
+}
+
 /// Per-OSD bookkeeping of one pool.
 struct OsdLoad {
     weight: u64,
@@ -226,7 +242,7 @@ fn balance_pool(
         order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let chosen = cheap_move(placement, &pgs, before, &changed, &order, unit, result.len())
             .or_else(|| any_move(placement, pool, &pgs, &loads, &order, unit, result.len()));
-        let Some((seed, index, to, items)) = chosen else { break };
+        let Some(Move { seed, index, to, items }) = chosen else { break };
 
         let state = &mut pgs[seed as usize];
         let from = state.set[index];
@@ -269,11 +285,11 @@ fn cheap_move(
     order: &[(i128, OsdId)],
     unit: i128,
     upmapped: usize,
-) -> Option<(u32, usize, OsdId, Vec<(OsdId, OsdId)>)> {
+) -> Option<Move> {
     let before = before?;
     let dev: BTreeMap<OsdId, i128> = order.iter().map(|&(d, osd)| (osd, d)).collect();
     // (cost, -gain) to minimise, then the move.
-    let mut best: Option<((i8, i128), u32, usize, OsdId, Vec<(OsdId, OsdId)>)> = None;
+    let mut best: Option<((i8, i128), Move)> = None;
     for &seed in changed {
         let state = &pgs[seed as usize];
         let Some(old) = &before[seed as usize] else { continue };
@@ -306,12 +322,12 @@ fn cheap_move(
                     continue;
                 }
                 if let Some(items) = edit_items(placement, state, index, to, upmapped) {
-                    best = Some((key, seed, index, to, items));
+                    best = Some((key, Move { seed, index, to, items }));
                 }
             }
         }
     }
-    best.map(|(_, seed, index, to, items)| (seed, index, to, items))
+    best.map(|(_, chosen)| chosen)
 }
 
 fn same_members(a: &[OsdId], b: &[OsdId]) -> bool {
@@ -328,7 +344,7 @@ fn any_move(
     order: &[(i128, OsdId)],
     unit: i128,
     upmapped: usize,
-) -> Option<(u32, usize, OsdId, Vec<(OsdId, OsdId)>)> {
+) -> Option<Move> {
     for &(d_from, from) in order {
         for &(d_to, to) in order.iter().rev() {
             if d_from - d_to <= unit {
@@ -341,7 +357,7 @@ fn any_move(
                     unreachable!("PG {}.{seed:x} listed under {from} holds it", pool.id)
                 };
                 if let Some(items) = edit_items(placement, state, index, to, upmapped) {
-                    return Some((seed, index, to, items));
+                    return Some(Move { seed, index, to, items });
                 }
             }
         }
@@ -629,8 +645,9 @@ mod tests {
     ///   balanced again (within the band) and a second run changes nothing.
     #[test]
     fn add_or_remove_one_osd_moves_at_most_1_5_over_n() {
-        println!("N   bound   worst add (to others)   worst out (to others)   worst purge (to others)");
+        println!("N   bound   worst add (copies to old OSDs)   worst out (copies beyond held)   worst purge (same)");
         let mut worst_fraction: f64 = 0.0;
+        let mut worst_extra = 0;
         for n in 3..=20u32 {
             let slots = (PG_NUM * u32::from(SIZE)) as usize;
             let bound = 1.5 / f64::from(n);
@@ -660,6 +677,20 @@ mod tests {
                 let purged_after = balanced(&purged, Some(&start));
                 let purge = moved(&before, &sets(&purged_after), victim);
 
+                // The least any placement can move: adding copies replicas only onto the new OSD (asserted),
+                // removing copies the replicas the removed OSD held (plus a few when the greedy cannot place
+                // them all on the OSDs that need them: `extra`, printed and bounded).
+                assert_eq!(add.1, 0, "N={n} seed={seed}: adding moved replicas between old OSDs");
+                // With N = size the lost replicas have no host left to go to.
+                let held = if n > u32::from(SIZE) {
+                    before.iter().filter(|s| s.contains(&victim)).count()
+                } else {
+                    0
+                };
+                for result in [marked_out, purge] {
+                    assert!(result.0 >= held, "N={n} seed={seed}: {} moved, {held} held", result.0);
+                    worst_extra = worst_extra.max(result.0 - held);
+                }
                 for (i, (what, after, result)) in [
                     ("add", &grown_after, add),
                     ("out", &out_after, marked_out),
@@ -676,7 +707,8 @@ mod tests {
                         assert_within_band(after, &what);
                     }
                     assert!(balance(after, None).is_empty(), "{what}: not a fixed point");
-                    worst[i] = worst[i].max(result);
+                    let second = if i == 0 { result.1 } else { result.0 - held };
+                    worst[i] = worst[i].max((result.0, second));
                 }
             }
             let pct = |x: usize| 100.0 * x as f64 / slots as f64;
@@ -691,7 +723,9 @@ mod tests {
                 worst[2].1
             );
         }
-        println!("worst moved fraction x N: {worst_fraction:.3} (bound 1.5)");
+        println!("worst moved fraction x N: {worst_fraction:.3} (bound 1.5); worst extra on removal: {worst_extra}");
+        // Measured: 4 of 384 at worst. A regression in move selection shows here.
+        assert!(worst_extra <= 6, "removal copied {worst_extra} replicas more than the removed OSD held");
     }
 
     #[test]

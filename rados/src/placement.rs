@@ -836,7 +836,8 @@ mod tests {
     /// a standard deviation of 21% of its mean. The table printed here (`cargo test -p rados
     /// balance_at_128_pgs -- --nocapture`) gives the largest deviation per N for pool 1 and, averaged over
     /// the 32 pools, the typical one. Ceph gets evenness from more PGs (its target is 100 per OSD) and from
-    /// its balancer's `pg_upmap_items` exceptions; see `balance_within_15_percent_given_enough_pgs`.
+    /// its balancer's `pg_upmap_items` exceptions; see `balance_within_15_percent_given_enough_pgs`, and
+    /// `crate::balancer`, whose tests check ±15% at 128 PGs with the exceptions applied.
     #[test]
     fn balance_at_128_pgs_is_as_even_as_random_placement() {
         let map = flat_cluster(3, 1, 128);
