@@ -574,7 +574,10 @@ mod tests {
     /// push the others above theirs; and an OSD whose band [0.85, 1.15] x share holds no integer cannot
     /// be in it. Neither depends on the balancer.
     fn infeasible(map: &OsdMap) -> Option<String> {
-        let pool = map.pools.values().next().unwrap();
+        map.pools.values().find_map(|pool| infeasible_pool(map, pool))
+    }
+
+    fn infeasible_pool(map: &OsdMap, pool: &Pool) -> Option<String> {
         let eligible: Vec<(&OsdId, &OsdInfo)> =
             map.osds.iter().filter(|(_, i)| i.in_ && i.weight > 0).collect();
         let total: u64 = eligible.iter().map(|(_, i)| u64::from(i.weight)).sum();
@@ -858,6 +861,35 @@ mod tests {
                 assert_eq!(a, b);
             }
         }
+    }
+
+    /// Pools are balanced each on its own (as Ceph's balancer does), since each pool's PGs carry that
+    /// pool's data: three pools of different sizes and PG counts over the same OSDs.
+    #[test]
+    fn every_pool_is_balanced_on_its_own() {
+        let mut map = cluster(11, &layout(11, 14, Layout::Hosts, false));
+        for (id, size, pg_num) in [(50, 2, 64), (51, 3, 256)] {
+            let pool = Pool { id: PoolId(id), name: format!("p{id}"), size, min_size: 1, pg_num };
+            map.pools.insert(PoolId(id), pool);
+        }
+        assert!(infeasible(&map).is_none());
+        let after = balanced(&map, None);
+        for pool in after.pools.values() {
+            let counts = pool_counts(&after, pool.id);
+            let total: u64 = counts.keys().map(|o| u64::from(after.osds[o].weight)).sum();
+            let slots: u64 = counts.values().sum();
+            assert_eq!(slots, u64::from(pool.pg_num) * u64::from(pool.size));
+            for (osd, &count) in &counts {
+                let (lo, hi) = band(slots, u64::from(after.osds[osd].weight), total);
+                assert!(
+                    lo <= count && count <= hi,
+                    "pool {}: {osd} holds {count}, band {lo}..={hi}",
+                    pool.id
+                );
+            }
+        }
+        assert!(after.pg_upmap_items.keys().any(|pg| pg.pool == PoolId(50)));
+        assert!(after.pg_upmap_items.keys().any(|pg| pg.pool == PoolId(51)));
     }
 
     /// A down OSD that is still in keeps its replicas (the PG runs degraded): marking it down changes no
