@@ -101,8 +101,9 @@ impl UpmapChanges {
 }
 
 /// The upmap changes that balance every pool of `map`; see the module doc. `previous`, the map before the
-/// change being balanced, only steers the choice among equally good moves towards those that keep data
-/// where it was; pass `None` when there is no such map.
+/// change being balanced, steers the moves towards keeping data where it was (steps 3 and 5); pass `None`
+/// when there is no such map. Either way the result is balanced: `balance(&result, None)` is empty, unless
+/// [`BALANCE_MOVES_MAX`] or [`PG_UPMAPS_MAX`] stopped it.
 pub fn balance(map: &OsdMap, previous: Option<&OsdMap>) -> UpmapChanges {
     let placement = Placement::new(map);
     let previous_placement = previous.map(Placement::new);
@@ -158,14 +159,7 @@ struct PgState {
 fn effective(placement: &Placement<'_>, straw2: &[OsdId], items: &[(OsdId, OsdId)]) -> PgState {
     let mut set = straw2.to_vec();
     let mut kept = Vec::new();
-    for &(from, to) in items {
-        if let Some(index) = set.iter().position(|&osd| osd == from) {
-            if placement.upmap_target_ok(&set, index, to) {
-                set[index] = to;
-                kept.push((from, to));
-            }
-        }
-    }
+    placement.apply_upmap_items(&mut set, items, |item| kept.push(item));
     PgState { straw2: straw2.to_vec(), items: kept, set }
 }
 

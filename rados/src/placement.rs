@@ -190,16 +190,28 @@ impl<'m> Placement<'m> {
     pub fn raw_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
         let mut set = self.straw2_osds(pg)?;
         if let Some(items) = self.map.pg_upmap_items.get(&pg) {
-            for &(from, to) in items {
-                if let Some(index) = set.iter().position(|&osd| osd == from) {
-                    if self.upmap_target_ok(&set, index, to) {
-                        set[index] = to;
-                    }
-                }
-            }
+            self.apply_upmap_items(&mut set, items, |_| {});
         }
         debug_assert!(set.iter().enumerate().all(|(i, osd)| !set[..i].contains(osd)));
         Ok(set)
+    }
+
+    /// Applies `items` to `set` by the rule of [`Placement::raw_osds`], calling `applied` with each item
+    /// that takes effect. The balancer uses it to know which items to keep, so the two cannot disagree.
+    pub(crate) fn apply_upmap_items(
+        &self,
+        set: &mut [OsdId],
+        items: &[(OsdId, OsdId)],
+        mut applied: impl FnMut((OsdId, OsdId)),
+    ) {
+        for &(from, to) in items {
+            if let Some(index) = set.iter().position(|&osd| osd == from) {
+                if self.upmap_target_ok(set, index, to) {
+                    set[index] = to;
+                    applied((from, to));
+                }
+            }
+        }
     }
 
     /// Whether replacing `set[index]` with `to` is a valid upmap step: `to` is eligible, not in the set
