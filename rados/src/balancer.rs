@@ -477,10 +477,9 @@ pub fn pool_counts(map: &OsdMap, pool: PoolId) -> BTreeMap<OsdId, u64> {
 mod tests {
     use super::*;
 
-    use std::net::SocketAddr;
-
     use crate::ids::Fsid;
-    use crate::map::{OsdAddrs, OsdInfo, WEIGHT_ONE};
+    use crate::map::{OsdInfo, WEIGHT_ONE};
+    use crate::placement::tests::osd_info;
 
     const PG_NUM: u32 = 128;
     const SIZE: u8 = 3;
@@ -493,17 +492,6 @@ mod tests {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
-    }
-
-    fn osd_info(host: &str, weight: u32) -> OsdInfo {
-        let addr = SocketAddr::from(([127, 0, 0, 1], 6800));
-        OsdInfo {
-            addrs: Some(OsdAddrs { public: addr, cluster: addr, hb_front: addr, hb_back: addr }),
-            up: true,
-            in_: true,
-            weight,
-            host: host.to_owned(),
-        }
     }
 
     /// A map of OSDs `(host, weight)` with ids 0.., one pool of 128 PGs of size 3.
@@ -523,7 +511,7 @@ mod tests {
     enum Layout {
         /// One OSD per host.
         Flat,
-        /// 2 to 4 OSDs per host, as few hosts as that allows (at least 3).
+        /// 2 to 4 OSDs per host (drawn per host), as many hosts as that takes.
         Hosts,
     }
 

@@ -462,7 +462,7 @@ fn log2_q48(v: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::collections::BTreeSet;
@@ -473,7 +473,8 @@ mod tests {
     use crate::ids::Fsid;
     use crate::map::{OsdAddrs, OsdInfo, POOL_PG_NUM_MAX, WEIGHT_ONE};
 
-    fn osd_info(host: &str, weight: u32) -> OsdInfo {
+    /// An OSD that is up and in (shared with the balancer's tests).
+    pub(crate) fn osd_info(host: &str, weight: u32) -> OsdInfo {
         let addr = SocketAddr::from(([127, 0, 0, 1], 6800));
         OsdInfo {
             addrs: Some(OsdAddrs { public: addr, cluster: addr, hb_front: addr, hb_back: addr }),
