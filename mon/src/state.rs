@@ -482,7 +482,8 @@ impl MonState {
             }
         }
         if !inc.is_empty() {
-            // Only up/down/in changes of existing OSDs: cannot be invalid.
+            // Up/down/in changes of existing OSDs and the balancer's upmaps (checked as it builds them):
+            // cannot be invalid.
             self.commit(inc, now_ms, &mut effects).expect("tick's incremental is valid");
             for (id, reason) in downs {
                 self.after_down(id, now_ms, reason);

@@ -47,7 +47,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ids::{OsdId, PgId, PoolId};
-use crate::map::{Incremental, OsdMap, Pool, PG_UPMAPS_MAX};
+use crate::map::{valid_upmap_items, Incremental, OsdMap, Pool, PG_UPMAPS_MAX};
 use crate::placement::Placement;
 
 /// Most replica moves one [`balance`] call makes, over all pools. A cluster that needs more (a new pool of
@@ -131,7 +131,9 @@ pub fn balance(map: &OsdMap, previous: Option<&OsdMap>) -> UpmapChanges {
             changes.set.insert(*pg, items.clone());
         }
     }
+    // What the map will check: the monitor must never emit an incremental it cannot apply.
     assert!(result.len() <= PG_UPMAPS_MAX);
+    assert!(result.iter().all(|(pg, items)| map.pg_exists(*pg) && valid_upmap_items(items)));
     changes
 }
 
@@ -451,6 +453,11 @@ fn edit_items(
             }
             items.push((from, to));
         }
+    }
+    // A map may hold items the balancer did not write (chains such as a->b, b->c); retargeting one of
+    // those could name an OSD twice, which the map refuses.
+    if !items.is_empty() && !valid_upmap_items(&items) {
+        return None;
     }
     let mut intended = state.set.clone();
     intended[index] = to;
@@ -923,6 +930,46 @@ mod tests {
             let straw2 = placement.straw2_osds(*pg).unwrap();
             assert_eq!(&effective(&placement, &straw2, items).items, items, "{pg}");
         }
+    }
+
+    /// Items the balancer did not write (chains, unknown OSDs, no-ops) do not lead it to write items the
+    /// map refuses, and the map it leaves is balanced.
+    #[test]
+    fn foreign_items_leave_a_valid_balanced_map() {
+        let mut map = cluster(6, &layout(6, 12, Layout::Flat, false));
+        let pool = *map.pools.keys().next().unwrap();
+        let placement = Placement::new(&map);
+        let mut foreign = BTreeMap::new();
+        for seed in 0..PG_NUM {
+            let pg = PgId::new(pool, seed);
+            let set = placement.straw2_osds(pg).unwrap();
+            let spare: Vec<OsdId> = (0..12).map(OsdId).filter(|o| !set.contains(o)).collect();
+            let items = match seed % 4 {
+                0 => vec![(set[0], spare[0]), (spare[0], spare[1])],
+                1 => vec![(set[1], OsdId(99)), (set[2], spare[seed as usize % spare.len()])],
+                2 => vec![(spare[0], spare[1])],
+                _ => continue,
+            };
+            foreign.insert(pg, items);
+        }
+        // Moving the target of one item onto the middle of a chain would name that OSD as `to` twice.
+        let pg = PgId::new(pool, 3);
+        let set = placement.straw2_osds(pg).unwrap();
+        let spare: Vec<OsdId> = (0..12).map(OsdId).filter(|o| !set.contains(o)).collect();
+        let chain = [(set[0], spare[0]), (spare[0], spare[1]), (set[1], spare[2])];
+        let state = effective(&placement, &set, &chain);
+        assert_eq!(state.items, chain, "all three take effect");
+        assert_eq!(edit_items(&placement, &state, 1, spare[0], 0), None);
+        assert!(edit_items(&placement, &state, 1, spare[3], 0).is_some());
+
+        map.pg_upmap_items = foreign;
+        map.validate().unwrap();
+
+        // `balanced` validates the result.
+        let after = balanced(&map, None);
+        assert_within_band(&after, "foreign items");
+        assert!(balance(&after, None).is_empty());
+        assert!(after.pg_upmap_items.values().flatten().all(|&(_, to)| to != OsdId(99)));
     }
 
     #[test]
