@@ -486,7 +486,9 @@ mod tests {
 
     use crate::ids::Fsid;
     use crate::map::{OsdInfo, WEIGHT_ONE};
-    use crate::placement::tests::osd_info;
+    use crate::placement::tests::{arb_cluster, osd_info};
+
+    use proptest::prelude::*;
 
     const PG_NUM: u32 = 128;
     const SIZE: u8 = 3;
@@ -879,6 +881,57 @@ mod tests {
         }
         assert!(after.pg_upmap_items.keys().any(|pg| pg.pool == PoolId(50)));
         assert!(after.pg_upmap_items.keys().any(|pg| pg.pool == PoolId(51)));
+    }
+
+    /// Sum over eligible OSDs of the squared scaled deviation `c W - S w`, per pool, summed.
+    fn squared_deviation(map: &OsdMap) -> u128 {
+        let mut sum = 0u128;
+        for pool in map.pools.values() {
+            let counts = pool_counts(map, pool.id);
+            let total: i128 = counts.keys().map(|o| i128::from(map.osds[o].weight)).sum();
+            let slots: i128 = counts.values().map(|&c| i128::from(c)).sum();
+            for (osd, &count) in &counts {
+                let d = i128::from(count) * total - slots * i128::from(map.osds[osd].weight);
+                sum += d.unsigned_abs().pow(2);
+            }
+        }
+        sum
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Over random clusters (up to 24 OSDs on up to 8 hosts, some out, of weight 0 or down; sizes 1 to
+        /// 5; up to 64 PGs): the result is a valid map, every item takes effect, sets keep the failure
+        /// domain, only in OSDs of weight > 0 hold replicas, balancing never makes the spread worse, again
+        /// changes nothing, and the same map always gives the same changes.
+        #[test]
+        fn balancing_random_clusters_keeps_every_invariant(map in arb_cluster()) {
+            let changes = balance(&map, None);
+            prop_assert_eq!(&balance(&map, None), &changes);
+            let mut after = map.clone();
+            changes.apply_to(&mut after);
+            prop_assert!(after.validate().is_ok());
+            prop_assert!(squared_deviation(&after) <= squared_deviation(&map));
+            prop_assert!(balance(&after, None).is_empty());
+            let placement = Placement::new(&after);
+            for (pg, items) in &after.pg_upmap_items {
+                let straw2 = placement.straw2_osds(*pg).unwrap();
+                prop_assert_eq!(&effective(&placement, &straw2, items).items, items);
+            }
+            let eligible = |o: &OsdId| after.osds.get(o).is_some_and(|i| i.in_ && i.weight > 0);
+            let hosts: BTreeSet<&str> =
+                after.osds.values().filter(|i| i.in_ && i.weight > 0).map(|i| i.host.as_str()).collect();
+            let pool = after.pools.values().next().unwrap();
+            for seed in 0..pool.pg_num {
+                let pg = PgId::new(pool.id, seed);
+                let raw = placement.raw_osds(pg).unwrap();
+                prop_assert_eq!(raw.len(), placement.straw2_osds(pg).unwrap().len());
+                prop_assert!(raw.iter().all(eligible));
+                let distinct: BTreeSet<&str> = raw.iter().map(|o| after.osds[o].host.as_str()).collect();
+                prop_assert_eq!(distinct.len(), raw.len().min(hosts.len()), "{:?}", raw);
+            }
+        }
     }
 
     /// A down OSD that is still in keeps its replicas (the PG runs degraded): marking it down changes no

@@ -1039,7 +1039,7 @@ pub(crate) mod tests {
     }
 
     /// A random cluster: up to 24 OSDs over up to 8 hosts, some out, some of weight 0, some down.
-    fn arb_cluster() -> impl Strategy<Value = OsdMap> {
+    pub(crate) fn arb_cluster() -> impl Strategy<Value = OsdMap> {
         let osd = (
             0u32..8,
             prop_oneof![1 => Just(0u32), 6 => 1..=4 * WEIGHT_ONE],
