@@ -34,15 +34,17 @@
 //! step 4 lowers the sum of squares, or keeps it and lowers that number (a restore); the pair of them
 //! falls in lexicographic order and neither is negative.
 //!
-//! In the maps the tests try (3 to 20 OSDs, 128 PGs), adding an OSD copies replicas only onto it, and
-//! removing one copies just the replicas it held: the least any placement can move.
+//! In the maps the tests try (one OSD per host, equal weights, 3 to 20 OSDs, 128 PGs), adding an OSD copies
+//! replicas only onto it, and removing one copies just the replicas it held: the least any placement can
+//! move. With 2 to 4 OSDs per host the copies stay within 1.5/N of the replicas (1.33/N at worst).
 //!
 //! A move edits the PG's items minimally: an item that put the replica on the overfull OSD is retargeted,
 //! or removed if it would map an OSD back to itself; otherwise one item is appended.
 //!
 //! Integers only, ordered collections only, ties broken by OSD id and PG seed: the same input gives the
 //! same output on every platform. Work is bounded by [`BALANCE_MOVES_MAX`] moves per call, each a scan of
-//! the PGs of one OSD per candidate pair; 128 PGs over 20 OSDs take well under a millisecond.
+//! the PGs of one OSD per candidate pair. 128 PGs over 20 OSDs take about 0.3 ms in the workspace's dev
+//! profile (opt-level 1) and under 2 ms at opt-level 0, placement included.
 
 use std::collections::{BTreeMap, BTreeSet};
 
