@@ -373,6 +373,10 @@ fn cheap_move(
                 }
                 let key = (cost, -gain);
                 if best.as_ref().is_some_and(|b| b.0 <= key) {
+                    if cost == 0 {
+                        // Later redirect targets gain no more: none of them can win either.
+                        break;
+                    }
                     continue;
                 }
                 if let Some(items) = edit_items(placement, state, index, to, upmapped) {
