@@ -4,7 +4,9 @@
 //! - [`ids`]: newtype identifiers (`OsdId`, `PoolId`, `PgId`, `Epoch`, `Fsid`), re-exported at the root;
 //! - [`map`]: the `OsdMap`, its `Incremental` changes, and their versioned postcard encoding;
 //! - [`placement`]: object name to PG to an ordered set of OSDs (rjenkins hash, stable mod, straw2 with
-//!   hosts as the failure domain).
+//!   hosts as the failure domain, then the map's upmap exceptions);
+//! - [`balancer`]: the upmap exceptions that even out PGs per OSD (Ceph's upmap balancer), a pure function
+//!   of the map that the monitor runs.
 //!
 //! - [`msg`]: the messages clients, monitors and OSDs exchange (bodies postcard-encoded, bulk data raw);
 //! - [`config`]: `cuttle.toml`, every option documented, Ceph's names;
@@ -43,6 +45,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod balancer;
 pub mod config;
 pub mod ids;
 pub mod map;

@@ -16,6 +16,12 @@
 //! (a V6 scope id and flow info are not carried). Pinned test vectors at the bottom of this file fail if any of
 //! that changes; a deliberate change must bump the version byte.
 //!
+//! Versions: 1 had no upmap exceptions; 2 appends [`OsdMap::pg_upmap_items`] to the map and
+//! [`Incremental::new_pg_upmap_items`], [`Incremental::old_pg_upmap_items`] to the incremental (a tuple is
+//! its fields in order, a `Vec` a varint length then the items). Decoding reads both, because the monitor's
+//! store holds maps and incrementals written by older builds; a version 1 value decodes with no upmaps.
+//! Encoding writes only the newest version: every daemon of a cluster runs the same build.
+//!
 //! Decoding checks the version, the size limit, that no bytes trail the value, and the same invariants
 //! [`OsdMap::validate`] checks, so a decoded value is as trustworthy as one built locally.
 
@@ -25,7 +31,7 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Epoch, Fsid, OsdId, PoolId};
+use crate::ids::{Epoch, Fsid, OsdId, PgId, PoolId};
 
 /// Weight 1.0 in the 16.16 fixed point of [`OsdInfo::weight`] (Ceph's `CEPH_OSD_IN`).
 pub const WEIGHT_ONE: u32 = 0x1_0000;
@@ -42,6 +48,9 @@ pub const HOST_NAME_BYTES_MAX: usize = 255;
 pub const OSDS_MAX: usize = 16_384;
 /// Most pools in one map.
 pub const POOLS_MAX: usize = 4_096;
+/// Most PGs with upmap exceptions in one map (and in one field of an incremental). Ceph has no such limit;
+/// ours keeps a valid map within [`MAP_BYTES_MAX`]. The balancer stops adding exceptions at this count.
+pub const PG_UPMAPS_MAX: usize = 16_384;
 /// Largest encoded map or incremental (Ceph's `osd_map_message_max_bytes`). A full map that passes
 /// [`OsdMap::validate`] always fits; see the compile-time check below.
 pub const MAP_BYTES_MAX: usize = 10 << 20;
@@ -52,8 +61,18 @@ const SOCKET_ADDR_BYTES_MAX: usize = 1 + 16 + 3;
 const OSD_ENTRY_BYTES_MAX: usize =
     5 + (1 + 4 * SOCKET_ADDR_BYTES_MAX) + 1 + 1 + 5 + (2 + HOST_NAME_BYTES_MAX);
 const POOL_ENTRY_BYTES_MAX: usize = 5 + 5 + (2 + POOL_NAME_BYTES_MAX) + 1 + 1 + 5;
+// PG id, item count, at most POOL_SIZE_MAX (from, to) pairs.
+const UPMAP_ENTRY_BYTES_MAX: usize = 5 + 5 + 1 + POOL_SIZE_MAX as usize * (5 + 5);
 const _: () = assert!(
-    1 + 16 + 5 + 3 + OSDS_MAX * OSD_ENTRY_BYTES_MAX + 3 + POOLS_MAX * POOL_ENTRY_BYTES_MAX <= MAP_BYTES_MAX,
+    1 + 16
+        + 5
+        + 3
+        + OSDS_MAX * OSD_ENTRY_BYTES_MAX
+        + 3
+        + POOLS_MAX * POOL_ENTRY_BYTES_MAX
+        + 3
+        + PG_UPMAPS_MAX * UPMAP_ENTRY_BYTES_MAX
+        <= MAP_BYTES_MAX,
     "a valid OsdMap must always encode within MAP_BYTES_MAX"
 );
 
@@ -68,6 +87,11 @@ pub struct OsdMap {
     pub osds: BTreeMap<OsdId, OsdInfo>,
     /// Every pool, keyed by its own id.
     pub pools: BTreeMap<PoolId, Pool>,
+    /// Ceph's `pg_upmap_items`: per PG, `(from, to)` pairs that placement applies after straw2, in order,
+    /// replacing `from` with `to` where that is valid (see `placement::Placement::raw_osds`). The balancer
+    /// (`balancer`) writes them to even out PGs per OSD; entries of a PG that no longer exists are dropped
+    /// by [`OsdMap::apply`]. Every entry is [`valid_upmap_items`].
+    pub pg_upmap_items: BTreeMap<PgId, Vec<(OsdId, OsdId)>>,
 }
 
 /// What the map says about one OSD.
@@ -121,8 +145,10 @@ pub struct Pool {
 ///
 /// Applied in this order: `new_osds` are created, `osd_changes` are applied (they may touch OSDs created in
 /// the same incremental), `removed_osds` are deleted, `new_pools` are created or replaced wholesale (a pool's
-/// `pg_num` or `size` change is a replacement), `removed_pools` are deleted. An id may not be both created or
-/// changed and removed in one incremental.
+/// `pg_num` or `size` change is a replacement), `removed_pools` are deleted, `old_pg_upmap_items` are
+/// removed, the upmaps of PGs that no longer exist (pool removed, seed beyond a new `pg_num`) are dropped,
+/// and `new_pg_upmap_items` are set, each for a PG that exists. An id may not be both created or changed
+/// and removed in one incremental.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incremental {
     /// Must match the map's.
@@ -139,6 +165,10 @@ pub struct Incremental {
     pub new_pools: BTreeMap<PoolId, Pool>,
     /// Pools deleted.
     pub removed_pools: BTreeSet<PoolId>,
+    /// Upmap exceptions set or replaced wholesale (Ceph's `new_pg_upmap_items`).
+    pub new_pg_upmap_items: BTreeMap<PgId, Vec<(OsdId, OsdId)>>,
+    /// PGs whose upmap exceptions are removed (Ceph's `old_pg_upmap_items`); each must have some.
+    pub old_pg_upmap_items: BTreeSet<PgId>,
 }
 
 /// The fields of one OSD that an incremental changes; `None` leaves a field as it was.
@@ -200,6 +230,19 @@ pub enum InvalidMap {
     /// An incremental both creates and removes a pool.
     #[error("pool {pool} is both created and removed")]
     PoolCreatedAndRemoved { pool: PoolId },
+    /// More PGs with upmap exceptions than [`PG_UPMAPS_MAX`] (in a map, or in one field of an incremental).
+    #[error("{count} PGs with upmap items, more than {PG_UPMAPS_MAX}")]
+    TooManyUpmaps { count: usize },
+    /// An upmap entry that is empty, longer than [`POOL_SIZE_MAX`], maps an OSD to itself, or names an OSD
+    /// twice as `from` or twice as `to`.
+    #[error("PG {pg}: malformed upmap items")]
+    UpmapItems { pg: PgId },
+    /// A map holds, or an incremental sets, upmap items for a PG its pools do not have.
+    #[error("upmap items for PG {pg}, which does not exist")]
+    UpmapUnknownPg { pg: PgId },
+    /// An incremental both sets and removes a PG's upmap items.
+    #[error("PG {pg}: upmap items both set and removed")]
+    UpmapSetAndRemoved { pg: PgId },
 }
 
 /// Why [`OsdMap::apply`] refused an incremental. The map is unchanged after any of these.
@@ -221,6 +264,9 @@ pub enum MapError {
     /// `removed_pools` names a pool the map does not have.
     #[error("pool {0} removed but does not exist")]
     UnknownPool(PoolId),
+    /// `old_pg_upmap_items` names a PG that has no upmap items.
+    #[error("upmap items of PG {0} removed but there are none")]
+    UnknownUpmap(PgId),
     /// The incremental, or the map it would produce, breaks an invariant.
     #[error(transparent)]
     Invalid(#[from] InvalidMap),
@@ -237,7 +283,7 @@ pub enum CodecError {
     #[error("empty input")]
     Empty,
     /// Written by a build with another encoding.
-    #[error("encoding version {got}, this build reads version {supported}")]
+    #[error("encoding version {got}, this build reads versions 1 to {supported}")]
     Version { got: u8, supported: u8 },
     /// The body is not a valid postcard encoding of the type.
     #[error("malformed body: {0}")]
@@ -252,12 +298,18 @@ pub enum CodecError {
 
 impl OsdMap {
     /// Version byte written before the body; bump it whenever the body's encoding changes.
-    pub const ENCODING_VERSION: u8 = 1;
+    pub const ENCODING_VERSION: u8 = 2;
 
     /// The empty map at epoch 0, before the monitor has committed anything. The first incremental makes
     /// epoch 1.
     pub fn new(fsid: Fsid) -> OsdMap {
-        OsdMap { fsid, epoch: Epoch(0), osds: BTreeMap::new(), pools: BTreeMap::new() }
+        OsdMap {
+            fsid,
+            epoch: Epoch(0),
+            osds: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            pg_upmap_items: BTreeMap::new(),
+        }
     }
 
     /// An empty incremental on top of this map, to be filled in by the monitor.
@@ -278,13 +330,23 @@ impl OsdMap {
         self.osds.get(&osd).is_some_and(|info| info.in_)
     }
 
+    /// Whether `pg` is a PG of one of the map's pools.
+    pub fn pg_exists(&self, pg: PgId) -> bool {
+        self.pools.get(&pg.pool).is_some_and(|pool| pg.seed < pool.pg_num)
+    }
+
     /// The pool called `name`, if any. Linear in the number of pools; pools are few.
     pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
         self.pools.values().find(|pool| pool.name == name)
     }
 
-    /// Checks every invariant of a full map: limits, pool fields, unique pool names, up OSDs have addresses.
+    /// Checks every invariant of a full map: limits, pool fields, unique pool names, up OSDs have addresses,
+    /// well-formed upmap items of existing PGs. Upmap items may name OSDs that are gone or out: placement
+    /// ignores such items, and the balancer removes them.
     pub fn validate(&self) -> Result<(), InvalidMap> {
+        if self.pg_upmap_items.len() > PG_UPMAPS_MAX {
+            return Err(InvalidMap::TooManyUpmaps { count: self.pg_upmap_items.len() });
+        }
         if self.osds.len() > OSDS_MAX {
             return Err(InvalidMap::TooManyOsds { count: self.osds.len() });
         }
@@ -299,6 +361,14 @@ impl OsdMap {
             pool.validate(key)?;
             if let Some(first) = names.insert(&pool.name, key) {
                 return Err(InvalidMap::PoolNameDuplicate { name: pool.name.clone(), first, second: key });
+            }
+        }
+        for (&pg, items) in &self.pg_upmap_items {
+            if !valid_upmap_items(items) {
+                return Err(InvalidMap::UpmapItems { pg });
+            }
+            if !self.pg_exists(pg) {
+                return Err(InvalidMap::UpmapUnknownPg { pg });
             }
         }
         Ok(())
@@ -336,6 +406,16 @@ impl OsdMap {
         for &pool_id in &inc.removed_pools {
             next.pools.remove(&pool_id).ok_or(MapError::UnknownPool(pool_id))?;
         }
+        for &pg in &inc.old_pg_upmap_items {
+            next.pg_upmap_items.remove(&pg).ok_or(MapError::UnknownUpmap(pg))?;
+        }
+        // A removed pool takes its exceptions with it, and so does a PG that a smaller pg_num dropped (Ceph's
+        // `clean_pg_upmaps` does the same, one epoch later).
+        let pools = &next.pools;
+        next.pg_upmap_items.retain(|pg, _| pools.get(&pg.pool).is_some_and(|pool| pg.seed < pool.pg_num));
+        for (&pg, items) in &inc.new_pg_upmap_items {
+            next.pg_upmap_items.insert(pg, items.clone());
+        }
         next.epoch = inc.epoch;
         next.validate()?;
 
@@ -351,9 +431,13 @@ impl OsdMap {
         encode_versioned(Self::ENCODING_VERSION, self)
     }
 
-    /// The inverse of [`OsdMap::encode`]; the result has passed [`OsdMap::validate`].
+    /// The inverse of [`OsdMap::encode`], reading every version this build knows (see the module doc);
+    /// the result has passed [`OsdMap::validate`].
     pub fn decode(bytes: &[u8]) -> Result<OsdMap, CodecError> {
-        let map: OsdMap = decode_versioned(Self::ENCODING_VERSION, bytes)?;
+        let map = match split_version(Self::ENCODING_VERSION, bytes)? {
+            (1, body) => OsdMap::from(decode_body::<OsdMapV1>(body)?),
+            (_, body) => decode_body::<OsdMap>(body)?,
+        };
         map.validate()?;
         Ok(map)
     }
@@ -361,7 +445,7 @@ impl OsdMap {
 
 impl Incremental {
     /// Version byte written before the body; bump it whenever the body's encoding changes.
-    pub const ENCODING_VERSION: u8 = 1;
+    pub const ENCODING_VERSION: u8 = 2;
 
     /// An incremental that changes nothing but the epoch.
     pub fn new(fsid: Fsid, epoch: Epoch) -> Incremental {
@@ -373,6 +457,8 @@ impl Incremental {
             removed_osds: BTreeSet::new(),
             new_pools: BTreeMap::new(),
             removed_pools: BTreeSet::new(),
+            new_pg_upmap_items: BTreeMap::new(),
+            old_pg_upmap_items: BTreeSet::new(),
         }
     }
 
@@ -413,7 +499,31 @@ impl Incremental {
                 return Err(InvalidMap::PoolCreatedAndRemoved { pool: key });
             }
         }
+        for count in [self.new_pg_upmap_items.len(), self.old_pg_upmap_items.len()] {
+            if count > PG_UPMAPS_MAX {
+                return Err(InvalidMap::TooManyUpmaps { count });
+            }
+        }
+        for (&pg, items) in &self.new_pg_upmap_items {
+            if !valid_upmap_items(items) {
+                return Err(InvalidMap::UpmapItems { pg });
+            }
+            if self.old_pg_upmap_items.contains(&pg) {
+                return Err(InvalidMap::UpmapSetAndRemoved { pg });
+            }
+        }
         Ok(())
+    }
+
+    /// Whether this incremental changes anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.new_osds.is_empty()
+            && self.osd_changes.is_empty()
+            && self.removed_osds.is_empty()
+            && self.new_pools.is_empty()
+            && self.removed_pools.is_empty()
+            && self.new_pg_upmap_items.is_empty()
+            && self.old_pg_upmap_items.is_empty()
     }
 
     /// The wire and disk form: version byte, then postcard. Refuses an incremental that fails
@@ -423,9 +533,13 @@ impl Incremental {
         encode_versioned(Self::ENCODING_VERSION, self)
     }
 
-    /// The inverse of [`Incremental::encode`]; the result has passed [`Incremental::validate`].
+    /// The inverse of [`Incremental::encode`], reading every version this build knows (see the module
+    /// doc); the result has passed [`Incremental::validate`].
     pub fn decode(bytes: &[u8]) -> Result<Incremental, CodecError> {
-        let inc: Incremental = decode_versioned(Self::ENCODING_VERSION, bytes)?;
+        let inc = match split_version(Self::ENCODING_VERSION, bytes)? {
+            (1, body) => Incremental::from(decode_body::<IncrementalV1>(body)?),
+            (_, body) => decode_body::<Incremental>(body)?,
+        };
         inc.validate()?;
         Ok(inc)
     }
@@ -496,6 +610,65 @@ fn valid_host(host: &str) -> bool {
     !host.is_empty() && host.len() <= HOST_NAME_BYTES_MAX
 }
 
+/// Whether `items` is a well-formed upmap entry: 1 to [`POOL_SIZE_MAX`] pairs, none mapping an OSD to
+/// itself, no OSD twice as `from`, none twice as `to`. Placement relies on nothing more; whether an item
+/// takes effect depends on the PG's set at the epoch.
+pub fn valid_upmap_items(items: &[(OsdId, OsdId)]) -> bool {
+    let distinct = |pick: fn(&(OsdId, OsdId)) -> OsdId| {
+        items.iter().map(pick).collect::<BTreeSet<OsdId>>().len() == items.len()
+    };
+    !items.is_empty()
+        && items.len() <= usize::from(POOL_SIZE_MAX)
+        && items.iter().all(|(from, to)| from != to)
+        && distinct(|item| item.0)
+        && distinct(|item| item.1)
+}
+
+/// The body of a version 1 map: version 2 without upmaps. Kept to read old stores.
+#[derive(Deserialize)]
+struct OsdMapV1 {
+    fsid: Fsid,
+    epoch: Epoch,
+    osds: BTreeMap<OsdId, OsdInfo>,
+    pools: BTreeMap<PoolId, Pool>,
+}
+
+impl From<OsdMapV1> for OsdMap {
+    fn from(v1: OsdMapV1) -> OsdMap {
+        let OsdMapV1 { fsid, epoch, osds, pools } = v1;
+        OsdMap { fsid, epoch, osds, pools, pg_upmap_items: BTreeMap::new() }
+    }
+}
+
+/// The body of a version 1 incremental: version 2 without upmap changes. Kept to read old stores.
+#[derive(Deserialize)]
+struct IncrementalV1 {
+    fsid: Fsid,
+    epoch: Epoch,
+    new_osds: BTreeMap<OsdId, OsdInfo>,
+    osd_changes: BTreeMap<OsdId, OsdChange>,
+    removed_osds: BTreeSet<OsdId>,
+    new_pools: BTreeMap<PoolId, Pool>,
+    removed_pools: BTreeSet<PoolId>,
+}
+
+impl From<IncrementalV1> for Incremental {
+    fn from(v1: IncrementalV1) -> Incremental {
+        let IncrementalV1 { fsid, epoch, new_osds, osd_changes, removed_osds, new_pools, removed_pools } = v1;
+        Incremental {
+            fsid,
+            epoch,
+            new_osds,
+            osd_changes,
+            removed_osds,
+            new_pools,
+            removed_pools,
+            new_pg_upmap_items: BTreeMap::new(),
+            old_pg_upmap_items: BTreeSet::new(),
+        }
+    }
+}
+
 fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Result<Vec<u8>, CodecError> {
     let bytes = postcard::to_extend(value, vec![version])?;
     if bytes.len() > MAP_BYTES_MAX {
@@ -504,15 +677,20 @@ fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Result<Vec<u8>, Cod
     Ok(bytes)
 }
 
-fn decode_versioned<T: DeserializeOwned>(version: u8, bytes: &[u8]) -> Result<T, CodecError> {
+/// The version byte, checked to be in `1..=newest`, and the body after it.
+fn split_version(newest: u8, bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     // Check the length before parsing: postcard allocates strings and maps as it reads them.
     if bytes.len() > MAP_BYTES_MAX {
         return Err(CodecError::TooLarge { len: bytes.len() });
     }
     let (&got, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if got != version {
-        return Err(CodecError::Version { got, supported: version });
+    if !(1..=newest).contains(&got) {
+        return Err(CodecError::Version { got, supported: newest });
     }
+    Ok((got, body))
+}
+
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (value, rest) = postcard::take_from_bytes::<T>(body)?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes(rest.len()));
@@ -594,9 +772,42 @@ mod tests {
         inc
     }
 
+    /// The pinned map with upmap items, as version 2 carries them.
+    fn pinned_map_v2() -> OsdMap {
+        let mut map = pinned_map();
+        map.pg_upmap_items.insert(PgId::new(PoolId(1), 5), vec![(OsdId(0), OsdId(1))]);
+        map
+    }
+
+    /// The pinned incremental with upmap changes: PG 1.5's items go, PG 1.2f (beyond the old pg_num of
+    /// 32, within the new 48) gets two.
+    fn pinned_incremental_v2() -> Incremental {
+        let mut inc = pinned_incremental();
+        inc.old_pg_upmap_items.insert(PgId::new(PoolId(1), 5));
+        inc.new_pg_upmap_items
+            .insert(PgId::new(PoolId(1), 0x2f), vec![(OsdId(0), OsdId(2)), (OsdId(1), OsdId(0))]);
+        inc
+    }
+
     // Pinned encodings. If one of these tests fails, the wire and disk format changed: either revert the
-    // change or bump ENCODING_VERSION and update the literal deliberately.
-    const PINNED_MAP_HEX: &str = concat!(
+    // change or bump ENCODING_VERSION and update the literal deliberately. Version 2 is the version 1 body
+    // followed by the upmap fields, so its vectors are built from version 1's.
+    const PINNED_MAP_V2_UPMAPS_HEX: &str = concat!(
+        "01",   // 1 PG with upmap items
+        "0105", //   PG 1.5
+        "01",   //   1 item
+        "0001", //     osd.0 -> osd.1
+    );
+    const PINNED_INCREMENTAL_V2_UPMAPS_HEX: &str = concat!(
+        "01",   // 1 PG with new upmap items
+        "012f", //   PG 1.2f
+        "02",   //   2 items
+        "0002", //     osd.0 -> osd.2
+        "0100", //     osd.1 -> osd.0
+        "01",   // 1 PG with upmap items removed
+        "0105", //   PG 1.5
+    );
+    const PINNED_MAP_V1_HEX: &str = concat!(
         "01",                               // encoding version
         "000102030405060708090a0b0c0d0e0f", // fsid
         "07",                               // epoch 7
@@ -620,7 +831,7 @@ mod tests {
         "03726264",                         //   name "rbd"
         "030220",                           //   size 3, min_size 2, pg_num 32
     );
-    const PINNED_INCREMENTAL_HEX: &str = concat!(
+    const PINNED_INCREMENTAL_V1_HEX: &str = concat!(
         "01",                                     // encoding version
         "000102030405060708090a0b0c0d0e0f",       // fsid
         "08",                                     // epoch 8
@@ -662,16 +873,100 @@ mod tests {
 
     #[test]
     fn pinned_map_encoding() {
-        let map = pinned_map();
-        assert_eq!(hex(&map.encode().unwrap()), PINNED_MAP_HEX);
-        assert_eq!(OsdMap::decode(&unhex(PINNED_MAP_HEX)).unwrap(), map);
+        let expected = format!("02{}{PINNED_MAP_V2_UPMAPS_HEX}", &PINNED_MAP_V1_HEX[2..]);
+        let map = pinned_map_v2();
+        assert_eq!(hex(&map.encode().unwrap()), expected);
+        assert_eq!(OsdMap::decode(&unhex(&expected)).unwrap(), map);
+        // Without upmaps the only upmap byte is the empty map's length.
+        let expected = format!("02{}00", &PINNED_MAP_V1_HEX[2..]);
+        assert_eq!(hex(&pinned_map().encode().unwrap()), expected);
     }
 
     #[test]
     fn pinned_incremental_encoding() {
-        let inc = pinned_incremental();
-        assert_eq!(hex(&inc.encode().unwrap()), PINNED_INCREMENTAL_HEX);
-        assert_eq!(Incremental::decode(&unhex(PINNED_INCREMENTAL_HEX)).unwrap(), inc);
+        let expected = format!("02{}{PINNED_INCREMENTAL_V2_UPMAPS_HEX}", &PINNED_INCREMENTAL_V1_HEX[2..]);
+        let inc = pinned_incremental_v2();
+        assert_eq!(hex(&inc.encode().unwrap()), expected);
+        assert_eq!(Incremental::decode(&unhex(&expected)).unwrap(), inc);
+    }
+
+    /// A monitor store written before upmaps existed still opens: version 1 decodes, with no upmaps.
+    #[test]
+    fn version_1_still_decodes() {
+        assert_eq!(OsdMap::decode(&unhex(PINNED_MAP_V1_HEX)).unwrap(), pinned_map());
+        assert_eq!(Incremental::decode(&unhex(PINNED_INCREMENTAL_V1_HEX)).unwrap(), pinned_incremental());
+        // A version 1 body with bytes after it is not mistaken for version 2.
+        let v1_with_upmaps = format!("{PINNED_MAP_V1_HEX}{PINNED_MAP_V2_UPMAPS_HEX}");
+        assert!(matches!(OsdMap::decode(&unhex(&v1_with_upmaps)), Err(CodecError::TrailingBytes(6))));
+    }
+
+    #[test]
+    fn apply_pinned_incremental_with_upmaps() {
+        let mut map = pinned_map_v2();
+        map.apply(&pinned_incremental_v2()).unwrap();
+        let items: Vec<(PgId, Vec<(OsdId, OsdId)>)> =
+            map.pg_upmap_items.iter().map(|(pg, items)| (*pg, items.clone())).collect();
+        assert_eq!(items, [(PgId::new(PoolId(1), 0x2f), vec![(OsdId(0), OsdId(2)), (OsdId(1), OsdId(0))])]);
+    }
+
+    #[test]
+    fn removing_or_shrinking_a_pool_drops_its_upmaps() {
+        let mut map = pinned_map();
+        map.pools.insert(PoolId(2), pool(2, "data", 8));
+        for pg in [PgId::new(PoolId(1), 3), PgId::new(PoolId(1), 31), PgId::new(PoolId(2), 7)] {
+            map.pg_upmap_items.insert(pg, vec![(OsdId(0), OsdId(1))]);
+        }
+        map.validate().unwrap();
+
+        let mut removed = map.clone();
+        let mut inc = removed.incremental();
+        inc.removed_pools.insert(PoolId(2));
+        removed.apply(&inc).unwrap();
+        let pgs: Vec<PgId> = removed.pg_upmap_items.keys().copied().collect();
+        assert_eq!(pgs, [PgId::new(PoolId(1), 3), PgId::new(PoolId(1), 31)]);
+
+        let mut shrunk = map.clone();
+        let mut inc = shrunk.incremental();
+        inc.new_pools.insert(PoolId(1), pool(1, "rbd", 16));
+        shrunk.apply(&inc).unwrap();
+        let pgs: Vec<PgId> = shrunk.pg_upmap_items.keys().copied().collect();
+        assert_eq!(pgs, [PgId::new(PoolId(1), 3), PgId::new(PoolId(2), 7)]);
+
+        // Setting items for a PG that does not exist (any more) is refused, atomically.
+        let mut copy = map.clone();
+        let mut inc = copy.incremental();
+        inc.removed_pools.insert(PoolId(2));
+        inc.new_pg_upmap_items.insert(PgId::new(PoolId(2), 0), vec![(OsdId(0), OsdId(1))]);
+        assert_eq!(copy.apply(&inc), Err(InvalidMap::UpmapUnknownPg { pg: PgId::new(PoolId(2), 0) }.into()));
+        assert_eq!(copy, map);
+    }
+
+    #[test]
+    fn upmap_items_validation() {
+        let (a, b, c) = (OsdId(1), OsdId(2), OsdId(3));
+        assert!(valid_upmap_items(&[(a, b)]));
+        assert!(valid_upmap_items(&[(a, b), (b, c)]), "a chain is well formed; placement decides");
+        assert!(!valid_upmap_items(&[]));
+        assert!(!valid_upmap_items(&[(a, a)]));
+        assert!(!valid_upmap_items(&[(a, b), (a, c)]));
+        assert!(!valid_upmap_items(&[(a, c), (b, c)]));
+        let long: Vec<(OsdId, OsdId)> =
+            (0..=u32::from(POOL_SIZE_MAX)).map(|i| (OsdId(i), OsdId(100 + i))).collect();
+        assert!(!valid_upmap_items(&long));
+        assert!(valid_upmap_items(&long[1..]));
+
+        let mut map = pinned_map();
+        map.pg_upmap_items.insert(PgId::new(PoolId(1), 0), vec![(a, a)]);
+        assert_eq!(map.encode().unwrap_err().to_string(), "PG 1.0: malformed upmap items");
+        let mut inc = pinned_incremental();
+        let pg = PgId::new(PoolId(1), 0);
+        inc.new_pg_upmap_items.insert(pg, vec![(a, b)]);
+        inc.old_pg_upmap_items.insert(pg);
+        assert_eq!(inc.validate(), Err(InvalidMap::UpmapSetAndRemoved { pg }));
+        let mut copy = pinned_map();
+        let mut inc = pinned_incremental();
+        inc.old_pg_upmap_items.insert(pg);
+        assert_eq!(copy.apply(&inc), Err(MapError::UnknownUpmap(pg)));
     }
 
     #[test]
@@ -829,9 +1124,14 @@ mod tests {
     fn decode_rejects_framing_errors() {
         let bytes = pinned_map().encode().unwrap();
         assert!(matches!(OsdMap::decode(&[]), Err(CodecError::Empty)));
-        let mut wrong_version = bytes.clone();
-        wrong_version[0] = 2;
-        assert!(matches!(OsdMap::decode(&wrong_version), Err(CodecError::Version { got: 2, supported: 1 })));
+        for version in [0, 3, 0xff] {
+            let mut wrong_version = bytes.clone();
+            wrong_version[0] = version;
+            assert!(matches!(
+                OsdMap::decode(&wrong_version),
+                Err(CodecError::Version { got, supported: 2 }) if got == version
+            ));
+        }
         let mut trailing = bytes.clone();
         trailing.push(0);
         assert!(matches!(OsdMap::decode(&trailing), Err(CodecError::TrailingBytes(1))));
@@ -899,13 +1199,34 @@ mod tests {
             any::<u32>(),
             proptest::collection::btree_map(any::<u32>().prop_map(OsdId), osd_info(), 0..12),
             proptest::collection::vec(pool_strategy(), 0..6),
+            proptest::collection::vec((any::<u32>(), any::<u32>(), upmap_items()), 0..6),
         )
-            .prop_map(|(fsid, epoch, osds, pools)| OsdMap {
-                fsid: Fsid(fsid),
-                epoch: Epoch(epoch),
-                osds,
-                pools: pools.into_iter().map(|p| (p.id, p)).collect(),
+            .prop_map(|(fsid, epoch, osds, pools, upmaps)| {
+                let pools: BTreeMap<PoolId, Pool> = pools.into_iter().map(|p| (p.id, p)).collect();
+                // Upmaps only for PGs that exist: pick a pool and a seed within it.
+                let list: Vec<&Pool> = pools.values().collect();
+                let pg_upmap_items = if list.is_empty() {
+                    BTreeMap::new()
+                } else {
+                    upmaps
+                        .into_iter()
+                        .map(|(which, seed, items)| {
+                            let pool = list[which as usize % list.len()];
+                            (PgId::new(pool.id, seed % pool.pg_num), items)
+                        })
+                        .collect()
+                };
+                OsdMap { fsid: Fsid(fsid), epoch: Epoch(epoch), osds, pools, pg_upmap_items }
             })
+    }
+
+    /// Well-formed upmap items: distinct sources below 32, distinct targets from 32.
+    fn upmap_items() -> impl Strategy<Value = Vec<(OsdId, OsdId)>> {
+        (
+            proptest::collection::btree_set(0u32..32, 1..=usize::from(POOL_SIZE_MAX)),
+            proptest::collection::btree_set(32u32..64, usize::from(POOL_SIZE_MAX)),
+        )
+            .prop_map(|(from, to)| from.into_iter().zip(to).map(|(f, t)| (OsdId(f), OsdId(t))).collect())
     }
 
     fn osd_change() -> impl Strategy<Value = OsdChange> {
@@ -928,18 +1249,41 @@ mod tests {
             proptest::collection::btree_set((64u32..96).prop_map(OsdId), 0..4),
             proptest::collection::vec(pool_strategy(), 0..3),
             proptest::collection::btree_set((64u32..96).prop_map(PoolId), 0..3),
+            proptest::collection::btree_map(
+                (0u32..4, 0u32..64).prop_map(|(p, s)| PgId::new(PoolId(p), s)),
+                upmap_items(),
+                0..4,
+            ),
+            proptest::collection::btree_set(
+                (4u32..8, 0u32..64).prop_map(|(p, s)| PgId::new(PoolId(p), s)),
+                0..4,
+            ),
         )
-            .prop_map(|(fsid, epoch, new_osds, osd_changes, removed_osds, pools, removed_pools)| {
-                Incremental {
-                    fsid: Fsid(fsid),
-                    epoch: Epoch(epoch),
+            .prop_map(
+                |(
+                    fsid,
+                    epoch,
                     new_osds,
                     osd_changes,
                     removed_osds,
-                    new_pools: pools.into_iter().map(|p| (p.id, p)).collect(),
+                    pools,
                     removed_pools,
-                }
-            })
+                    new_pg_upmap_items,
+                    old_pg_upmap_items,
+                )| {
+                    Incremental {
+                        fsid: Fsid(fsid),
+                        epoch: Epoch(epoch),
+                        new_osds,
+                        osd_changes,
+                        removed_osds,
+                        new_pools: pools.into_iter().map(|p| (p.id, p)).collect(),
+                        removed_pools,
+                        new_pg_upmap_items,
+                        old_pg_upmap_items,
+                    }
+                },
+            )
     }
 
     proptest! {

@@ -10,10 +10,13 @@
 //! 1. [`object_hash`] hashes the object name (Ceph's `ceph_str_hash_rjenkins`, bit for bit);
 //! 2. [`stable_mod`] folds the hash into `0..pg_num` so that growing `pg_num` splits PGs instead of
 //!    reshuffling them ([`object_to_pg`] does both);
-//! 3. [`Placement::raw_osds`] maps the PG to `size` OSDs with straw2, a weighted rendezvous hash, over a
+//! 3. [`Placement::straw2_osds`] maps the PG to `size` OSDs with straw2, a weighted rendezvous hash, over a
 //!    fixed hierarchy root, host, OSD, replicas on distinct hosts: the effect of CRUSH's default rule
 //!    `chooseleaf firstn 0 type host`, though not its output (the draws and the collision handling differ);
-//! 4. [`Placement::up_acting`] drops the OSDs that are down.
+//! 4. [`Placement::raw_osds`] applies the PG's upmap exceptions ([`OsdMap::pg_upmap_items`], Ceph's
+//!    `_apply_upmap`), which the balancer (`crate::balancer`) writes because hashing alone cannot spread
+//!    128 PGs evenly;
+//! 5. [`Placement::up_acting`] drops the OSDs that are down.
 
 use std::collections::BTreeMap;
 
@@ -175,7 +178,64 @@ impl<'m> Placement<'m> {
         Placement { map, hosts, osds }
     }
 
-    /// The PG's OSDs, primary first, before removing those that are down (Ceph's "raw" set).
+    /// The PG's OSDs, primary first, before removing those that are down: the straw2 set with the PG's
+    /// upmap items applied (Ceph's `pg_to_raw_upmap`).
+    ///
+    /// Each `(from, to)` item, in order, replaces `from` with `to` in the set built so far, and is ignored
+    /// unless `from` is in that set, `to` exists, is in with weight > 0 and is not in the set yet, and the
+    /// set spans no fewer distinct hosts afterwards (so replicas on distinct hosts stay on distinct hosts).
+    /// Ceph ignores an inapplicable item the same way; the failure-domain check is ours (Ceph leaves it to
+    /// the balancer that wrote the item). Ignoring instead of failing keeps placement total: an item that
+    /// names an OSD since marked out or purged just stops applying, with no epoch in between.
+    pub fn raw_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
+        let mut set = self.straw2_osds(pg)?;
+        if let Some(items) = self.map.pg_upmap_items.get(&pg) {
+            self.apply_upmap_items(&mut set, items, |_| {});
+        }
+        debug_assert!(set.iter().enumerate().all(|(i, osd)| !set[..i].contains(osd)));
+        Ok(set)
+    }
+
+    /// Applies `items` to `set` by the rule of [`Placement::raw_osds`], calling `applied` with each item
+    /// that takes effect. The balancer uses it to know which items to keep, so the two cannot disagree.
+    pub(crate) fn apply_upmap_items(
+        &self,
+        set: &mut [OsdId],
+        items: &[(OsdId, OsdId)],
+        mut applied: impl FnMut((OsdId, OsdId)),
+    ) {
+        for &(from, to) in items {
+            if let Some(index) = set.iter().position(|&osd| osd == from) {
+                if self.upmap_target_ok(set, index, to) {
+                    set[index] = to;
+                    applied((from, to));
+                }
+            }
+        }
+    }
+
+    /// Whether replacing `set[index]` with `to` is a valid upmap step: `to` is eligible, not in the set
+    /// already, and the set keeps at least as many distinct hosts.
+    pub(crate) fn upmap_target_ok(&self, set: &[OsdId], index: usize, to: OsdId) -> bool {
+        let Some(info) = self.map.osds.get(&to) else { return false };
+        if !info.in_ || info.weight == 0 || set.contains(&to) {
+            return false;
+        }
+        let map: &'m OsdMap = self.map;
+        let host = |osd: OsdId| map.osds.get(&osd).map(|info| info.host.as_str());
+        let others: Vec<Option<&str>> =
+            set.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, &osd)| host(osd)).collect();
+        // Distinct hosts before and after: only the replaced member's host can leave, only `to`'s arrive.
+        let distinct = |extra: Option<&str>| {
+            let mut hosts: Vec<Option<&str>> = others.iter().copied().chain([extra]).collect();
+            hosts.sort_unstable();
+            hosts.dedup();
+            hosts.len()
+        };
+        distinct(Some(info.host.as_str())) >= distinct(host(set[index]))
+    }
+
+    /// The PG's OSDs by straw2 alone, before upmap items (Ceph's "raw" CRUSH output).
     ///
     /// Replica `rank` goes to the host that wins a straw2 draw over the hosts not used yet, then to the
     /// OSD of that host that wins a straw2 draw among its OSDs. When there are fewer hosts than replicas,
@@ -190,7 +250,7 @@ impl<'m> Placement<'m> {
     ///   changes only slot 0 instead of shifting every slot down.
     /// - The OSD within a host is drawn with a fixed rank, so a host that moves from one rank to another
     ///   keeps the same OSD and its data stays put.
-    pub fn raw_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
+    pub fn straw2_osds(&self, pg: PgId) -> Result<Vec<OsdId>, PlacementError> {
         let pool = self.pool(pg)?;
         let size = usize::from(pool.size);
         let key = pg_key(pg);
@@ -231,6 +291,11 @@ impl<'m> Placement<'m> {
         assert!(chosen.len() <= size);
         debug_assert!(chosen.iter().enumerate().all(|(i, osd)| !chosen[..i].contains(osd)));
         Ok(chosen)
+    }
+
+    /// The map this placement was built from.
+    pub fn map(&self) -> &'m OsdMap {
+        self.map
     }
 
     /// The PG's up and acting sets: [`Placement::raw_osds`] without the OSDs that are down, order kept (for
@@ -397,7 +462,7 @@ fn log2_q48(v: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::collections::BTreeSet;
@@ -408,7 +473,8 @@ mod tests {
     use crate::ids::Fsid;
     use crate::map::{OsdAddrs, OsdInfo, POOL_PG_NUM_MAX, WEIGHT_ONE};
 
-    fn osd_info(host: &str, weight: u32) -> OsdInfo {
+    /// An OSD that is up and in (shared with the balancer's tests).
+    pub(crate) fn osd_info(host: &str, weight: u32) -> OsdInfo {
         let addr = SocketAddr::from(([127, 0, 0, 1], 6800));
         OsdInfo {
             addrs: Some(OsdAddrs { public: addr, cluster: addr, hb_front: addr, hb_back: addr }),
@@ -663,6 +729,91 @@ mod tests {
         ("1.b", &[3, 0, 2], &[0, 2]),
     ];
 
+    /// Upmap items apply in order on top of straw2, each only if valid: `from` in the set, `to` existing,
+    /// in, of weight > 0, not in the set yet, and no fewer distinct hosts afterwards. The rest are ignored.
+    #[test]
+    fn upmap_items_apply_only_when_valid() {
+        let mut map = cluster(
+            &[
+                (0, "a", WEIGHT_ONE),
+                (1, "a", WEIGHT_ONE),
+                (2, "b", WEIGHT_ONE),
+                (3, "b", WEIGHT_ONE),
+                (4, "c", WEIGHT_ONE),
+                (5, "c", WEIGHT_ONE),
+                (6, "d", WEIGHT_ONE),
+                (7, "d", WEIGHT_ONE),
+                (8, "e", WEIGHT_ONE),
+                (9, "f", 0),
+            ],
+            pool(1, 3, 16),
+        );
+        map.osds.get_mut(&OsdId(8)).unwrap().in_ = false;
+        map.osds.get_mut(&OsdId(7)).unwrap().up = false;
+        let pg = PgId::new(PoolId(1), 3);
+        let straw2 = Placement::new(&map).straw2_osds(pg).unwrap();
+        let host = |osd: OsdId| map.osds[&osd].host.clone();
+        let sibling = |osd: OsdId| OsdId(osd.0 ^ 1);
+        let free: Vec<OsdId> =
+            (0..8).map(OsdId).filter(|o| !straw2.iter().any(|s| host(*s) == host(*o))).collect();
+        assert_eq!(free.len(), 2, "one host of a..d is unused: {straw2:?}");
+        let [s0, s1, s2] = [straw2[0], straw2[1], straw2[2]];
+
+        let check = |items: Vec<(OsdId, OsdId)>, expected: Vec<OsdId>| {
+            let mut m = map.clone();
+            m.pg_upmap_items.insert(pg, items.clone());
+            m.validate().unwrap();
+            let placement = Placement::new(&m);
+            assert_eq!(placement.straw2_osds(pg).unwrap(), straw2, "straw2 ignores upmaps");
+            assert_eq!(placement.raw_osds(pg).unwrap(), expected, "{items:?}");
+            let up: Vec<OsdId> = expected.iter().copied().filter(|o| m.is_up(*o)).collect();
+            assert_eq!(placement.up_acting(pg).unwrap().up, up, "{items:?}");
+            // Other PGs are untouched.
+            let other = PgId::new(PoolId(1), 4);
+            assert_eq!(placement.raw_osds(other).unwrap(), Placement::new(&map).raw_osds(other).unwrap());
+        };
+        // Valid: to an unused host, or within the same host; order kept.
+        check(vec![(s1, free[0])], vec![s0, free[0], s2]);
+        check(vec![(s0, sibling(s0))], vec![sibling(s0), s1, s2]);
+        check(vec![(s2, sibling(s2)), (s0, free[0])], vec![free[0], s1, sibling(s2)]);
+        // The unused host's two OSDs are one host: the second item would put two replicas there.
+        check(vec![(s2, free[1]), (s0, free[0])], vec![s0, s1, free[1]]);
+        // Applied in order: the second item sees the first one's result.
+        check(vec![(s0, free[0]), (free[0], free[1])], vec![free[1], s1, s2]);
+        // Ignored: target missing, out, weight 0, already in the set; source not in the set; host clash.
+        check(vec![(s0, OsdId(99))], straw2.clone());
+        check(vec![(s0, OsdId(8))], straw2.clone());
+        check(vec![(s0, OsdId(9))], straw2.clone());
+        check(vec![(s0, s1)], straw2.clone());
+        check(vec![(free[0], free[1])], straw2.clone());
+        check(vec![(s0, sibling(s1))], straw2.clone());
+        // An ignored item does not stop the next one.
+        check(vec![(s0, OsdId(99)), (s1, free[0])], vec![s0, free[0], s2]);
+    }
+
+    /// With fewer hosts than replicas straw2 doubles up on a host; an upmap item may move a replica as long
+    /// as the set keeps as many distinct hosts.
+    #[test]
+    fn upmap_keeps_as_many_hosts_when_hosts_are_few() {
+        let map = cluster(
+            &[(0, "a", WEIGHT_ONE), (1, "a", WEIGHT_ONE), (2, "a", WEIGHT_ONE), (3, "b", WEIGHT_ONE)],
+            pool(1, 3, 8),
+        );
+        let pg = PgId::new(PoolId(1), 0);
+        let straw2 = Placement::new(&map).straw2_osds(pg).unwrap();
+        assert!(straw2.contains(&OsdId(3)));
+        let spare = (0..3).map(OsdId).find(|o| !straw2.contains(o)).unwrap();
+        let on_a = *straw2.iter().find(|o| o.0 < 3).unwrap();
+        let with = |items: Vec<(OsdId, OsdId)>| {
+            let mut m = map.clone();
+            m.pg_upmap_items.insert(pg, items);
+            Placement::new(&m).raw_osds(pg).unwrap()
+        };
+        let swapped: Vec<OsdId> = straw2.iter().map(|&o| if o == on_a { spare } else { o }).collect();
+        assert_eq!(with(vec![(on_a, spare)]), swapped, "a to a keeps both hosts");
+        assert_eq!(with(vec![(OsdId(3), spare)]), straw2, "b to a would leave one host");
+    }
+
     #[test]
     fn placement_errors() {
         let map = flat_cluster(4, 1, 16);
@@ -698,7 +849,8 @@ mod tests {
     /// a standard deviation of 21% of its mean. The table printed here (`cargo test -p rados
     /// balance_at_128_pgs -- --nocapture`) gives the largest deviation per N for pool 1 and, averaged over
     /// the 32 pools, the typical one. Ceph gets evenness from more PGs (its target is 100 per OSD) and from
-    /// its balancer's `pg_upmap_items` exceptions; see `balance_within_15_percent_given_enough_pgs`.
+    /// its balancer's `pg_upmap_items` exceptions; see `balance_within_15_percent_given_enough_pgs`, and
+    /// `crate::balancer`, whose tests check ±15% at 128 PGs with the exceptions applied.
     #[test]
     fn balance_at_128_pgs_is_as_even_as_random_placement() {
         let map = flat_cluster(3, 1, 128);
@@ -887,7 +1039,7 @@ mod tests {
     }
 
     /// A random cluster: up to 24 OSDs over up to 8 hosts, some out, some of weight 0, some down.
-    fn arb_cluster() -> impl Strategy<Value = OsdMap> {
+    pub(crate) fn arb_cluster() -> impl Strategy<Value = OsdMap> {
         let osd = (
             0u32..8,
             prop_oneof![1 => Just(0u32), 6 => 1..=4 * WEIGHT_ONE],
