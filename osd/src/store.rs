@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use rados::ids::{Epoch, PgId};
 
-/// MemStore keeps object data in pieces of at most this many bytes, so a small write into a large object
-/// copies at most one piece and a transaction's payload can be kept by reference when it covers whole pieces.
+/// MemStore keeps object data in pieces of at most this many bytes, each in a buffer of its own, so a small
+/// write into a large object touches one piece and a rewrite copies into memory the store already has.
 pub const CHUNK_BYTES: u64 = 64 << 10;
 /// PG maps MemStore spreads its lock over.
 const MEMSTORE_SHARDS: usize = 16;
@@ -585,9 +585,8 @@ impl MemStore {
     }
 }
 
-/// Copies or references `data` into the chunks it covers. A piece that fills a whole chunk is kept by
-/// reference (no copy); a partial piece is merged into a private copy of its chunk, so a small write never
-/// pins a large message buffer.
+/// Copies `data` into the chunks it covers, in place where the store alone holds the chunk. The store never
+/// keeps a reference to `data`, so no write pins a message buffer.
 fn write_chunks(o: &mut MemObject, offset: u64, data: &Bytes) {
     let mut pos = offset;
     let mut at: usize = 0;
