@@ -366,6 +366,7 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
         Cmd::Bench { spec, io_type, io_threads, io_pattern, rw_mix_read, .. } => {
             let (pool, image) = parse_spec(spec)?;
             let (_, img) = open_image(client, &pool, &image)?;
+            let img = Arc::new(img);
             let b = BenchArgs {
                 io_type: *io_type,
                 io_size: pre.io_size,
@@ -374,7 +375,7 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
                 pattern: *io_pattern,
                 rw_mix_read: *rw_mix_read,
             };
-            let r = bench(&img, &b, json);
+            let r = bench(Arc::clone(&img), &b, json);
             img.close();
             r?;
         }
@@ -611,17 +612,104 @@ struct BenchArgs {
     rw_mix_read: u32,
 }
 
-fn bench(img: &Image, b: &BenchArgs, json: bool) -> Result<()> {
+/// One `rbd bench` run, driven by completions: `--io-threads` ops are started, and each completion (on a
+/// messenger thread) records its latency and starts the next op, so no bench thread is woken per op (Ceph's
+/// `rbd bench` likewise keeps `io_threads` aio ops in flight from one thread).
+struct BenchRun {
+    img: Arc<Image>,
+    io_size: u64,
+    slots: u64,
+    total_ops: u64,
+    pattern: IoPattern,
+    io_type: IoType,
+    rw_mix_read: u32,
+    seed: u64,
+    payload: Bytes,
+    next: AtomicU64,
+    done_ops: AtomicU64,
+    /// Chains of ops still running (one per `--io-threads`); the run is over when it reaches 0.
+    chains: AtomicU64,
+    failed: AtomicBool,
+    first_err: parking_lot::Mutex<Option<String>>,
+    lats: parking_lot::Mutex<Vec<u32>>,
+    /// Chains handed back to the main thread: a completion that ran inside its own submission (a cache hit)
+    /// would otherwise start the next op recursively.
+    deferred: crossbeam_channel::Sender<()>,
+}
+
+thread_local! {
+    static BENCH_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+impl BenchRun {
+    /// Starts the next op of one chain, or ends the chain.
+    fn issue(self: &Arc<Self>) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if i >= self.total_ops || self.failed.load(Ordering::Relaxed) {
+            self.chains.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        // splitmix64 of the op number: every op gets its own random slot, whichever thread starts it.
+        let mut r = self.seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        r = (r ^ (r >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        r = (r ^ (r >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        r ^= r >> 31;
+        let slot = match self.pattern {
+            IoPattern::Seq => i % self.slots,
+            IoPattern::Rand => r % self.slots,
+        };
+        let read = match self.io_type {
+            IoType::Read => true,
+            IoType::Write => false,
+            IoType::Readwrite => (r >> 32) % 100 < u64::from(self.rw_mix_read),
+        };
+        let t0 = Instant::now();
+        let me = Arc::clone(self);
+        let offset = slot * self.io_size;
+        let started = if read {
+            self.img.aio_read_with(offset, self.io_size, move |r| me.finish(t0, r.map(|_| ())))
+        } else {
+            self.img.aio_write_with(offset, self.payload.clone(), move |r| me.finish(t0, r))
+        };
+        if let Err(e) = started {
+            self.fail(e.to_string());
+            self.chains.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn finish(self: &Arc<Self>, t0: Instant, r: rbd::image::Result<()>) {
+        match r {
+            Ok(()) => {
+                self.lats.lock().push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                self.done_ops.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+        let depth = BENCH_DEPTH.with(|d| d.get());
+        if depth >= 8 {
+            // Completed inside a submission several times over: let the main thread continue this chain.
+            if self.deferred.send(()).is_err() {
+                self.chains.fetch_sub(1, Ordering::AcqRel);
+            }
+            return;
+        }
+        BENCH_DEPTH.with(|d| d.set(depth + 1));
+        self.issue();
+        BENCH_DEPTH.with(|d| d.set(depth));
+    }
+
+    fn fail(&self, e: String) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.first_err.lock().get_or_insert(e);
+    }
+}
+
+fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
     let size = img.size();
     if size < b.io_size {
         bail!("the image ({size} bytes) is smaller than --io-size ({})", b.io_size);
     }
-    let slots = size / b.io_size;
     let total_ops = b.total.div_ceil(b.io_size).max(1);
-    let next = AtomicU64::new(0);
-    let done_ops = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let payload = Bytes::from(vec![0x5au8; b.io_size as usize]);
     if !json {
         let pattern = if b.pattern == IoPattern::Seq { "sequential" } else { "random" };
         println!(
@@ -633,72 +721,49 @@ fn bench(img: &Image, b: &BenchArgs, json: bool) -> Result<()> {
         );
         println!("  SEC       OPS   OPS/SEC   BYTES/SEC");
     }
-    let start = Instant::now();
-    let mut lats: Vec<u32> = Vec::with_capacity(total_ops.min(1 << 24) as usize);
-    let first_err = parking_lot::Mutex::new(None::<String>);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..b.threads)
-            .map(|t| {
-                let (next, done_ops, failed, payload, first_err) =
-                    (&next, &done_ops, &failed, &payload, &first_err);
-                s.spawn(move || {
-                    let mut rng = tools::entropy() ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-                    let mut lat = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total_ops || failed.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        let slot = match b.pattern {
-                            IoPattern::Seq => i % slots,
-                            IoPattern::Rand => rng % slots,
-                        };
-                        let read = match b.io_type {
-                            IoType::Read => true,
-                            IoType::Write => false,
-                            IoType::Readwrite => (rng >> 32) % 100 < b.rw_mix_read as u64,
-                        };
-                        let t0 = Instant::now();
-                        let r = if read {
-                            img.read(slot * b.io_size, b.io_size).map(|_| ())
-                        } else {
-                            img.write(slot * b.io_size, payload.clone())
-                        };
-                        if let Err(e) = r {
-                            failed.store(true, Ordering::Relaxed);
-                            first_err.lock().get_or_insert(e.to_string());
-                            break;
-                        }
-                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                        done_ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    lat
-                })
-            })
-            .collect();
-        // Per-second progress, like Ceph's.
-        let mut sec = 1u64;
-        let mut last_ops = 0u64;
-        while workers.iter().any(|w| !w.is_finished()) {
-            std::thread::sleep(Duration::from_millis(20));
-            if start.elapsed() >= Duration::from_secs(sec) {
-                let ops = done_ops.load(Ordering::Relaxed);
-                if !json {
-                    let rate = (ops - last_ops) as f64;
-                    println!("{sec:>5} {ops:>9} {rate:>9.2} {:>11}/s", human((rate as u64) * b.io_size));
-                }
-                last_ops = ops;
-                sec += 1;
-            }
-        }
-        for w in workers {
-            lats.extend(w.join().expect("bench worker panicked"));
-        }
+    let (deferred, deferred_rx) = crossbeam_channel::unbounded();
+    let run = Arc::new(BenchRun {
+        img: Arc::clone(&img),
+        io_size: b.io_size,
+        slots: size / b.io_size,
+        total_ops,
+        pattern: b.pattern,
+        io_type: b.io_type,
+        rw_mix_read: b.rw_mix_read,
+        seed: tools::entropy(),
+        payload: Bytes::from(vec![0x5au8; b.io_size as usize]),
+        next: AtomicU64::new(0),
+        done_ops: AtomicU64::new(0),
+        chains: AtomicU64::new(b.threads as u64),
+        failed: AtomicBool::new(false),
+        first_err: parking_lot::Mutex::new(None),
+        lats: parking_lot::Mutex::new(Vec::with_capacity(total_ops.min(1 << 24) as usize)),
+        deferred,
     });
-    if let Some(e) = first_err.into_inner() {
+    let start = Instant::now();
+    for _ in 0..b.threads {
+        run.issue();
+    }
+    // Per-second progress, like Ceph's; continues chains handed back by completions.
+    let mut sec = 1u64;
+    let mut last_ops = 0u64;
+    while run.chains.load(Ordering::Acquire) > 0 {
+        if deferred_rx.recv_timeout(Duration::from_millis(20)).is_ok() {
+            run.issue();
+        }
+        if start.elapsed() >= Duration::from_secs(sec) {
+            let ops = run.done_ops.load(Ordering::Relaxed);
+            if !json {
+                let rate = (ops - last_ops) as f64;
+                println!("{sec:>5} {ops:>9} {rate:>9.2} {:>11}/s", human((rate as u64) * b.io_size));
+            }
+            last_ops = ops;
+            sec += 1;
+        }
+    }
+    let first_err = run.first_err.lock().take();
+    let mut lats = std::mem::take(&mut *run.lats.lock());
+    if let Some(e) = first_err {
         bail!("bench I/O failed: {e}");
     }
     let elapsed = start.elapsed().as_secs_f64().max(1e-9);
