@@ -140,10 +140,19 @@ impl MonClient {
     }
 
     /// Called (on a messenger worker: be quick) with every new map.
+    /// Maps newer than the one current at registration only: read [`MonClient::map`] after registering for
+    /// the current one.
     pub fn on_map(&self, f: impl Fn(&Arc<OsdMap>) + Send + Sync + 'static) {
         let mut cbs = self.map_callbacks.write();
         assert!(cbs.len() < CALLBACKS_MAX, "too many map callbacks");
-        cbs.push(Box::new(f));
+        // Read under the callbacks' lock: a map published after this read is handed to the callbacks after
+        // this registration, so none is missed, and the one current now is not handed over again.
+        let seen = self.map().map_or(Epoch(0), |m| m.epoch);
+        cbs.push(Box::new(move |m: &Arc<OsdMap>| {
+            if m.epoch > seen {
+                f(m)
+            }
+        }));
     }
 
     /// Called with every cluster log entry (subscribes to the log if not yet).
@@ -277,12 +286,13 @@ impl MonClient {
             }
         }
         if let Some(m) = changed {
-            let _g = self.map_lock.lock();
-            self.map_changed.notify_all();
-            drop(_g);
+            // Users reconfigure first, then waiters wake: whoever returns from `wait_for_map` and registers a
+            // callback then is not called back with the map it has just seen.
             for cb in self.map_callbacks.read().iter() {
                 cb(&m);
             }
+            let _g = self.map_lock.lock();
+            self.map_changed.notify_all();
         }
     }
 }
