@@ -35,6 +35,7 @@ use crate::heartbeat::{HbReport, HeartbeatError, HeartbeatService, Peer};
 use crate::proto::{self, PeerMsg};
 use crate::shard::{
     reply_command, reply_op, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError,
+    INLINE_BATCH_MAX, TICK,
 };
 use crate::store::{MemStore, ObjectStore};
 
@@ -319,7 +320,7 @@ impl Osd {
                     report_now: report_tx.clone(),
                     guard: Arc::clone(&guard),
                 });
-                ShardHandle::new(shard, queue)
+                Arc::new(ShardHandle::new(shard, queue, INLINE_BATCH_MAX))
             })
             .collect();
 
@@ -380,7 +381,7 @@ impl Osd {
         for (index, shard) in shards.into_iter().enumerate() {
             let t = std::thread::Builder::new()
                 .name(format!("osd-shard-{index}"))
-                .spawn(move || shard.run())
+                .spawn(move || shard.run(TICK))
                 .map_err(OsdStartError::Thread)?;
             osd.threads.lock().push(t);
         }

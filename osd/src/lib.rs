@@ -16,6 +16,7 @@
 pub mod daemon;
 pub mod exec;
 pub mod heartbeat;
+pub mod inline;
 pub mod pg;
 pub mod proto;
 pub mod shard;

@@ -19,12 +19,12 @@
 //! monitor may have given its PGs to others, and it must not answer from a stale copy.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use messenger::{Connection, EntityName, Message, Messenger};
 use parking_lot::Mutex;
 
@@ -34,6 +34,7 @@ use rados::msg::{types, OsdCommandReply, OsdError, OsdOpReply, OsdOpRequest, PgL
 use rados::placement::{object_to_pg, Placement};
 
 use crate::exec::OpLimits;
+use crate::inline::{InlineQueue, Runner};
 use crate::pg::{ClientOp, ListOp, Pg, PgMapView, PgOutput, PoolParams, META_OBJECT};
 use crate::proto::PeerMsg;
 use crate::store::{ObjectStore, Transaction};
@@ -175,20 +176,6 @@ impl Shard {
         self.map.as_ref().map_or(Epoch(0), |m| m.epoch)
     }
 
-    /// Runs queued events, at most `budget` of them; returns whether the queue was left empty.
-    fn drain(&mut self, queue: &Mutex<VecDeque<ShardEvent>>, budget: usize) -> bool {
-        let now = Instant::now();
-        // Whoever runs events checks for a freeze: after SIGCONT a worker may get here before the shard's
-        // thread has ticked. Only the thread moves `last_beat`, so an idle shard is not mistaken for a frozen
-        // one.
-        self.sh.guard.check(self.last_beat, now, self.epoch());
-        for _ in 0..budget {
-            let Some(ev) = queue.lock().pop_front() else { return true };
-            self.handle(now, ev);
-        }
-        queue.lock().is_empty()
-    }
-
     pub fn handle(&mut self, now: Instant, ev: ShardEvent) {
         match ev {
             ShardEvent::Map(m) => self.handle_map(now, m),
@@ -209,7 +196,6 @@ impl Shard {
                 self.route(now, ev);
             }
         }
-        self.publish_in_flight();
     }
 
     fn must_wait(&self, now: Instant, ev: &ShardEvent) -> bool {
@@ -461,118 +447,34 @@ impl Shard {
     }
 }
 
-/// Why an event was not taken.
-#[derive(Debug)]
-pub enum SubmitError {
-    /// The queue is full (the throttles should make this impossible); the event comes back.
-    Full(Box<ShardEvent>),
-    /// The shard has stopped.
-    Stopped,
-}
+/// A shard as the rest of the daemon sees it: submit events (run inline when the shard is free), stop it.
+pub type ShardHandle = InlineQueue<Shard>;
+/// Why a shard did not take an event.
+pub type SubmitError = crate::inline::SubmitError<ShardEvent>;
 
-/// A shard as the rest of the daemon sees it: submit events, stop it. Cheap to share across threads.
-pub struct ShardHandle {
-    queue: Mutex<VecDeque<ShardEvent>>,
-    cap: usize,
-    shard: Mutex<Shard>,
-    /// Wakes the shard's thread: to take over a backlog, or to stop.
-    wake: Sender<()>,
-    wake_rx: Receiver<()>,
-    stopped: AtomicBool,
-}
+impl Runner for Shard {
+    type Event = ShardEvent;
 
-impl ShardHandle {
-    /// A shard whose queue holds at most `cap` events; [`ShardHandle::run`] is its thread's body.
-    pub fn new(shard: Shard, cap: usize) -> Arc<ShardHandle> {
-        let (wake, wake_rx) = crossbeam_channel::bounded(1);
-        Arc::new(ShardHandle {
-            queue: Mutex::new(VecDeque::with_capacity(cap.min(1024))),
-            cap,
-            shard: Mutex::new(shard),
-            wake,
-            wake_rx,
-            stopped: AtomicBool::new(false),
-        })
+    /// Whoever runs events checks for a freeze: after SIGCONT a worker may get here before the shard's thread
+    /// has ticked. Only the shard's thread moves `last_beat`, so an idle shard is not mistaken for a frozen one.
+    fn begin(&mut self, now: Instant) {
+        self.sh.guard.check(self.last_beat, now, self.epoch());
     }
 
-    /// Takes an event without blocking and, if no other thread is inside the shard, runs it (and whatever
-    /// queued before it) on this thread. Events from one thread run in the order they were submitted.
-    pub fn try_submit(&self, ev: ShardEvent) -> Result<(), SubmitError> {
-        if self.stopped.load(Ordering::Acquire) {
-            return Err(SubmitError::Stopped);
-        }
-        {
-            let mut q = self.queue.lock();
-            if q.len() >= self.cap {
-                return Err(SubmitError::Full(Box::new(ev)));
-            }
-            q.push_back(ev);
-        }
-        self.run_inline();
-        Ok(())
+    fn handle(&mut self, now: Instant, ev: ShardEvent) {
+        Shard::handle(self, now, ev);
     }
 
-    /// Like [`ShardHandle::try_submit`], but waits up to `timeout` for room; for the daemon's own threads.
-    pub fn submit_timeout(&self, mut ev: ShardEvent, timeout: Duration) -> Result<(), SubmitError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.try_submit(ev) {
-                Err(SubmitError::Full(back)) if Instant::now() < deadline => {
-                    ev = *back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                r => return r,
-            }
-        }
+    /// Once per run of events rather than per event: shutdown only needs the count to reach 0 eventually.
+    fn end(&mut self) {
+        self.publish_in_flight();
     }
 
-    /// Runs the queue unless another thread is inside the shard. Nothing is stranded: an event is queued
-    /// before `try_lock`, so either this thread gets the lock and runs it, or the holder at that moment
-    /// finds it when it looks at the queue again after unlocking.
-    fn run_inline(&self) {
-        loop {
-            let Some(mut shard) = self.shard.try_lock() else { return };
-            let empty = shard.drain(&self.queue, INLINE_BATCH_MAX);
-            drop(shard);
-            if !empty {
-                // A long backlog: the shard's thread takes over so this worker gets back to its sockets.
-                let _ = self.wake.try_send(());
-                return;
-            }
-            if self.queue.lock().is_empty() {
-                return;
-            }
+    fn turn(&mut self, now: Instant, tick: bool) {
+        self.last_beat = now;
+        if tick {
+            self.tick(now);
         }
-    }
-
-    /// Stops the shard's thread; events submitted afterwards are refused.
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
-        let _ = self.wake.try_send(());
-    }
-
-    /// The shard's thread: ticks the PGs every [`TICK`], runs any backlog, notices freezes; until stopped.
-    pub fn run(&self) {
-        let mut next_tick = Instant::now() + TICK;
-        loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            if let Err(RecvTimeoutError::Disconnected) = self.wake_rx.recv_timeout(wait) {
-                break;
-            }
-            if self.stopped.load(Ordering::Acquire) {
-                break;
-            }
-            let mut shard = self.shard.lock();
-            let now = Instant::now();
-            shard.drain(&self.queue, usize::MAX);
-            shard.last_beat = now;
-            if now >= next_tick {
-                shard.tick(now);
-                next_tick = now + TICK;
-            }
-        }
-        let shard = self.shard.lock();
-        tracing::debug!(shard = shard.sh.index, pgs = shard.pgs.len(), "shard stopped");
     }
 }
 
