@@ -202,6 +202,29 @@ mod tests {
         fn turn(&mut self, _now: Instant, _tick: bool) {}
     }
 
+    /// A queue around a [`Recorder`] and its runner thread (tick an hour away), started and ready.
+    fn start(
+        cap: usize,
+        batch: usize,
+        slow_every: u64,
+        slow_end: bool,
+    ) -> (Arc<InlineQueue<Recorder>>, std::thread::JoinHandle<()>) {
+        let r =
+            Recorder { seen: Vec::new(), ran_on_runner_thread: 0, runner_thread: None, slow_every, slow_end };
+        let q = Arc::new(InlineQueue::new(r, cap, batch));
+        let t = {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || {
+                q.with(|r| r.runner_thread = Some(std::thread::current().id()));
+                q.run(Duration::from_secs(3600));
+            })
+        };
+        while q.with(|r| r.runner_thread.is_none()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (q, t)
+    }
+
     fn run_producers(q: &Arc<InlineQueue<Recorder>>, producers: usize, per: u64) {
         std::thread::scope(|s| {
             for p in 0..producers {
@@ -231,24 +254,7 @@ mod tests {
         // events of one thread run in its order. Method: 4 producers x 20k events into a small queue (so it
         // fills), a runner that is sometimes slow, a runner thread whose tick is an hour away; after the
         // producers finish, everything must have run within a second.
-        let q = Arc::new(InlineQueue::new(
-            Recorder {
-                seen: Vec::new(),
-                ran_on_runner_thread: 0,
-                runner_thread: None,
-                slow_every: 997,
-                slow_end: false,
-            },
-            64,
-            8,
-        ));
-        let t = {
-            let q = Arc::clone(&q);
-            std::thread::spawn(move || {
-                q.with(|r| r.runner_thread = Some(std::thread::current().id()));
-                q.run(Duration::from_secs(3600));
-            })
-        };
+        let (q, t) = start(64, 8, 997, false);
         let (producers, per) = (4, 20_000u64);
         run_producers(&q, producers, per);
         let deadline = Instant::now() + Duration::from_secs(1);
@@ -278,21 +284,7 @@ mod tests {
         // Goal: the event that arrives while another thread is finishing its run is still run, without a tick.
         // Method: rounds of 4 threads submitting one event each at the same moment (a barrier), with no
         // later submission to rescue a stranded one; every round must complete within 200 ms.
-        let q = Arc::new(InlineQueue::new(
-            Recorder {
-                seen: Vec::new(),
-                ran_on_runner_thread: 0,
-                runner_thread: None,
-                slow_every: 0,
-                slow_end: true,
-            },
-            16,
-            8,
-        ));
-        let t = {
-            let q = Arc::clone(&q);
-            std::thread::spawn(move || q.run(Duration::from_secs(3600)))
-        };
+        let (q, t) = start(16, 8, 0, true);
         let threads = 4;
         let rounds = 2000u64;
         let barrier = std::sync::Barrier::new(threads + 1);
@@ -331,28 +323,7 @@ mod tests {
     fn an_idle_runner_runs_the_event_on_the_submitting_thread() {
         // Goal: the common path costs no hand-off. Method: submit one event at a time with no contention and
         // check none of them ran on the runner's thread.
-        let q = Arc::new(InlineQueue::new(
-            Recorder {
-                seen: Vec::new(),
-                ran_on_runner_thread: 0,
-                runner_thread: None,
-                slow_every: 0,
-                slow_end: false,
-            },
-            16,
-            8,
-        ));
-        let t = {
-            let q = Arc::clone(&q);
-            std::thread::spawn(move || {
-                q.with(|r| r.runner_thread = Some(std::thread::current().id()));
-                q.run(Duration::from_secs(3600));
-            })
-        };
-        // Let the runner thread record its id first.
-        while q.with(|r| r.runner_thread.is_none()) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (q, t) = start(16, 8, 0, false);
         for i in 0..1000 {
             q.try_submit((0, i)).unwrap();
             assert_eq!(q.with(|r| r.seen.len()), i as usize + 1, "ran before try_submit returned");
@@ -368,27 +339,7 @@ mod tests {
         // Goal: a submitting thread runs at most `batch` events, the runner thread the rest. Method: hold the
         // runner, queue 50 events, release it and submit one more: the submitter runs 2 (batch), the runner
         // thread the remaining 49.
-        let q = Arc::new(InlineQueue::new(
-            Recorder {
-                seen: Vec::new(),
-                ran_on_runner_thread: 0,
-                runner_thread: None,
-                slow_every: 0,
-                slow_end: false,
-            },
-            100,
-            2,
-        ));
-        let t = {
-            let q = Arc::clone(&q);
-            std::thread::spawn(move || {
-                q.with(|r| r.runner_thread = Some(std::thread::current().id()));
-                q.run(Duration::from_secs(3600));
-            })
-        };
-        while q.with(|r| r.runner_thread.is_none()) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (q, t) = start(100, 2, 0, false);
         q.with(|_| {
             for i in 0..50 {
                 q.try_submit((0, i)).unwrap();
