@@ -13,28 +13,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use rbd::image::{ImageOptions, Rbd};
 
-fn rbd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_rbd")
-}
-
-fn rbd(c: &Cluster, args: &[&str]) -> Output {
-    run(Command::new(rbd_bin())
-        .arg("--conf")
-        .arg(c.conf())
-        .env("CUTTLE_RBD_RUN_DIR", c.dir.join("run"))
-        .args(args))
-}
-
-fn ok(c: &Cluster, args: &[&str]) -> String {
-    let o = rbd(c, args);
-    assert!(o.status.success(), "rbd {args:?} failed: {}{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
-
 fn map(c: &Cluster, args: &[&str]) -> String {
     let mut a = vec!["map"];
     a.extend(args);
-    ok(c, &a).trim().to_string()
+    rbd_ok(c, &a).trim().to_string()
 }
 
 fn have(tool: &str) -> bool {
@@ -60,7 +42,7 @@ fn socket_of(uri: &str) -> String {
 }
 
 fn mapped_pid(c: &Cluster, image: &str) -> u32 {
-    let o = ok(c, &["showmapped", "--format", "json"]);
+    let o = rbd_ok(c, &["showmapped", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_str(&o).unwrap();
     v.as_array().unwrap().iter().find(|m| m["image"] == image).expect("mapped")["pid"].as_u64().unwrap()
         as u32
@@ -165,11 +147,11 @@ fn nbd_map_serves_real_clients() {
     let lib = lib_open(&c.conf());
     let rbdlib = Rbd::new(&lib.objecter, "rbd").unwrap();
     const SIZE: u64 = 256 << 20;
-    ok(&c, &["create", "--size", "256M", "rbd/disk"]);
+    rbd_ok(&c, &["create", "--size", "256M", "rbd/disk"]);
     let uri = map(&c, &["rbd/disk"]);
     assert!(uri.starts_with("nbd+unix:///disk?socket="), "{uri}");
     let sock = socket_of(&uri);
-    let m = ok(&c, &["showmapped"]);
+    let m = rbd_ok(&c, &["showmapped"]);
     assert!(m.contains("disk") && m.contains(&uri), "{m}");
 
     // --- nbdinfo
@@ -244,7 +226,7 @@ fn nbd_map_serves_real_clients() {
         let q = c.dir.join("q.raw");
         let e = c.dir.join("e.raw");
         tool(&["qemu-img", "convert", "-O", "raw", &uri, q.to_str().unwrap()]);
-        ok(&c, &["export", "rbd/disk", e.to_str().unwrap()]);
+        rbd_ok(&c, &["export", "rbd/disk", e.to_str().unwrap()]);
         assert!(
             std::fs::read(&q).unwrap() == std::fs::read(&e).unwrap(),
             "qemu-img convert differs from rbd export"
@@ -278,7 +260,7 @@ fn nbd_map_serves_real_clients() {
     drop(good);
 
     // --- read-only over TCP
-    ok(&c, &["create", "--size", "8M", "rbd/ro"]);
+    rbd_ok(&c, &["create", "--size", "8M", "rbd/ro"]);
     let ro = map(&c, &["rbd/ro", "--port", "0", "--read-only"]);
     assert!(ro.starts_with("nbd://127.0.0.1:") && ro.ends_with("/ro"), "{ro}");
     if have("nbdinfo") {
@@ -296,9 +278,9 @@ fn nbd_map_serves_real_clients() {
     }
     let m = rbd(&c, &["map", "rbd/ro"]);
     assert!(!m.status.success() && stderr(&m).contains("already mapped"), "{}", stderr(&m));
-    ok(&c, &["unmap", &ro]);
-    ok(&c, &["unmap", "rbd/disk"]);
-    assert_eq!(ok(&c, &["showmapped", "--format", "json"]).trim(), "[]");
+    rbd_ok(&c, &["unmap", &ro]);
+    rbd_ok(&c, &["unmap", "rbd/disk"]);
+    assert_eq!(rbd_ok(&c, &["showmapped", "--format", "json"]).trim(), "[]");
     assert!(!Path::new(&sock).exists(), "unmap leaves the socket behind");
     let o = rbd(&c, &["unmap", "rbd/disk"]);
     assert!(!o.status.success() && stderr(&o).contains("not mapped"));
@@ -315,7 +297,7 @@ fn nbd_unmap_and_kill_keep_flushed_data() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::up("nbd-stop", 3, &[]);
     let t0 = Instant::now();
-    ok(&c, &["create", "--size", "64M", "rbd/d"]);
+    rbd_ok(&c, &["create", "--size", "64M", "rbd/d"]);
     let uri = map(&c, &["rbd/d"]);
     let sock = socket_of(&uri);
     const BLOCK: usize = 64 << 10;
@@ -389,12 +371,12 @@ fn nbd_unmap_and_kill_keep_flushed_data() {
         assert!(t.elapsed() < Duration::from_secs(10), "kill -9 did not end the server");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(ok(&c, &["showmapped", "--format", "json"]).trim(), "[]", "a dead server is still listed");
+    assert_eq!(rbd_ok(&c, &["showmapped", "--format", "json"]).trim(), "[]", "a dead server is still listed");
     let uri = map(&c, &["rbd/d"]);
     let mut cl = Nbd::connect(&socket_of(&uri), "d");
     assert_eq!(cl.read(5_000_001, 100_000), d, "flushed data lost by kill -9");
     assert_ne!(cl.flags & 1, 0, "HAS_FLAGS");
     drop(cl);
-    ok(&c, &["unmap", &uri]);
+    rbd_ok(&c, &["unmap", &uri]);
     eprintln!("unmap/kill checks took {:?} (cluster up {:?})", t0.elapsed(), c.up_took);
 }

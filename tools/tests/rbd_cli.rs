@@ -3,27 +3,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn rbd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_rbd")
-}
-
-fn rbd(c: &Cluster, args: &[&str]) -> Output {
-    run(Command::new(rbd_bin())
-        .arg("--conf")
-        .arg(c.conf())
-        .env("CUTTLE_RBD_RUN_DIR", c.dir.join("run"))
-        .args(args))
-}
-
-fn ok(c: &Cluster, args: &[&str]) -> String {
-    let o = rbd(c, args);
-    assert!(o.status.success(), "rbd {args:?} failed: {}{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
 
 fn fails(c: &Cluster, args: &[&str], needle: &str) {
     let o = rbd(c, args);
@@ -35,7 +17,7 @@ fn fails(c: &Cluster, args: &[&str], needle: &str) {
 fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.extend(["--format", "json"]);
-    let s = ok(c, &a);
+    let s = rbd_ok(c, &a);
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("rbd {args:?} printed bad JSON ({e}): {s}"))
 }
 
@@ -65,8 +47,8 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
     let t0 = std::time::Instant::now();
 
     // --- create / ls / info
-    ok(&c, &["create", "--size", "10G", "rbd/big"]);
-    ok(
+    rbd_ok(&c, &["create", "--size", "10G", "rbd/big"]);
+    rbd_ok(
         &c,
         &[
             "create",
@@ -82,7 +64,7 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
         ],
     );
     assert_eq!(json(&c, &["ls"]), serde_json::json!(["big", "s"]));
-    assert_eq!(ok(&c, &["ls", "rbd"]), "big\ns\n");
+    assert_eq!(rbd_ok(&c, &["ls", "rbd"]), "big\ns\n");
     let i = json(&c, &["info", "rbd/big"]);
     assert_eq!(i["size"], 10u64 << 30);
     assert_eq!(i["object_size"], 4 << 20);
@@ -90,7 +72,7 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
     let i = json(&c, &["info", "s"]);
     assert_eq!((i["stripe_unit"].as_u64(), i["stripe_count"].as_u64()), (Some(64 << 10), Some(4)));
     assert_eq!(i["order"], 20);
-    assert!(ok(&c, &["info", "rbd/s"]).contains("stripe count: 4"));
+    assert!(rbd_ok(&c, &["info", "rbd/s"]).contains("stripe count: 4"));
 
     // --- mistakes
     fails(&c, &["create", "--size", "10X", "rbd/x"], "invalid --size");
@@ -104,22 +86,22 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
     fails(&c, &["map", "--device", "/dev/nbd0", "rbd/big"], "nbd kernel module");
 
     // --- resize / rename / rm
-    ok(&c, &["resize", "--size", "20G", "rbd/big"]);
+    rbd_ok(&c, &["resize", "--size", "20G", "rbd/big"]);
     assert_eq!(json(&c, &["info", "rbd/big"])["size"], 20u64 << 30);
-    ok(&c, &["resize", "--size", "1G", "--allow-shrink", "rbd/big"]);
+    rbd_ok(&c, &["resize", "--size", "1G", "--allow-shrink", "rbd/big"]);
     assert_eq!(json(&c, &["info", "rbd/big"])["size"], 1u64 << 30);
-    ok(&c, &["rename", "rbd/big", "rbd/small"]);
+    rbd_ok(&c, &["rename", "rbd/big", "rbd/small"]);
     assert_eq!(json(&c, &["ls"]), serde_json::json!(["s", "small"]));
-    ok(&c, &["rm", "rbd/small"]);
+    rbd_ok(&c, &["rm", "rbd/small"]);
     assert_eq!(json(&c, &["ls"]), serde_json::json!(["s"]));
 
     // --- import / export with holes, du
     let src = c.dir.join("holey.bin");
     let len = holey_file(&src);
-    ok(&c, &["import", src.to_str().unwrap(), "rbd/img"]);
+    rbd_ok(&c, &["import", src.to_str().unwrap(), "rbd/img"]);
     assert_eq!(json(&c, &["info", "rbd/img"])["size"], len);
     let dst = c.dir.join("out.bin");
-    ok(&c, &["export", "rbd/img", dst.to_str().unwrap()]);
+    rbd_ok(&c, &["export", "rbd/img", dst.to_str().unwrap()]);
     let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
     assert!(a == b, "export differs from the imported file");
     // The hole in the middle stayed a hole in the exported file.
@@ -142,7 +124,7 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
     )));
     assert!(o.status.success(), "{}", stderr(&o));
     let dst2 = c.dir.join("out2.bin");
-    ok(&c, &["export", "rbd/fromstdin", dst2.to_str().unwrap()]);
+    rbd_ok(&c, &["export", "rbd/fromstdin", dst2.to_str().unwrap()]);
     assert!(std::fs::read(&dst2).unwrap() == a, "stdin import differs");
 
     // --- bench
@@ -191,7 +173,7 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
     let o =
         run(Command::new(rbd_bin()).arg("--conf").arg(&bad).args(["bench", "--io-type", "read", "rbd/s"]));
     assert!(!o.status.success() && stderr(&o).contains("rbd_cache_max_dirty"), "{}", stderr(&o));
-    let plain = ok(&c, &["bench", "--io-type", "readwrite", "--io-total", "1M", "rbd/s"]);
+    let plain = rbd_ok(&c, &["bench", "--io-type", "readwrite", "--io-total", "1M", "rbd/s"]);
     assert!(plain.contains("SEC       OPS   OPS/SEC   BYTES/SEC") && plain.contains("ops/sec:"), "{plain}");
     fails(&c, &["bench", "--io-type", "read", "--io-size", "0", "rbd/s"], "io-size");
     eprintln!("rbd cli checks took {:?} (cluster up {:?})", t0.elapsed(), c.up_took);

@@ -171,6 +171,26 @@ pub fn run(cmd: &mut Command) -> Output {
     }
 }
 
+pub fn rbd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_rbd")
+}
+
+/// Runs `rbd --conf <c> ARGS`, with `rbd map`'s run directory inside the cluster's.
+pub fn rbd(c: &Cluster, args: &[&str]) -> Output {
+    run(Command::new(rbd_bin())
+        .arg("--conf")
+        .arg(c.conf())
+        .env("CUTTLE_RBD_RUN_DIR", c.dir.join("run"))
+        .args(args))
+}
+
+/// [`rbd`], asserting success; its stdout.
+pub fn rbd_ok(c: &Cluster, args: &[&str]) -> String {
+    let o = rbd(c, args);
+    assert!(o.status.success(), "rbd {args:?} failed: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
