@@ -115,7 +115,8 @@ impl TxOp {
         }
     }
 
-    fn pg(&self) -> PgId {
+    /// The object the op changes; `None` for an op on a whole PG.
+    fn oid(&self) -> Option<&ObjectId> {
         match self {
             TxOp::Touch { oid }
             | TxOp::Write { oid, .. }
@@ -127,8 +128,15 @@ impl TxOp {
             | TxOp::OmapSet { oid, .. }
             | TxOp::OmapRm { oid, .. }
             | TxOp::OmapClear { oid }
-            | TxOp::SetVersion { oid, .. } => oid.pg,
+            | TxOp::SetVersion { oid, .. } => Some(oid),
+            TxOp::RemovePg { .. } => None,
+        }
+    }
+
+    fn pg(&self) -> PgId {
+        match self {
             TxOp::RemovePg { pg } => *pg,
+            op => op.oid().expect("every other op names an object").pg,
         }
     }
 }
@@ -433,20 +441,7 @@ impl MemStore {
                 shadows.retain(|oid, _| oid.pg != *pg);
                 continue;
             }
-            let oid = match op {
-                TxOp::Touch { oid }
-                | TxOp::Write { oid, .. }
-                | TxOp::Zero { oid, .. }
-                | TxOp::Truncate { oid, .. }
-                | TxOp::Remove { oid }
-                | TxOp::SetAttr { oid, .. }
-                | TxOp::RmAttr { oid, .. }
-                | TxOp::OmapSet { oid, .. }
-                | TxOp::OmapRm { oid, .. }
-                | TxOp::OmapClear { oid }
-                | TxOp::SetVersion { oid, .. } => oid,
-                TxOp::RemovePg { .. } => unreachable!("handled above"),
-            };
+            let oid = op.oid().expect("RemovePg is handled above");
             let shadow = shadows.entry(oid).or_insert_with(|| {
                 let exists = !cleared.contains(&oid.pg) && stored(oid).is_some();
                 Shadow { exists, fresh: !exists, attrs: HashMap::new() }
