@@ -121,6 +121,28 @@ pub enum Format {
     Json,
 }
 
+/// The options every admin tool (`cuttle`, `rados`, `rbd`) takes, anywhere on its command line.
+#[derive(Debug, clap::Args)]
+pub struct ToolArgs {
+    /// Config file (default: $CUTTLE_CONF, then ./cuttle-data/cuttle.toml).
+    #[arg(short = 'c', long, global = true)]
+    pub conf: Option<PathBuf>,
+    /// Output format of reading commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    pub format: Format,
+}
+
+impl ToolArgs {
+    /// The config `--conf` names, or the one discovery finds, and its path.
+    pub fn config(&self) -> anyhow::Result<(rados::config::Config, PathBuf)> {
+        rados::config::Config::discover(self.conf.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn json(&self) -> bool {
+        self.format == Format::Json
+    }
+}
+
 /// The command line every daemon shares.
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {

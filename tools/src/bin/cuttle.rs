@@ -20,17 +20,13 @@ use serde_json::{json, Value};
 #[derive(Parser)]
 #[command(name = "cuttle", about = "Administer a cuttle cluster", version)]
 struct Cli {
-    /// Config file (default: $CUTTLE_CONF, then ./cuttle-data/cuttle.toml).
-    #[arg(long, global = true)]
-    conf: Option<PathBuf>,
-    /// Output format of reading commands.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
-    format: Format,
+    #[command(flatten)]
+    tool: ToolArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-use tools::Format;
+use tools::{Format, ToolArgs};
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -187,8 +183,8 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let conf = cli.conf.as_deref();
-    let fmt = cli.format;
+    let conf = cli.tool.conf.as_deref();
+    let fmt = cli.tool.format;
     match cli.cmd {
         Cmd::Up { dir, osds, set, timeout } => up(&dir, osds, &set, Duration::from_secs(timeout)),
         Cmd::Down { dir } => down(&dir),

@@ -12,13 +12,11 @@
 //! the end unless `--no-cleanup` is given.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use rados::config::Config;
 use rados::objecter::{Completion, IoCtx, RadosError};
 
 /// Bytes per op when `put` and `get` move an object in pieces (Ceph's default op size).
@@ -37,20 +35,16 @@ const BENCH_OBJECTS_MAX: u64 = 100_000_000;
 #[derive(Parser)]
 #[command(name = "rados", about = "Read, write, list and benchmark the objects of a cuttle pool")]
 struct Cli {
-    /// Config file (default: $CUTTLE_CONF, then ./cuttle-data/cuttle.toml).
-    #[arg(short = 'c', long, global = true)]
-    conf: Option<PathBuf>,
+    #[command(flatten)]
+    tool: ToolArgs,
     /// The pool to work on.
     #[arg(short = 'p', long = "pool", global = true)]
     pool: Option<String>,
-    /// Output format.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
-    format: Format,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-use tools::{ClusterClient as Client, Format};
+use tools::{ClusterClient as Client, Format, ToolArgs};
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -128,7 +122,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     let pool = cli.pool.clone().ok_or_else(|| anyhow!("no pool given: use -p POOL"))?;
     // The config error's message already names its cause; `{:#}` would print the cause twice.
-    let (cfg, conf_path) = Config::discover(cli.conf.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let (cfg, conf_path) = cli.tool.config()?;
     if let Some(b) = bench_size {
         let max = cfg.osd_max_write_size.min(cfg.osd_max_object_size);
         if b > max {
@@ -150,7 +144,7 @@ fn shown(obj: &str) -> String {
 
 fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> Result<()> {
     let io = ioctx(client, pool)?;
-    let json = cli.format == Format::Json;
+    let json = cli.tool.format == Format::Json;
     let mut out = std::io::stdout().lock();
     match &cli.cmd {
         Cmd::Put { obj, file } => {
@@ -727,7 +721,7 @@ mod tests {
         let c = Cli::try_parse_from(["rados", "put", "obj", "-", "--pool", "rbd"]).unwrap();
         assert_eq!(c.pool.as_deref(), Some("rbd"));
         let c = Cli::try_parse_from(["rados", "-p", "rbd", "bench", "5", "seq", "--format", "json"]).unwrap();
-        assert!(c.format == Format::Json);
+        assert!(c.tool.format == Format::Json);
         assert!(Cli::try_parse_from(["rados", "-p", "rbd", "bench", "5", "sideways"]).is_err());
         assert!(Cli::try_parse_from(["rados", "-p", "rbd", "rm"]).is_err());
     }

@@ -24,12 +24,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use rados::config::Config;
 use rados::objecter::{ObjectOperation, RadosError};
 use rbd::image::{AioCompletion, CreateOptions, Image, ImageInfo, ImageOptions, ObjecterBudget, Rbd};
 use rbd::nbd::server::{ListenAddr, Server};
 use serde::{Deserialize, Serialize};
-use tools::{ClusterClient as Client, Format};
+use tools::{ClusterClient as Client, Format, ToolArgs};
 
 const DEFAULT_POOL: &str = "rbd";
 /// Bytes per request when importing and exporting.
@@ -49,12 +48,8 @@ const UNMAP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Parser)]
 #[command(name = "rbd", about = "Manage cuttle block images and map them over NBD")]
 struct Cli {
-    /// Config file (default: $CUTTLE_CONF, then ./cuttle-data/cuttle.toml).
-    #[arg(short = 'c', long, global = true)]
-    conf: Option<PathBuf>,
-    /// Output format of reading commands.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
-    format: Format,
+    #[command(flatten)]
+    tool: ToolArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -206,7 +201,7 @@ fn image_options(client: &Client) -> Result<ImageOptions> {
 fn run(cli: Cli) -> Result<()> {
     // Commands that need no cluster, and argument checks that should fail before connecting.
     match &cli.cmd {
-        Cmd::Showmapped => return showmapped(cli.format),
+        Cmd::Showmapped => return showmapped(cli.tool.format),
         Cmd::Unmap { target } => return unmap(target),
         Cmd::Map { device: Some(d), .. } => bail!(
             "--device {d}: kernel NBD devices need the nbd kernel module, which this host does not have \
@@ -217,7 +212,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         _ => {}
     }
-    let (cfg, conf_path) = Config::discover(cli.conf.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let (cfg, conf_path) = cli.tool.config()?;
     let pre = precheck(&cli.cmd)?;
     if let Cmd::NbdServe { .. } = &cli.cmd {
         tools::init_logging(
@@ -301,7 +296,7 @@ fn precheck(cmd: &Cmd) -> Result<Pre> {
 }
 
 fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
-    let json = cli.format == Format::Json;
+    let json = cli.tool.format == Format::Json;
     match &cli.cmd {
         Cmd::Create { spec, .. } => {
             let (pool, image) = parse_spec(spec)?;
@@ -855,7 +850,7 @@ fn mappings() -> Result<Vec<Mapping>> {
 
 fn map(cli: &Cli, spec: &str, socket: Option<&Path>, port: Option<u16>, read_only: bool) -> Result<()> {
     let (pool, image) = parse_spec(spec)?;
-    let (_, conf_path) = Config::discover(cli.conf.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let (_, conf_path) = cli.tool.config()?;
     let conf_path = std::fs::canonicalize(&conf_path).unwrap_or(conf_path);
     let dir = run_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
