@@ -316,23 +316,6 @@ fn check_omap_count(n: usize) -> Result<(), OsdError> {
     Ok(())
 }
 
-impl Executed {
-    /// The data parts joined into one buffer (a copy when there is more than one part).
-    pub fn data_joined(&self) -> Bytes {
-        match &self.data[..] {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            parts => {
-                let mut b = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-                for p in parts {
-                    b.extend_from_slice(p);
-                }
-                b.freeze()
-            }
-        }
-    }
-}
-
 fn store_err(e: StoreError) -> OsdError {
     match e {
         StoreError::NotFound(_) => OsdError::NotFound,
@@ -609,22 +592,22 @@ mod tests {
         assert_eq!(s.stat(pg(), "o").unwrap().version, ver(1));
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }, OsdOp::Stat], b"", 0).unwrap();
         assert_eq!(ex.outs, vec![OpOut::Data { len: 5 }, OpOut::Stat { size: 5, version: 1 }]);
-        assert_eq!(&ex.data_joined()[..], b"\0\0abc");
+        assert_eq!(&ex.data.concat()[..], b"\0\0abc");
         assert!(ex.txn.is_empty(), "reads change nothing");
 
         run(&s, "o", vec![OsdOp::Append { len: 2 }], b"de", 2).unwrap();
         run(&s, "o", vec![OsdOp::Zero { offset: 3, len: 100 }], b"", 3).unwrap();
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }], b"", 0).unwrap();
-        assert_eq!(&ex.data_joined()[..], b"\0\0a\0\0\0\0", "zero is clipped to the object");
+        assert_eq!(&ex.data.concat()[..], b"\0\0a\0\0\0\0", "zero is clipped to the object");
         run(&s, "o", vec![OsdOp::WriteFull { len: 4 }], b"wxyz", 4).unwrap();
         run(&s, "o", vec![OsdOp::Truncate { size: 2 }], b"", 5).unwrap();
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 1, len: 10 }, OsdOp::Stat], b"", 0).unwrap();
-        assert_eq!(&ex.data_joined()[..], b"x");
+        assert_eq!(&ex.data.concat()[..], b"x");
         assert_eq!(ex.outs[1], OpOut::Stat { size: 2, version: 5 });
 
         run(&s, "o", vec![OsdOp::SetXattr { name: "a".into(), len: 2 }], b"av", 6).unwrap();
         let ex = run(&s, "o", vec![OsdOp::GetXattr { name: "a".into() }], b"", 0).unwrap();
-        assert_eq!(&ex.data_joined()[..], b"av");
+        assert_eq!(&ex.data.concat()[..], b"av");
         run(&s, "o", vec![OsdOp::RmXattr { name: "a".into() }], b"", 7).unwrap();
         check_err(&s, "o", vec![OsdOp::GetXattr { name: "a".into() }], b"", |e| *e == OsdError::NoAttr);
         check_err(&s, "o", vec![OsdOp::RmXattr { name: "a".into() }], b"", |e| *e == OsdError::NoAttr);
@@ -745,7 +728,7 @@ mod tests {
             |e| *e == OsdError::NotFound,
         );
         let ex = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }], b"", 0).unwrap();
-        assert_eq!(&ex.data_joined()[..], b"abc");
+        assert_eq!(&ex.data.concat()[..], b"abc");
     }
 
     #[test]
@@ -786,9 +769,9 @@ mod tests {
                 OpOut::Keys(vec!["a".into()]),
             ]
         );
-        assert_eq!(&ex.data_joined()[..], b"abcdWXYZab\0\0\0!v");
+        assert_eq!(&ex.data.concat()[..], b"abcdWXYZab\0\0\0!v");
         let stored = run(&s, "o", vec![OsdOp::Read { offset: 0, len: 0 }], b"", 0).unwrap();
-        assert_eq!(&stored.data_joined()[..], b"ab\0\0\0!");
+        assert_eq!(&stored.data.concat()[..], b"ab\0\0\0!");
 
         let ex = run(
             &s,

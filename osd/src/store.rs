@@ -657,35 +657,17 @@ fn truncate_chunks(o: &mut MemObject, size: u64) {
 }
 
 /// The bytes of `[offset, end)` of an object (`end` within its size), from its chunks.
+/// `[offset, end)` of `o` in one buffer: a slice of its chunk when it lies in one, else a copy.
 fn read_chunks(o: &MemObject, offset: u64, end: u64) -> Bytes {
-    assert!(offset <= end && end <= o.size);
-    let len = (end - offset) as usize;
-    if len == 0 {
-        return Bytes::new();
+    join(read_chunk_parts(o, offset, end))
+}
+
+/// Parts joined into one buffer, without a copy when there is just one.
+fn join(parts: Vec<Bytes>) -> Bytes {
+    match <[Bytes; 1]>::try_from(parts) {
+        Ok([one]) => one,
+        Err(parts) => parts.concat().into(),
     }
-    // A read inside one stored chunk is a slice of it, without a copy.
-    let idx = offset / CHUNK_BYTES;
-    let within = (offset % CHUNK_BYTES) as usize;
-    if within + len <= CHUNK_BYTES as usize {
-        if let Some(c) = o.chunks.get(&idx) {
-            if within + len <= c.len() {
-                return c.slice(within..within + len);
-            }
-        }
-    }
-    let mut out = BytesMut::zeroed(len);
-    let first = offset / CHUNK_BYTES;
-    let last = (end - 1) / CHUNK_BYTES;
-    for (&idx, c) in o.chunks.range(first..=last) {
-        let chunk_start = idx * CHUNK_BYTES;
-        let from = offset.max(chunk_start);
-        let to = end.min(chunk_start + c.len() as u64);
-        if from < to {
-            let src = &c[(from - chunk_start) as usize..(to - chunk_start) as usize];
-            out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
-        }
-    }
-    out.freeze()
 }
 
 /// Zeros that holes are read from without allocating.
