@@ -590,7 +590,10 @@ impl Messenger {
         let key = PeerKey::Listening(addr);
         let mut reg = self.inner.sessions.lock();
         if let Some(c) = reg.get(&key) {
-            if !c.closed.load(Ordering::Acquire) {
+            // A session marked down is closed by its worker a little later, dropping whatever is queued on
+            // it: handing it out meanwhile would lose the caller's messages without a reset. A new session
+            // takes its place (the peer sees a new session and knows the old one's messages are gone).
+            if !c.closed.load(Ordering::Acquire) && !c.inbox.lock().mark_down {
                 return Ok(Connection(Arc::clone(c)));
             }
         }
