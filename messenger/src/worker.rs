@@ -183,6 +183,14 @@ struct SessionEntry {
     /// The TCP connect is in progress (waiting for writable).
     connecting: bool,
     throttle_retry: Option<Instant>,
+    /// The socket may hold bytes not read yet. Set by a readable event and when a socket is attached; cleared
+    /// when a read comes back short or would block: with edge-triggered epoll, new data raises a new event. So a
+    /// drive caused by anything else (a reply queued by a dispatcher, a timer, a task) does not pay an EAGAIN
+    /// read; with one drive per queued reply those were most of an OSD's syscalls.
+    may_read: bool,
+    /// The peer's FIN (or an error) was seen: a short read no longer means drained, since the EOF that follows
+    /// the data raises no new event. Reads go on until they return it.
+    read_closed: bool,
 }
 
 struct Entry {
@@ -233,7 +241,8 @@ impl Worker {
                 if ev.token() == WAKER_TOKEN {
                     continue; // tasks are drained below on every iteration
                 }
-                self.on_ready(ev.token().0, ev.is_readable() || ev.is_read_closed() || ev.is_error());
+                let closed = ev.is_read_closed() || ev.is_error();
+                self.on_ready(ev.token().0, ev.is_readable() || closed, closed);
             }
             self.drain_tasks();
             self.run_timers();
@@ -295,7 +304,15 @@ impl Worker {
             Task::Accepted(stream, msgr) => self.add_acceptor(stream, msgr, now),
             Task::Connect(conn, sess) => {
                 let msgr = Arc::clone(&conn.msgr);
-                let se = SessionEntry { sess, conn, stream: None, connecting: false, throttle_retry: None };
+                let se = SessionEntry {
+                    sess,
+                    conn,
+                    stream: None,
+                    connecting: false,
+                    throttle_retry: None,
+                    may_read: false,
+                    read_closed: false,
+                };
                 let token = self.insert_precharged(Role::Session(Box::new(se)), msgr);
                 if let Role::Session(se) = &self.entries[token].role {
                     se.conn.set_home(self.shared.idx, token);
@@ -412,8 +429,12 @@ impl Worker {
         }
     }
 
-    fn on_ready(&mut self, token: usize, _readable: bool) {
+    fn on_ready(&mut self, token: usize, readable: bool, read_closed: bool) {
         let Some(e) = self.entries.get_mut(token) else { return };
+        if let Role::Session(se) = &mut e.role {
+            se.may_read |= readable;
+            se.read_closed |= read_closed;
+        }
         match &mut e.role {
             Role::Listener(_) => self.accept_all(token),
             Role::Session(se) if se.connecting => {
@@ -554,9 +575,12 @@ impl Worker {
                 }
             }
             if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
-                if se.sess.read_hint().is_some() {
+                if se.may_read && se.sess.read_hint().is_some() {
                     match read_into(stream, &mut self.op_count, inject, &counters, &mut se.sess) {
-                        Ok(n) => progressed |= n > 0,
+                        Ok((n, drained)) => {
+                            progressed |= n > 0;
+                            se.may_read = !drained || se.read_closed;
+                        }
                         Err(reason) => {
                             se.sess.socket_closed(now, reason);
                             progressed = true;
@@ -595,6 +619,8 @@ impl Worker {
                             Ok(()) => {
                                 se.stream = Some(s);
                                 se.connecting = true;
+                                se.may_read = true;
+                                se.read_closed = false;
                             }
                             Err(e) => se.sess.socket_closed(now, CloseReason::SocketError(e.to_string())),
                         }
@@ -675,6 +701,8 @@ impl Worker {
                 stream: None,
                 connecting: false,
                 throttle_retry: None,
+                may_read: false,
+                read_closed: false,
             };
             let t = self.insert(Role::Session(Box::new(se)), Arc::clone(&msgr));
             conn.set_home(self.shared.idx, t);
@@ -730,6 +758,8 @@ impl Worker {
                 } else {
                     se.stream = Some(stream);
                     se.connecting = false;
+                    se.may_read = true;
+                    se.read_closed = false;
                 }
                 self.drive(token);
             }
@@ -876,16 +906,16 @@ impl Endpoint for TxQueue {
     }
 }
 
-/// Reads until the socket is drained or the endpoint stops wanting input. Returns the bytes read. A read that
-/// does not fill the room offered means the socket is drained (with edge-triggered epoll, new data raises a new
-/// event), which saves the EAGAIN read.
+/// Reads until the socket is drained or the endpoint stops wanting input. Returns the bytes read and whether
+/// the socket is drained. A read that does not fill the room offered means it is (with edge-triggered epoll,
+/// new data raises a new event), which saves the EAGAIN read.
 fn read_into<E: Endpoint>(
     stream: &mut TcpStream,
     op_count: &mut u64,
     inject: u64,
     counters: &Counters,
     ep: &mut E,
-) -> Result<usize, CloseReason> {
+) -> Result<(usize, bool), CloseReason> {
     let mut total = 0;
     while let Some(hint) = ep.read_hint() {
         if injected(op_count, inject, counters) {
@@ -901,15 +931,15 @@ fn read_into<E: Endpoint>(
                 counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 ep.consumed(Instant::now());
                 if n < offered {
-                    break;
+                    return Ok((total, true));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, true)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(CloseReason::SocketError(e.to_string())),
         }
     }
-    Ok(total)
+    Ok((total, false))
 }
 
 /// Writes until the queue is empty or the socket is full (a short write).
