@@ -12,6 +12,8 @@ work="$(mktemp -d /tmp/rados-vs-ceph.XXXXXX)"
 cp "$root/../shared/bench/ceph-baseline.sh" "$root/../shared/bench/radosping.c" "$work/"
 cd "$root" && cargo build --release -q -p tools
 bin="$root/target/release"
+# Neither system pays the VM's first-touch cost for never-used guest pages (see prefault.sh).
+"$root/benches/scripts/prefault.sh"
 ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 out="$work/results"; : > "$out"
 # phase NAME PIDS... -- COMMAND...: runs COMMAND, records "NAME ops seconds MBps iops lat_avg lat_max cpu_ticks"

@@ -11,6 +11,8 @@ work="$(mktemp -d /tmp/rbd-vs-ceph.XXXXXX)"
 cp "$root/../shared/bench/ceph-baseline.sh" "$root/../shared/bench/radosping.c" "$work/"
 cd "$root" && cargo build --release -q -p tools
 bin="$root/target/release"
+# Neither system pays the VM's first-touch cost for never-used guest pages (see prefault.sh).
+"$root/benches/scripts/prefault.sh"
 out="$work/results"; : > "$out"
 rbdbench() { # NAME CMD...: keeps ops/sec and bytes/sec from the summary line
   local name="$1"; shift
