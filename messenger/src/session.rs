@@ -29,6 +29,9 @@ use crate::throttle::ThrottleGrant;
 
 /// Bytes the shell reads ahead beyond the frame in progress.
 pub const READ_AHEAD_BYTES: usize = 64 * 1024;
+/// A lossy session sends an ack frame of its own only after this many messages not acknowledged otherwise
+/// (see [`Session::flush_acks`]).
+pub const LOSSY_ACK_EVERY: u64 = 128;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientIdent {
@@ -581,12 +584,23 @@ impl Session {
     /// Acknowledges what was received if no message is going out to carry the ack. The shell calls this just
     /// before it writes, after upper layers had their chance to answer inline, so a request-reply exchange
     /// costs one frame each way, not two.
+    ///
+    /// A lossy session acknowledges on its own only every [`LOSSY_ACK_EVERY`] messages (and with each
+    /// keepalive answer): its peer is lossy too (policies pair that way) and drops a message once written, so
+    /// the ack trims nothing there. A standalone ack to such a peer only woke it up to read the ack: a client
+    /// that gets replies from one OSD and sends its next ops to others made every OSD wake once more per batch.
+    /// The rare acks keep a peer that does keep messages (a misconfigured lossless one) bounded.
     pub fn flush_acks(&mut self, now: Instant) {
-        if self.state == State::Open && self.in_seq > self.acked_seq_sent {
-            let seq = self.in_seq;
-            self.push_control(now, Tag::Ack, &seq);
-            self.acked_seq_sent = seq;
+        let owed = self.in_seq - self.acked_seq_sent.min(self.in_seq);
+        if self.state == State::Open && owed > 0 && (!self.cfg.policy.lossy || owed >= LOSSY_ACK_EVERY) {
+            self.send_ack(now);
         }
+    }
+
+    fn send_ack(&mut self, now: Instant) {
+        let seq = self.in_seq;
+        self.push_control(now, Tag::Ack, &seq);
+        self.acked_seq_sent = seq;
     }
 
     fn handle_frame(&mut self, now: Instant, f: Frame) -> Result<(), CloseReason> {
@@ -665,6 +679,9 @@ impl Session {
             (State::Open, Tag::Keepalive) => {
                 let stamp: u64 = f.payload().map_err(bad)?;
                 self.push_control(now, Tag::KeepaliveAck, &stamp);
+                if self.in_seq > self.acked_seq_sent {
+                    self.send_ack(now);
+                }
             }
             (State::Open, Tag::KeepaliveAck) => {
                 let stamp: u64 = f.payload().map_err(bad)?;

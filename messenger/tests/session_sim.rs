@@ -520,6 +520,43 @@ fn lossy_sessions_reset_on_fault() {
     assert!(net.nodes[1].events.ends_with(&["reset", "closed"]));
 }
 
+// Goal: a lossy session sends no ack frame of its own for each batch (its lossy peer keeps nothing to trim, and
+// the frame only wakes it), yet a peer that does keep messages stays bounded; a lossless session acks at once.
+// Method: a lossless client (it keeps what it sent until acked) sends to a stateless (lossy) server and to a
+// stateful one. Against the stateless server, 10 messages stay unacked after settling, the 128th message
+// brings an ack, and a keepalive answer acks the rest; against the stateful server nothing stays unacked.
+#[test]
+fn lossy_sessions_ack_rarely_lossless_ones_at_once() {
+    let unacked = |net: &Net| net.nodes[0].sess.as_ref().unwrap().unacked_messages();
+    let mut net = Net::new(
+        (EntityName::client(1), None, Policy::lossless_client()),
+        (EntityName::osd(2), Some(addr(6802)), Policy::stateless_server()),
+    );
+    for n in 1..=10 {
+        net.send(0, n);
+    }
+    net.settle();
+    assert_eq!(net.nodes[1].delivered.len(), 10);
+    assert_eq!(unacked(&net), 10, "a lossy server acks no batch on its own");
+    for n in 11..=messenger::session::LOSSY_ACK_EVERY {
+        net.send(0, n);
+        net.settle();
+    }
+    assert_eq!(unacked(&net), 0, "every LOSSY_ACK_EVERY messages it does");
+    net.send(0, 1000);
+    net.settle();
+    assert_eq!(unacked(&net), 1);
+    net.tick(); // the client's keepalive; the answer carries an ack
+    assert_eq!(unacked(&net), 0, "a keepalive answer acks what is owed");
+
+    let mut net = Net::client_server();
+    for n in 1..=10 {
+        net.send(0, n);
+    }
+    net.settle();
+    assert_eq!(unacked(&net), 0, "a stateful server acks at once");
+}
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
