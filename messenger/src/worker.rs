@@ -42,8 +42,8 @@ const THROTTLE_RETRY: Duration = Duration::from_millis(1);
 const EVENTS_CAPACITY: usize = 1024;
 
 /// Cross-thread work for a worker. The queue is bounded by construction: each connection posts at most one
-/// `Kick` until the worker has drained it (the `kicked` edge flag), and the other tasks are one per socket or
-/// per messenger operation.
+/// `Kick` and each guest at most one `KickGuest` until the worker has drained it (the `kicked` edge flags),
+/// and the other tasks are one per socket, per guest or per messenger operation.
 pub(crate) enum Task {
     Listen(TcpListener, Arc<MsgrInner>),
     Accepted(TcpStream, Arc<MsgrInner>),

@@ -814,7 +814,8 @@ impl Server {
         let opts = image.options();
         let shared = Arc::new(Shared {
             layout: image.layout(),
-            writes_may_block: opts.cache.enabled,
+            // Only a cache that can turn write-back waits (writethrough-only caches pass writes straight down).
+            writes_may_block: opts.cache.enabled && opts.cache.max_dirty_bytes > 0,
             image,
             catalog,
             tracker: WriteTracker::default(),
