@@ -247,8 +247,8 @@ impl GuestHandle {
         self.0.worker.idx
     }
 
-    /// True once the worker has dropped the guest (it said it was done, its registration failed, or the pool
-    /// stopped).
+    /// True once the worker has deregistered and dropped the guest (it said it was done, its registration
+    /// failed, or the pool stopped).
     pub fn is_gone(&self) -> bool {
         self.0.gone.load(Ordering::Acquire)
     }
@@ -276,6 +276,14 @@ impl WorkerPool {
 struct GuestEntry {
     shared: Arc<GuestShared>,
     guest: Box<dyn Guest>,
+}
+
+/// Deregisters and drops a guest; only then is it reported gone, so whoever waits for that sees its drop done.
+fn drop_guest(g: GuestEntry, registry: &Registry) {
+    let GuestEntry { shared, mut guest } = g;
+    guest.deregister(registry);
+    drop(guest);
+    shared.gone.store(true, Ordering::Release);
 }
 
 enum Role {
@@ -378,19 +386,17 @@ impl Worker {
         for e in self.entries.drain() {
             close_entry_quietly(e);
         }
-        for mut g in self.guests.drain() {
-            g.guest.deregister(self.poll.registry());
-            g.shared.gone.store(true, Ordering::Release);
+        for g in self.guests.drain() {
+            drop_guest(g, self.poll.registry());
         }
     }
 
     fn guest_ready(&mut self, key: usize, ev: GuestEvent) {
         let Some(g) = self.guests.get_mut(key) else { return };
         if !g.guest.ready(ev) {
-            let mut g = self.guests.remove(key);
+            let g = self.guests.remove(key);
             self.shared.load.fetch_sub(1, Ordering::Relaxed);
-            g.guest.deregister(self.poll.registry());
-            g.shared.gone.store(true, Ordering::Release);
+            drop_guest(g, self.poll.registry());
             tracing::trace!(key, "guest removed");
         }
     }
@@ -477,6 +483,7 @@ impl Worker {
                 if let Err(e) = guest.register(self.poll.registry(), Token(GUEST_TOKEN_BASE + key)) {
                     tracing::warn!("cannot register a guest: {e}");
                     self.shared.load.fetch_sub(1, Ordering::Relaxed);
+                    drop(guest);
                     shared.gone.store(true, Ordering::Release);
                     return;
                 }
