@@ -19,13 +19,14 @@
 //!
 //! A worker must never block, and two things in the image can: a write-back cache (a writer over the dirty
 //! limit, a discard behind an overlapping write-back) and object dispatch once its queue of parked object
-//! ops is full (an ordinary submitter waits for room). So writes, trims and zeroes of a cached image, and any
-//! request over [`OPS_OUTSTANDING_MAX`] (the object ops this server has outstanding, an upper bound counted
-//! from each request's range in stripe units), go to one submit thread, which may block; the bound keeps the
-//! parked ops well below dispatch's `PARKED_OPS_MAX`, so a start on a worker finds room. Flushes and FUA
+//! ops is full (an ordinary submitter waits for room). So writes, trims and zeroes of an image whose cache
+//! can turn write-back, and any request that does not fit in [`OPS_OUTSTANDING_MAX`] (the object ops this
+//! server has outstanding, an upper bound counted from each request's range in stripe units), go to one
+//! submit thread, which may block; the bound keeps the parked ops well below dispatch's `PARKED_OPS_MAX`, so
+//! a start on a worker finds room. Flushes and FUA
 //! writes call the blocking [`Image::flush`], which must not run on a worker nor in a completion callback,
 //! so they go to one flush thread; a flush first waits there for the writes issued before it (see
-//! [`WriteTracker`]), which complete through callbacks, never that thread. Their replies take the same
+//! `WriteTracker`), which complete through callbacks, never that thread. Their replies take the same
 //! direct path.
 //!
 //! Flow control is the session's: a connection reads only while [`ServerSession::wants_read`], which turns
