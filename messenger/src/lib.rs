@@ -5,7 +5,8 @@
 //! - [`session`]: the connection state machine — handshake, lossless resend, reconnect, reset, connect races,
 //!   keepalive. It does no IO and reads no clock, so it is tested without sockets.
 //! - `worker`: the mio shell. A [`WorkerPool`] of event-loop threads, shared by every messenger in a process,
-//!   owns all sockets and moves bytes between them and the state machines.
+//!   owns all sockets and moves bytes between them and the state machines. It also serves [`Guest`]s, event
+//!   sources of other protocols (the NBD server), on the same threads.
 //! - [`Messenger`]: the API (bind, start, ready, connect, send, mark_down, shutdown, wait), policies,
 //!   throttles and dispatch.
 //!
@@ -30,4 +31,4 @@ pub use entity::{EntityName, EntityType, PeerKey};
 pub use message::Message;
 pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, SendError};
 pub use policy::Policy;
-pub use worker::{WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};
+pub use worker::{Guest, GuestEvent, GuestHandle, WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};

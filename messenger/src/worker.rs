@@ -6,6 +6,12 @@
 //! A socket is owned by exactly one worker for its life on that worker. Sockets move between workers only as a
 //! whole (deregistered here, registered there), when an accepted socket's handshake names a session that lives
 //! on another worker.
+//!
+//! A worker also serves *guests*: event sources that are not messenger sessions (the NBD server's listener and
+//! connections), so that their work runs on the same thread as the messenger traffic it causes instead of
+//! handing off to a loop of their own. The worker only registers a guest, tells it when its source is ready or
+//! when it was kicked ([`GuestHandle::kick`]), and drops it when it says it is done; what the guest does with
+//! its socket is its own business.
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice, Read, Write};
@@ -17,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use parking_lot::Mutex;
 use slab::Slab;
 
@@ -28,20 +34,24 @@ use crate::session::{Acceptor, Adoption, CloseReason, HandshakeRequest, Output, 
 use crate::throttle::ThrottleGrant;
 
 const WAKER_TOKEN: Token = Token(usize::MAX);
+/// Guests' tokens are their slab keys plus this, apart from the sessions' (a slab never gets near it).
+const GUEST_TOKEN_BASE: usize = 1 << (usize::BITS - 1);
 /// A connection blocked on a throttle looks again after this long (Ceph re-arms a 1 ms timer too).
 const THROTTLE_RETRY: Duration = Duration::from_millis(1);
 /// Events handled per `poll` call.
 const EVENTS_CAPACITY: usize = 1024;
 
 /// Cross-thread work for a worker. The queue is bounded by construction: each connection posts at most one
-/// `Kick` until the worker has drained it (the `kicked` edge flag), and the other tasks are one per socket or
-/// per messenger operation.
+/// `Kick` and each guest at most one `KickGuest` until the worker has drained it (the `kicked` edge flags),
+/// and the other tasks are one per socket, per guest or per messenger operation.
 pub(crate) enum Task {
     Listen(TcpListener, Arc<MsgrInner>),
     Accepted(TcpStream, Arc<MsgrInner>),
     Connect(Arc<ConnShared>, Session),
     Route { conn: Arc<ConnShared>, stream: TcpStream, req: HandshakeRequest, rx: RxBuf },
     Kick(Arc<ConnShared>),
+    AddGuest(Arc<GuestShared>, Box<dyn Guest>),
+    KickGuest(Arc<GuestShared>),
     ShutdownMessenger(Arc<MsgrInner>, Sender<()>),
     Stop,
 }
@@ -64,11 +74,16 @@ thread_local! {
 }
 
 impl WorkerShared {
+    /// True on this worker's own thread.
+    fn is_current(&self) -> bool {
+        CURRENT_WORKER.with(|c| c.get()) == self as *const WorkerShared as usize
+    }
+
     pub fn post(&self, t: Task) {
         if self.tx.send(t).is_err() {
             return; // The worker has stopped; the pool is shutting down.
         }
-        if CURRENT_WORKER.with(|c| c.get()) == self as *const WorkerShared as usize {
+        if self.is_current() {
             return;
         }
         if !self.woken.swap(true, Ordering::AcqRel) {
@@ -162,6 +177,115 @@ impl Drop for WorkerPool {
     }
 }
 
+/// What a guest is told when the worker calls it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestEvent {
+    /// The source became readable (also set with `read_closed`).
+    pub readable: bool,
+    /// The source became writable.
+    pub writable: bool,
+    /// The peer closed its side, or the socket failed: with edge-triggered readiness, reads should go on
+    /// until they return the end (or the error), since no further edge will come.
+    pub read_closed: bool,
+    /// [`GuestHandle::kick`] was called since the guest was last called for a kick.
+    pub kicked: bool,
+}
+
+/// An event source a worker serves on its own event loop besides the messenger's sockets: a listener or a
+/// socket of another protocol, with its state (see the module doc). A guest is called only on its worker's
+/// thread, one call at a time, and must not block there: it shares the thread with every messenger session of
+/// the worker.
+pub trait Guest: Send + 'static {
+    /// Registers the guest's one source with `registry` under `token`. Register it edge-triggered for every
+    /// readiness it needs (all mio sources are): the guest is called once per edge and must drain what it
+    /// can (until `WouldBlock`) or remember that it stopped early. An error drops the guest.
+    fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()>;
+    /// The source is ready, or the guest was kicked. Returns false when the guest is done: the worker then
+    /// calls [`Guest::deregister`] and drops it. Calls may be spurious (an event for a token that a guest
+    /// removed earlier had, say): a read or write that would block is the answer to those.
+    fn ready(&mut self, ev: GuestEvent) -> bool;
+    /// Takes the source out of `registry` (after `ready` returned false).
+    fn deregister(&mut self, registry: &Registry);
+}
+
+/// The shared half of a guest: which worker serves it, where, and whether a kick is on its way.
+pub(crate) struct GuestShared {
+    worker: Arc<WorkerShared>,
+    /// The guest's slab key on its worker (usize::MAX until the worker has installed it).
+    key: AtomicUsize,
+    kicked: AtomicBool,
+    gone: AtomicBool,
+}
+
+/// A handle on a guest served by a [`WorkerPool`]: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct GuestHandle(Arc<GuestShared>);
+
+impl std::fmt::Debug for GuestHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GuestHandle(worker {}, gone {})", self.0.worker.idx, self.is_gone())
+    }
+}
+
+impl GuestHandle {
+    /// Has the worker call the guest with [`GuestEvent::kicked`] soon. Kicks before that call merge into one
+    /// (so the worker's task queue holds at most one per guest). From the guest's own worker this costs no
+    /// wake-up: the worker runs its tasks before it polls again.
+    pub fn kick(&self) {
+        if !self.0.gone.load(Ordering::Acquire) && !self.0.kicked.swap(true, Ordering::AcqRel) {
+            self.0.worker.post(Task::KickGuest(Arc::clone(&self.0)));
+        }
+    }
+
+    /// True when called on the thread of the worker that serves the guest.
+    pub fn on_own_worker(&self) -> bool {
+        self.0.worker.is_current()
+    }
+
+    /// The index of the worker that serves the guest.
+    pub fn worker(&self) -> usize {
+        self.0.worker.idx
+    }
+
+    /// True once the worker has deregistered and dropped the guest (it said it was done, its registration
+    /// failed, or the pool stopped).
+    pub fn is_gone(&self) -> bool {
+        self.0.gone.load(Ordering::Acquire)
+    }
+}
+
+impl WorkerPool {
+    /// Hands a guest to the least-loaded worker (it counts as one socket there). `make` builds the guest
+    /// around its own handle, so the guest can give kicks to others (completion callbacks, say) before it is
+    /// first called. Returns the handle.
+    pub fn add_guest(&self, make: impl FnOnce(GuestHandle) -> Box<dyn Guest>) -> GuestHandle {
+        let w = Arc::clone(self.pick_worker());
+        let shared = Arc::new(GuestShared {
+            worker: Arc::clone(&w),
+            key: AtomicUsize::new(usize::MAX),
+            kicked: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+        });
+        let handle = GuestHandle(Arc::clone(&shared));
+        let guest = make(handle.clone());
+        w.post(Task::AddGuest(shared, guest));
+        handle
+    }
+}
+
+struct GuestEntry {
+    shared: Arc<GuestShared>,
+    guest: Box<dyn Guest>,
+}
+
+/// Deregisters and drops a guest; only then is it reported gone, so whoever waits for that sees its drop done.
+fn drop_guest(g: GuestEntry, registry: &Registry) {
+    let GuestEntry { shared, mut guest } = g;
+    guest.deregister(registry);
+    drop(guest);
+    shared.gone.store(true, Ordering::Release);
+}
+
 enum Role {
     Listener(TcpListener),
     Acceptor {
@@ -204,6 +328,7 @@ struct Worker {
     poll: Poll,
     rx: Receiver<Task>,
     entries: Slab<Entry>,
+    guests: Slab<GuestEntry>,
     timers: BTreeSet<(Instant, usize)>,
     op_count: u64,
     stopping: bool,
@@ -216,6 +341,7 @@ impl Worker {
             poll,
             rx,
             entries: Slab::new(),
+            guests: Slab::new(),
             timers: BTreeSet::new(),
             op_count: 0,
             stopping: false,
@@ -242,6 +368,16 @@ impl Worker {
                     continue; // tasks are drained below on every iteration
                 }
                 let closed = ev.is_read_closed() || ev.is_error();
+                if ev.token().0 >= GUEST_TOKEN_BASE {
+                    let ge = GuestEvent {
+                        readable: ev.is_readable() || closed,
+                        writable: ev.is_writable(),
+                        read_closed: closed,
+                        kicked: false,
+                    };
+                    self.guest_ready(ev.token().0 - GUEST_TOKEN_BASE, ge);
+                    continue;
+                }
                 self.on_ready(ev.token().0, ev.is_readable() || closed, closed);
             }
             self.drain_tasks();
@@ -249,6 +385,19 @@ impl Worker {
         }
         for e in self.entries.drain() {
             close_entry_quietly(e);
+        }
+        for g in self.guests.drain() {
+            drop_guest(g, self.poll.registry());
+        }
+    }
+
+    fn guest_ready(&mut self, key: usize, ev: GuestEvent) {
+        let Some(g) = self.guests.get_mut(key) else { return };
+        if !g.guest.ready(ev) {
+            let g = self.guests.remove(key);
+            self.shared.load.fetch_sub(1, Ordering::Relaxed);
+            drop_guest(g, self.poll.registry());
+            tracing::trace!(key, "guest removed");
         }
     }
 
@@ -328,6 +477,27 @@ impl Worker {
                 }
                 conn.drain_inbox(&mut se.sess, now);
                 self.drive(token);
+            }
+            Task::AddGuest(shared, mut guest) => {
+                let key = self.guests.vacant_key();
+                if let Err(e) = guest.register(self.poll.registry(), Token(GUEST_TOKEN_BASE + key)) {
+                    tracing::warn!("cannot register a guest: {e}");
+                    self.shared.load.fetch_sub(1, Ordering::Relaxed);
+                    drop(guest);
+                    shared.gone.store(true, Ordering::Release);
+                    return;
+                }
+                shared.key.store(key, Ordering::Release);
+                self.guests.insert(GuestEntry { shared, guest });
+            }
+            Task::KickGuest(shared) => {
+                let key = shared.key.load(Ordering::Acquire);
+                match self.guests.get(key) {
+                    Some(g) if Arc::ptr_eq(&g.shared, &shared) => {}
+                    _ => return, // gone already
+                }
+                shared.kicked.store(false, Ordering::Release);
+                self.guest_ready(key, GuestEvent { kicked: true, ..GuestEvent::default() });
             }
             Task::ShutdownMessenger(msgr, done) => {
                 let mine: Vec<usize> = self

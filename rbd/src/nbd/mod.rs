@@ -7,8 +7,8 @@
 //!
 //! What it deliberately is not: it has no socket, thread, clock or TLS (the spec's NOTLS mode), does no
 //! I/O against an image, and offers no metadata contexts (NBD_CMD_BLOCK_STATUS), NBD_CMD_CACHE or extended
-//! headers. The shell that owns the sockets, [`server`] (a mio event loop serving one open image), and
-//! librbd do those.
+//! headers. The shell that owns the sockets, [`server`] (one open image served on the messenger's worker
+//! threads), and librbd do those.
 
 mod error;
 mod export;

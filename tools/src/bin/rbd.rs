@@ -928,7 +928,9 @@ fn nbd_serve(
         (None, Some(p)) => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], p))),
         (None, None) => ListenAddr::Unix(file_for(pool, image, "sock")),
     };
-    let server = Server::bind(Arc::clone(&img), image, &addr, read_only).map_err(|e| anyhow!("{e}"))?;
+    // Served on the client's messenger workers: requests and the OSD traffic they cause share threads.
+    let server = Server::bind(Arc::clone(&img), image, &addr, read_only, Arc::clone(&client.pool))
+        .map_err(|e| anyhow!("{e}"))?;
     let m = Mapping {
         pool: pool.into(),
         image: image.into(),
