@@ -20,14 +20,14 @@
 //! A worker must never block, and two things in the image can: a write-back cache (a writer over the dirty
 //! limit, a discard behind an overlapping write-back) and object dispatch once its queue of parked object
 //! ops is full (an ordinary submitter waits for room). So writes, trims and zeroes of an image whose cache
-//! can turn write-back, and any request that does not fit in [`OPS_OUTSTANDING_MAX`] (the object ops this
-//! server has outstanding, an upper bound counted from each request's range in stripe units), go to one
-//! submit thread, which may block; the bound keeps the parked ops well below dispatch's `PARKED_OPS_MAX`, so
-//! a start on a worker finds room. Flushes and FUA
-//! writes call the blocking [`Image::flush`], which must not run on a worker nor in a completion callback,
-//! so they go to one flush thread; a flush first waits there for the writes issued before it (see
-//! `WriteTracker`), which complete through callbacks, never that thread. Their replies take the same
-//! direct path.
+//! has turned write-back (from this server's first flush on; until then a writethrough cache passes them
+//! straight down, see `WorkerWrites`), and any request that does not fit in [`OPS_OUTSTANDING_MAX`] (the
+//! object ops this server has outstanding, an upper bound counted from each request's range in stripe
+//! units), go to one submit thread, which may block; the bound keeps the parked ops well below dispatch's
+//! `PARKED_OPS_MAX`, so a start on a worker finds room. Flushes and FUA writes call the blocking
+//! [`Image::flush`], which must not run on a worker nor in a completion callback, so they go to one flush
+//! thread; a flush first waits there for the writes issued before it (see `WriteTracker`), which complete
+//! through callbacks, never that thread. Their replies take the same direct path.
 //!
 //! Flow control is the session's: a connection reads only while [`ServerSession::wants_read`], which turns
 //! false at [`super::REQUESTS_IN_FLIGHT_MAX`] requests in flight or a large reply backlog; a reply that makes
@@ -43,7 +43,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -225,6 +225,58 @@ impl OpsBudget {
     }
 }
 
+/// Lets writes start on a worker while the image's cache is writethrough: a write then passes straight down and
+/// cannot wait in the cache. The cache turns write-back at its first flush, and only this server flushes the
+/// image (it is the image's one read-write opener: the map pidfile), so before it flushes, the server closes
+/// the gate for good ([`WorkerWrites::close`]) and waits for the writes already through it to be handed to the
+/// image. A write enters (counted) and then looks at the gate; the flusher closes it and then looks at the
+/// count. Both sides use SeqCst, so either the write sees the gate closed (and goes to the submit thread) or
+/// the flusher sees the write counted (and waits for it).
+struct WorkerWrites {
+    closed: AtomicBool,
+    starting: AtomicUsize,
+}
+
+/// A write that may start on a worker: it is counted until dropped, after its start returned.
+struct WorkerWrite<'a>(&'a WorkerWrites);
+
+impl WorkerWrites {
+    fn new(open: bool) -> WorkerWrites {
+        WorkerWrites { closed: AtomicBool::new(!open), starting: AtomicUsize::new(0) }
+    }
+
+    fn enter(&self) -> Option<WorkerWrite<'_>> {
+        self.starting.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.starting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(WorkerWrite(self))
+    }
+
+    /// Closes the gate and waits (bounded) for the writes that got through to be started. Starts never block
+    /// (that is the point), so the wait is a few microseconds.
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.starting.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                tracing::error!("nbd: writes still starting on a worker after 5 s; flushing anyway");
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for WorkerWrite<'_> {
+    fn drop(&mut self) {
+        self.0.starting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Work for the flush thread.
 enum FlushJob {
     /// An NBD flush: wait for the writes numbered at most `upto`, then flush the image.
@@ -249,8 +301,10 @@ struct Shared {
     catalog: Arc<ExportCatalog>,
     /// For the cost of a request (the layout never changes; a resize changes only the size).
     layout: Layout,
-    /// Writes, trims and zeroes may block in the image's cache: they start on the submit thread.
+    /// Writes, trims and zeroes may block in the image's cache once it is write-back: from then on they
+    /// start on the submit thread; before, they pass `worker_writes`.
     writes_may_block: bool,
+    worker_writes: WorkerWrites,
     tracker: WriteTracker,
     ops: OpsBudget,
     /// Emptied when the server stops so that the threads end (and callbacks still pending then cannot keep
@@ -525,10 +579,14 @@ impl Conn {
                 (Some(sh.tracker.begin()), sh.cost(*offset, *len as u64))
             }
         };
-        let may_block = seq.is_some() && sh.writes_may_block;
+        let pass = if seq.is_some() && sh.writes_may_block { sh.worker_writes.enter() } else { None };
+        let may_block = seq.is_some() && sh.writes_may_block && pass.is_none();
         if !may_block && sh.ops.try_take(cost) {
-            return self.start(id, kind, seq, cost);
+            self.start(id, kind, seq, cost);
+            drop(pass); // only now: the write has been handed to the image
+            return;
         }
+        drop(pass);
         let job = SubmitJob { conn: Arc::clone(self), id, kind, seq, cost };
         let refused = match &*sh.submits.lock() {
             Some(s) => s.send(job).err().map(|e| e.0),
@@ -822,6 +880,7 @@ impl Server {
             layout: image.layout(),
             // Only a cache that can turn write-back waits (writethrough-only caches pass writes straight down).
             writes_may_block: opts.cache.enabled && opts.cache.max_dirty_bytes > 0,
+            worker_writes: WorkerWrites::new(opts.cache.writethrough_until_flush),
             image,
             catalog,
             tracker: WriteTracker::default(),
@@ -843,6 +902,7 @@ impl Server {
                     }
                     FlushJob::Fua { conn, id } => (conn, id),
                 };
+                sh.worker_writes.close(); // the flush may turn the cache write-back
                 let result = sh.image.flush().map(|()| None).map_err(|e| to_nbd(&e));
                 conn.complete(id, result);
             }
@@ -922,6 +982,7 @@ impl Server {
         if !wait_bounded(CLOSE_TIMEOUT, || sh.conns.lock().is_empty()) {
             tracing::warn!("connections still open after {CLOSE_TIMEOUT:?}");
         }
+        sh.worker_writes.close();
         if let Err(e) = sh.image.flush() {
             tracing::error!("final flush: {e}");
         }
@@ -963,6 +1024,33 @@ mod tests {
     use super::super::wire::*;
     use super::super::REQUESTS_IN_FLIGHT_MAX;
     use super::*;
+
+    // Goal: no write can start on a worker once the flush that may turn the cache write-back has begun, and
+    // that flush waits for writes already let through. Method: a pass is held on another thread while the gate
+    // closes; close() returns only after the holder dropped it (it records that first); later writes are
+    // refused; a gate made closed (a cache write-back from the start) refuses at once.
+    #[test]
+    fn worker_writes_gate_closes_after_the_writes_it_let_through() {
+        let gate = Arc::new(WorkerWrites::new(true));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+        let holder = {
+            let (gate, dropped) = (Arc::clone(&gate), Arc::clone(&dropped));
+            std::thread::spawn(move || {
+                let pass = gate.enter().expect("the gate is open");
+                entered_tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                dropped.store(true, Ordering::SeqCst);
+                drop(pass);
+            })
+        };
+        entered_rx.recv().unwrap();
+        gate.close();
+        assert!(dropped.load(Ordering::SeqCst), "close() returned while a write was still starting");
+        assert!(gate.enter().is_none(), "a closed gate lets no write start on a worker");
+        holder.join().unwrap();
+        assert!(WorkerWrites::new(false).enter().is_none());
+    }
 
     #[test]
     fn ops_cost_counts_the_stripe_units_a_range_touches() {
