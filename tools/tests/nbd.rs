@@ -380,3 +380,114 @@ fn nbd_unmap_and_kill_keep_flushed_data() {
     rbd_ok(&c, &["unmap", &uri]);
     eprintln!("unmap/kill checks took {:?} (cluster up {:?})", t0.elapsed(), c.up_took);
 }
+
+/// Sends `reqs` (type, cookie, offset, length, data) back to back from another thread while this one reads the
+/// replies, as a pipelining client does; returns the replies in arrival order with their read data.
+fn pipeline(cl: &mut Nbd, reqs: Vec<(u16, u64, u64, u32, Vec<u8>)>) -> Vec<(u64, u32, Vec<u8>)> {
+    let reads: std::collections::HashMap<u64, usize> =
+        reqs.iter().filter(|r| r.0 == CMD_READ).map(|r| (r.1, r.3 as usize)).collect();
+    let n = reqs.len();
+    let mut w = Nbd { s: cl.s.try_clone().unwrap(), size: cl.size, flags: cl.flags };
+    let sender = std::thread::spawn(move || {
+        for (ty, cookie, offset, len, data) in reqs {
+            w.send(ty, cookie, offset, len, &data).unwrap();
+        }
+    });
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Replies come out of order: the header's cookie says whether data follows, and how much.
+        let mut h = [0u8; 16];
+        cl.s.read_exact(&mut h).unwrap();
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), REPLY_MAGIC);
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
+        let mut data = vec![0u8; if err == 0 { reads.get(&cookie).copied().unwrap_or(0) } else { 0 }];
+        cl.s.read_exact(&mut data).unwrap();
+        out.push((cookie, err, data));
+    }
+    sender.join().unwrap();
+    out
+}
+
+const FLAG_FUA: u16 = 1;
+
+// Goal: one connection that pipelines far past the server's limits gets every answer right, before and after
+// the first flush turns the image's write-back cache on (writes start on the messenger worker before it, on
+// the submit thread after it). Method: 1000 pipelined 4 KiB writes (past the 128 requests in flight a
+// session takes) then 1000 reads, checked by cookie; 64 pipelined 4 MiB FUA writes (FUA flushes); 64 pipelined
+// 32 MiB reads (unaligned, so 9 stripe units each: past the server's budget of 512 outstanding object ops,
+// so some wait on the submit thread) checked against the FUA data; then 1000 writes and reads again, now
+// through the cache.
+#[test]
+fn nbd_pipelines_past_its_limits_before_and_after_a_flush() {
+    let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::up("nbd-pipe", 3, &[]);
+    rbd_ok(&c, &["create", "--size", "512M", "rbd/p"]);
+    let uri = map(&c, &["rbd/p"]);
+    let mut cl = Nbd::connect(&socket_of(&uri), "p");
+    cl.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let small = |base: u64, seed: u64| {
+        let mut cl_reqs = Vec::new();
+        for i in 0..1000u64 {
+            cl_reqs.push((CMD_WRITE, i, base + i * 4096, 4096, pattern(seed + i, 4096)));
+        }
+        cl_reqs
+    };
+    let check_small = |cl: &mut Nbd, base: u64, seed: u64| {
+        for (cookie, err, _) in pipeline(cl, small(base, seed)) {
+            assert_eq!(err, 0, "write {cookie}");
+        }
+        let reads = (0..1000u64).map(|i| (CMD_READ, i, base + i * 4096, 4096, Vec::new())).collect();
+        let replies = pipeline(cl, reads);
+        let cookies: std::collections::BTreeSet<u64> = replies.iter().map(|r| r.0).collect();
+        assert_eq!(cookies.len(), 1000, "every request answered once");
+        for (cookie, err, data) in replies {
+            assert_eq!(err, 0, "read {cookie}");
+            assert!(data == pattern(seed + cookie, 4096), "read {cookie} returned other bytes");
+        }
+    };
+    check_small(&mut cl, 0, 1);
+
+    const BIG: u64 = 4 << 20;
+    let fua = (0..64u64)
+        .map(|i| (CMD_WRITE, 100 + i, 64 * BIG + i * BIG, BIG as u32, pattern(5000 + i, BIG as usize)));
+    let mut w = Nbd { s: cl.s.try_clone().unwrap(), size: cl.size, flags: cl.flags };
+    let sender = std::thread::spawn(move || {
+        for (ty, cookie, offset, len, data) in fua {
+            // send() has no flags argument: write the header with FUA by hand.
+            let mut b = Vec::with_capacity(28 + data.len());
+            b.extend_from_slice(&REQ_MAGIC.to_be_bytes());
+            b.extend_from_slice(&FLAG_FUA.to_be_bytes());
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(&data);
+            w.s.write_all(&b).unwrap();
+        }
+    });
+    for _ in 0..64 {
+        let (cookie, err, _) = cl.reply(None).unwrap();
+        assert_eq!(err, 0, "FUA write {cookie}");
+    }
+    sender.join().unwrap();
+
+    // Unaligned by 1234 bytes, each read touches 9 stripe units: 64 of them cost 576 > 512.
+    const HUGE: u64 = 32 << 20;
+    let written: Vec<u8> = (0..64u64).flat_map(|i| pattern(5000 + i, BIG as usize)).collect();
+    let start = |cookie: u64| (cookie - 1000) % 7 * HUGE + 1234;
+    let reads = (0..64u64)
+        .map(|i| (CMD_READ, 1000 + i, 64 * BIG + start(1000 + i), HUGE as u32, Vec::new()))
+        .collect();
+    for (cookie, err, data) in pipeline(&mut cl, reads) {
+        assert_eq!(err, 0, "32 MiB read {cookie}");
+        let at = start(cookie) as usize;
+        assert!(data[..] == written[at..at + HUGE as usize], "32 MiB read {cookie} returned other bytes");
+    }
+
+    check_small(&mut cl, 400 << 20, 100_000);
+    cl.send(CMD_FLUSH, 9, 0, 0, &[]).unwrap();
+    assert_eq!(cl.reply(None).unwrap().1, 0);
+    drop(cl);
+    rbd_ok(&c, &["unmap", &uri]);
+}
