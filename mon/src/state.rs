@@ -1046,15 +1046,14 @@ impl MonState {
     /// epoch moves each replica at most once, and no subscriber ever sees an unbalanced map. The cost is
     /// the balancer's run in the monitor's request path: a map clone and a placement of every PG, once per
     /// placement change (well under 10 ms for 128 PGs over 20 OSDs in a debug build; bounded by
-    /// `rados::balancer::BALANCE_MOVES_MAX` moves). There is no switch to turn it off: that would need an
-    /// option in `rados::config`.
+    /// `rados::balancer::BALANCE_MOVES_MAX` moves). `mon_balancer_active = false` turns it off.
     fn commit(
         &mut self,
         mut inc: Incremental,
         now_ms: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<(), MapError> {
-        if changes_placement(&inc) {
+        if self.opts.cfg.mon_balancer_active && changes_placement(&inc) {
             let mut next = self.map.clone();
             next.apply(&inc)?;
             balancer::balance(&next, Some(&self.map)).fold_into(&mut inc, &self.map);
@@ -2046,6 +2045,23 @@ mod tests {
         follow(&c, &mut subscriber);
         assert!(subscriber.pg_upmap_items.is_empty());
         assert_eq!(c.json(MonCommand::OsdDump)["pg_upmap_items"], json!([]));
+    }
+
+    #[test]
+    fn an_inactive_balancer_adds_no_upmaps() {
+        // Goal: `mon_balancer_active = false` is an off switch: placement changes carry no upmap items, and
+        // the map is plain straw2 (unbalanced where straw2 is). Method: the 12-host, 128-PG setup of the test
+        // above with the option off; create the pool, mark an OSD out.
+        let hosts: Vec<String> = (0..12).map(|i| format!("host{i}")).collect();
+        let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let cfg = Config { mon_balancer_active: false, ..config("host", 2) };
+        let mut c = Cluster::new(cfg, &host_refs);
+        let (_, effects) = c.cmd(pool_create("rbd", Some(3), None, Some(128)));
+        assert!(commits(&effects).iter().all(|i| i.new_pg_upmap_items.is_empty()));
+        let (_, effects) = c.cmd(MonCommand::OsdOut(OsdId(3)));
+        assert!(commits(&effects).iter().all(|i| i.new_pg_upmap_items.is_empty()));
+        assert!(c.s.map().pg_upmap_items.is_empty());
+        assert!(!balancer::balance(c.s.map(), None).is_empty(), "straw2 alone is not balanced here");
     }
 
     #[test]

@@ -105,6 +105,8 @@ options! {
     mon_osd_reporter_subtree_level: String = "host".to_string();
     /// An OSD down this long is marked out, seconds.
     mon_osd_down_out_interval: f64 = 600.0;
+    /// The upmap balancer evens out PGs per OSD in each epoch that changes placement (Ceph: `ceph balancer on`, upmap mode); false leaves straw2 and the upmaps already made.
+    mon_balancer_active: bool = true;
     /// Replicas for new pools.
     osd_pool_default_size: u8 = 3;
     /// Replicas needed to serve I/O for new pools; 0 means size - size/2.
