@@ -70,6 +70,9 @@ enum Cmd {
         n: usize,
     },
     /// Configuration.
+    // Without this, clap's own `help` subcommand shadows `config help` (it printed clap's usage instead of the
+    // options).
+    #[command(disable_help_subcommand = true)]
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
