@@ -68,6 +68,26 @@ impl Drop for ClusterClient {
 }
 
 /// Ends a command-line tool: prints an error as `NAME: reason` and exits 1, else exits 0 (stdout flushed).
+/// Makes a closed stdout (`cuttle osd dump | head`) end the tool quietly with 141 (128 + SIGPIPE, what a shell
+/// reports for a C tool killed by the signal) instead of a panic and a backtrace. Rust ignores SIGPIPE, so a
+/// write to a closed pipe fails, and `println!` turns that failure into a panic; this hook recognises that
+/// one panic. Call first thing in `main`.
+pub fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 pub fn exit_with(name: &str, r: Result<()>) -> ! {
     let code = match r {
         Ok(()) => 0,

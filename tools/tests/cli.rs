@@ -31,6 +31,22 @@ fn config_help_lists_every_option() {
     assert_eq!(v[0]["name"], rados::config::OPTIONS[0].name);
 }
 
+// Goal: a reader that goes away (`cuttle config help | head -1`) ends the tool quietly with 141, not with a
+// panic and a backtrace. Method: spawn with stdout piped and close the read end before the tool writes.
+#[test]
+fn a_closed_stdout_ends_the_tool_quietly() {
+    let mut child = std::process::Command::new(cuttle_bin())
+        .args(["config", "help"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
 // Goal: `cuttle up` on a fresh directory reaches HEALTH_OK with 3 OSDs up and in within 10 s, says so when run
 // again, and `cuttle down` stops everything. Method: run the commands; read `cuttle status --format json`.
 #[test]

@@ -182,6 +182,7 @@ impl Drop for Client {
 }
 
 fn main() {
+    tools::quiet_on_broken_pipe();
     tools::exit_with("cuttle", run(Cli::parse()))
 }
 

@@ -92,6 +92,7 @@ enum BenchMode {
 }
 
 fn main() {
+    tools::quiet_on_broken_pipe();
     tools::exit_with("rados", run(Cli::parse()))
 }
 

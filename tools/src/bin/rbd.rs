@@ -158,6 +158,7 @@ enum IoPattern {
 }
 
 fn main() {
+    tools::quiet_on_broken_pipe();
     tools::exit_with("rbd", run(Cli::parse()))
 }
 
