@@ -1104,6 +1104,53 @@ impl Image {
         self.submit_with(Req::Write { offset, data }, Box::new(move |r| f(r.map(|_| ()))))
     }
 
+    /// [`Image::aio_write_with`] for a caller that must not wait (an event loop): `Ok(Some(data))` hands the
+    /// write back unstarted, with `f` dropped unrun, when starting it would wait in the write-back cache (over
+    /// its dirty limit); the caller then submits it where waiting is allowed. Without a cache, or while the
+    /// cache writes through, it always starts. Object dispatch's own wait (its parked ops full) is the
+    /// caller's to avoid by bounding what it has outstanding.
+    pub fn try_aio_write_with(
+        &self,
+        offset: u64,
+        data: Bytes,
+        f: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<Option<Bytes>> {
+        let req = Req::Write { offset, data };
+        match self.try_submit_with(req, Box::new(move |r| f(r.map(|_| ()))))? {
+            Some(Req::Write { data, .. }) => Ok(Some(data)),
+            Some(_) => unreachable!("the cache hands back the request it was given"),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Image::aio_discard_with`] for a caller that must not wait: `Ok(false)` hands it back unstarted, with
+    /// `f` dropped unrun, when it would wait for an overlapping write-back (see [`Image::try_aio_write_with`]).
+    pub fn try_aio_discard_with(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<bool> {
+        let req = Req::Discard { offset, len };
+        Ok(self.try_submit_with(req, Box::new(move |r| f(r.map(|_| ()))))?.is_none())
+    }
+
+    /// Starts `req` unless the cache would make it wait; `Some(req)` hands it back (its callback dropped).
+    fn try_submit_with(&self, req: Req, done: Done) -> Result<Option<Req>> {
+        let (offset, len) = req.range();
+        self.check_range(offset, len)?;
+        if self.dispatch.is_closed() {
+            return Err(RbdError::Closed);
+        }
+        match &self.cache {
+            Some(c) => Ok(c.try_submit(req, done).err().map(|(req, _unrun)| req)),
+            None => {
+                self.top.submit(req, done);
+                Ok(None)
+            }
+        }
+    }
+
     /// [`Image::aio_discard`] with the outcome handed to `f` (see [`Image::aio_read_with`]).
     pub fn aio_discard_with(
         &self,

@@ -400,12 +400,14 @@ impl Cache {
         }
     }
 
-    fn submit_write(&self, offset: u64, seg: Seg, done: Done) {
+    /// With `nowait`, a write that would wait for room is handed back instead (see [`Cache::try_submit`]).
+    fn submit_write(&self, offset: u64, seg: Seg, done: Done, nowait: bool) -> Handed {
         let len = seg.len();
         let mut g = self.inner.st.lock();
         if g.closed {
             drop(g);
-            return done(Err(RbdError::Closed));
+            done(Err(RbdError::Closed));
+            return Ok(());
         }
         if !g.writeback {
             drop(g);
@@ -413,7 +415,18 @@ impl Cache {
                 Seg::Data(data) => Req::Write { offset, data },
                 Seg::Zero(len) => Req::Discard { offset, len },
             };
-            return self.inner.lower.submit(req, done);
+            self.inner.lower.submit(req, done);
+            return Ok(());
+        }
+        if nowait && g.must_wait(len) {
+            drop(g);
+            // Make room meanwhile, as a waiting writer would.
+            poll_inner(&self.inner, Instant::now());
+            let req = match seg {
+                Seg::Data(data) => Req::Write { offset, data },
+                Seg::Zero(len) => Req::Discard { offset, len },
+            };
+            return Err((req, done));
         }
         // Backpressure: drive write-back ourselves, then wait for some to finish.
         while g.must_wait(len) && !g.closed {
@@ -427,7 +440,8 @@ impl Cache {
         }
         if g.closed {
             drop(g);
-            return done(Err(RbdError::Closed));
+            done(Err(RbdError::Closed));
+            return Ok(());
         }
         g.need_room = 0;
         g.accept(offset, seg, Instant::now());
@@ -437,19 +451,41 @@ impl Cache {
             poll_inner(&self.inner, Instant::now());
         }
         done(Ok(Bytes::new()));
+        Ok(())
     }
 }
 
 impl Cache {
-    fn submit_discard(&self, offset: u64, len: u64, done: Done) {
+    /// [`Layer::submit`] for a write or discard from a thread that must not wait (an event loop): starts it
+    /// unless that would wait here (the cache is write-back and over its dirty limit, or a discard overlaps a
+    /// write-back in flight), in which case `req` and `done` come back untouched. Decided under the lock that
+    /// `submit` waits under. Below the cache nothing waits on a write but object dispatch's full queue,
+    /// which callers bound themselves. A read never waits here and always starts.
+    pub fn try_submit(&self, req: Req, done: Done) -> Handed {
+        match req {
+            Req::Write { offset, data } => self.submit_write(offset, Seg::Data(data), done, true),
+            Req::Discard { offset, len } => self.submit_discard(offset, len, done, true),
+            req @ Req::Read { .. } => {
+                self.submit(req, done);
+                Ok(())
+            }
+        }
+    }
+
+    fn submit_discard(&self, offset: u64, len: u64, done: Done, nowait: bool) -> Handed {
         let mut g = self.inner.st.lock();
         if g.closed {
             drop(g);
-            return done(Err(RbdError::Closed));
+            done(Err(RbdError::Closed));
+            return Ok(());
         }
         if !g.writeback {
             drop(g);
-            return self.inner.lower.submit(Req::Discard { offset, len }, done);
+            self.inner.lower.submit(Req::Discard { offset, len }, done);
+            return Ok(());
+        }
+        if nowait && g.overlaps_inflight(offset, len) {
+            return Err((Req::Discard { offset, len }, done));
         }
         while g.overlaps_inflight(offset, len) {
             self.inner.cv.wait_for(&mut g, WAIT_SLICE);
@@ -466,8 +502,12 @@ impl Cache {
                 done(r);
             }),
         );
+        Ok(())
     }
 }
+
+/// `Err` hands a request back unstarted, with its callback unrun (only ever with `nowait`).
+type Handed = std::result::Result<(), (Req, Done)>;
 
 fn poll_inner(inner: &Arc<Inner>, now: Instant) -> usize {
     let picked = inner.st.lock().pick(now);
@@ -492,8 +532,14 @@ fn poll_inner(inner: &Arc<Inner>, now: Instant) -> usize {
 impl Layer for Cache {
     fn submit(&self, req: Req, done: Done) {
         match req {
-            Req::Write { offset, data } => self.submit_write(offset, Seg::Data(data), done),
-            Req::Discard { offset, len } => self.submit_discard(offset, len, done),
+            Req::Write { offset, data } => {
+                let started = self.submit_write(offset, Seg::Data(data), done, false);
+                debug_assert!(started.is_ok(), "only a nowait submission is handed back");
+            }
+            Req::Discard { offset, len } => {
+                let started = self.submit_discard(offset, len, done, false);
+                debug_assert!(started.is_ok(), "only a nowait submission is handed back");
+            }
             Req::Read { offset, len } => {
                 let ov = self.inner.st.lock().read_overlay(offset, len);
                 if ov.is_empty() {
@@ -694,6 +740,54 @@ mod tests {
         eventually("the writer to proceed", || t.is_finished());
         t.join().unwrap();
         assert!(c.state().held_bytes() <= 4 * K4);
+        f.set_hold(false);
+        f.release_all_reversed();
+        c.flush().unwrap();
+        assert_eq!(f.bytes(100 * K4, K4), vec![9; K4 as usize]);
+    }
+
+    #[test]
+    fn try_submit_hands_back_what_would_wait_and_starts_the_rest() {
+        // Goal: an event loop can submit without ever waiting: what would wait comes back unstarted, with its
+        // callback unrun; everything else starts. Method: the setup above (held bottom, max 16K, target 8K).
+        // Writethrough (before a flush): a write starts at once. Write-back at max dirty: a 4K write and a
+        // discard overlapping a write-back in flight come back; a read starts; after one write-back is
+        // released the same write starts.
+        let f = Fake::new(1 << 20);
+        f.set_hold(true);
+        let c = Arc::new(Cache::new(opts(4 * K4, 2 * K4), f.clone()));
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = |ran: &Arc<std::sync::atomic::AtomicUsize>| -> Done {
+            let ran = Arc::clone(ran);
+            Box::new(move |_| {
+                ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let write = |at: u64| Req::Write { offset: at, data: Bytes::from(vec![9u8; K4 as usize]) };
+        assert!(c.try_submit(write(200 * K4), counted(&ran)).is_ok(), "writethrough: starts");
+        assert_eq!(f.held(), 1, "passed straight down");
+        f.release_all_reversed();
+        f.set_hold(true);
+        c.flush().unwrap();
+        for i in 0..4 {
+            w(&c, i * 2 * K4, i as u8 + 1, K4);
+        }
+        assert_eq!(f.held(), 2, "two write-backs in flight, two dirty: at max");
+        let ran_before = ran.load(std::sync::atomic::Ordering::SeqCst);
+        let (req, _) =
+            c.try_submit(write(100 * K4), counted(&ran)).expect_err("a write at max dirty comes back");
+        assert!(matches!(req, Req::Write { offset, .. } if offset == 100 * K4));
+        let back = c.try_submit(Req::Discard { offset: 0, len: K4 }, counted(&ran));
+        assert!(back.is_err(), "a discard over a write-back in flight comes back");
+        assert_eq!(
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+            ran_before,
+            "callbacks of handed-back requests never run"
+        );
+        assert!(c.try_submit(Req::Read { offset: 150 * K4, len: K4 }, counted(&ran)).is_ok(), "reads start");
+        f.release(0);
+        eventually("room for one more write", || c.state().held_bytes() < 4 * K4);
+        assert!(c.try_submit(write(100 * K4), counted(&ran)).is_ok());
         f.set_hold(false);
         f.release_all_reversed();
         c.flush().unwrap();

@@ -19,15 +19,15 @@
 //!
 //! A worker must never block, and two things in the image can: a write-back cache (a writer over the dirty
 //! limit, a discard behind an overlapping write-back) and object dispatch once its queue of parked object
-//! ops is full (an ordinary submitter waits for room). So writes, trims and zeroes of an image whose cache
-//! has turned write-back (from this server's first flush on; until then a writethrough cache passes them
-//! straight down, see `WorkerWrites`), and any request that does not fit in [`OPS_OUTSTANDING_MAX`] (the
-//! object ops this server has outstanding, an upper bound counted from each request's range in stripe
-//! units), go to one submit thread, which may block; the bound keeps the parked ops well below dispatch's
-//! `PARKED_OPS_MAX`, so a start on a worker finds room. Flushes and FUA writes call the blocking
-//! [`Image::flush`], which must not run on a worker nor in a completion callback, so they go to one flush
-//! thread; a flush first waits there for the writes issued before it (see `WriteTracker`), which complete
-//! through callbacks, never that thread. Their replies take the same direct path.
+//! ops is full (an ordinary submitter waits for room). So writes, trims and zeroes start through
+//! [`Image::try_aio_write_with`] and [`Image::try_aio_discard_with`], which hand a request back instead of
+//! waiting (the cache decides under its own lock); those, and any request that does not fit in
+//! [`OPS_OUTSTANDING_MAX`] (the object ops this server has outstanding, an upper bound counted from each
+//! request's range in stripe units), go to one submit thread, which may block. The bound keeps the parked
+//! ops well below dispatch's `PARKED_OPS_MAX`, so a start on a worker finds room. Flushes and FUA writes
+//! call the blocking [`Image::flush`], which must not run on a worker nor in a completion callback, so they
+//! go to one flush thread; a flush first waits there for the writes issued before it (see `WriteTracker`),
+//! which complete through callbacks, never that thread. Their replies take the same direct path.
 //!
 //! Flow control is the session's: a connection reads only while [`ServerSession::wants_read`], which turns
 //! false at [`super::REQUESTS_IN_FLIGHT_MAX`] requests in flight or a large reply backlog; a reply that makes
@@ -43,7 +43,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -225,58 +225,6 @@ impl OpsBudget {
     }
 }
 
-/// Lets writes start on a worker while the image's cache is writethrough: a write then passes straight down and
-/// cannot wait in the cache. The cache turns write-back at its first flush, and only this server flushes the
-/// image (it is the image's one read-write opener: the map pidfile), so before it flushes, the server closes
-/// the gate for good ([`WorkerWrites::close`]) and waits for the writes already through it to be handed to the
-/// image. A write enters (counted) and then looks at the gate; the flusher closes it and then looks at the
-/// count. Both sides use SeqCst, so either the write sees the gate closed (and goes to the submit thread) or
-/// the flusher sees the write counted (and waits for it).
-struct WorkerWrites {
-    closed: AtomicBool,
-    starting: AtomicUsize,
-}
-
-/// A write that may start on a worker: it is counted until dropped, after its start returned.
-struct WorkerWrite<'a>(&'a WorkerWrites);
-
-impl WorkerWrites {
-    fn new(open: bool) -> WorkerWrites {
-        WorkerWrites { closed: AtomicBool::new(!open), starting: AtomicUsize::new(0) }
-    }
-
-    fn enter(&self) -> Option<WorkerWrite<'_>> {
-        self.starting.fetch_add(1, Ordering::SeqCst);
-        if self.closed.load(Ordering::SeqCst) {
-            self.starting.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(WorkerWrite(self))
-    }
-
-    /// Closes the gate and waits (bounded) for the writes that got through to be started. Starts never block
-    /// (that is the point), so the wait is a few microseconds.
-    fn close(&self) {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.starting.load(Ordering::SeqCst) > 0 {
-            if Instant::now() > deadline {
-                tracing::error!("nbd: writes still starting on a worker after 5 s; flushing anyway");
-                return;
-            }
-            std::thread::yield_now();
-        }
-    }
-}
-
-impl Drop for WorkerWrite<'_> {
-    fn drop(&mut self) {
-        self.0.starting.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Work for the flush thread.
 enum FlushJob {
     /// An NBD flush: wait for the writes numbered at most `upto`, then flush the image.
@@ -301,10 +249,6 @@ struct Shared {
     catalog: Arc<ExportCatalog>,
     /// For the cost of a request (the layout never changes; a resize changes only the size).
     layout: Layout,
-    /// Writes, trims and zeroes may block in the image's cache once it is write-back: from then on they
-    /// start on the submit thread; before, they pass `worker_writes`.
-    writes_may_block: bool,
-    worker_writes: WorkerWrites,
     tracker: WriteTracker,
     ops: OpsBudget,
     /// Emptied when the server stops so that the threads end (and callbacks still pending then cannot keep
@@ -579,14 +523,18 @@ impl Conn {
                 (Some(sh.tracker.begin()), sh.cost(*offset, *len as u64))
             }
         };
-        let pass = if seq.is_some() && sh.writes_may_block { sh.worker_writes.enter() } else { None };
-        let may_block = seq.is_some() && sh.writes_may_block && pass.is_none();
-        if !may_block && sh.ops.try_take(cost) {
-            self.start(id, kind, seq, cost);
-            drop(pass); // only now: the write has been handed to the image
-            return;
-        }
-        drop(pass);
+        let kind = if sh.ops.try_take(cost) {
+            match self.start(id, kind, seq, cost, true) {
+                None => return,
+                Some(back) => {
+                    // The cache would have made it wait: it starts on the submit thread instead.
+                    sh.ops.give(cost);
+                    back
+                }
+            }
+        } else {
+            kind
+        };
         let job = SubmitJob { conn: Arc::clone(self), id, kind, seq, cost };
         let refused = match &*sh.submits.lock() {
             Some(s) => s.send(job).err().map(|e| e.0),
@@ -601,8 +549,17 @@ impl Conn {
         }
     }
 
-    /// Starts a request whose `cost` is taken from the ops budget.
-    fn start(self: &Arc<Self>, id: RequestId, kind: RequestKind, seq: Option<u64>, cost: usize) {
+    /// Starts a request whose `cost` is taken from the ops budget. With `nowait` (a worker, a callback), a
+    /// write or discard that would wait in the image's write-back cache is handed back unstarted (its budget
+    /// still taken) instead; reads never wait there.
+    fn start(
+        self: &Arc<Self>,
+        id: RequestId,
+        kind: RequestKind,
+        seq: Option<u64>,
+        cost: usize,
+        nowait: bool,
+    ) -> Option<RequestKind> {
         let img = &self.shared.image;
         let r = match kind {
             RequestKind::Read { offset, len } => {
@@ -614,13 +571,31 @@ impl Conn {
             }
             RequestKind::Write { offset, data, fua } => {
                 let seq = seq.expect("a write has a sequence number");
-                img.aio_write_with(offset, data, self.write_done(id, seq, fua, cost))
+                let done = self.write_done(id, seq, fua, cost);
+                if nowait {
+                    match img.try_aio_write_with(offset, data, done) {
+                        Ok(Some(data)) => return Some(RequestKind::Write { offset, data, fua }),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    img.aio_write_with(offset, data, done)
+                }
             }
             // Zeroing is discard: without snapshots or a parent, discarded ranges read as zeros. NO_HOLE
             // is a SHOULD about allocation, not about content, so ignoring it is allowed.
             RequestKind::Trim { offset, len, fua } | RequestKind::WriteZeroes { offset, len, fua, .. } => {
                 let seq = seq.expect("a trim has a sequence number");
-                img.aio_discard_with(offset, len as u64, self.write_done(id, seq, fua, cost))
+                let done = self.write_done(id, seq, fua, cost);
+                if nowait {
+                    match img.try_aio_discard_with(offset, len as u64, done) {
+                        Ok(false) => return Some(kind),
+                        Ok(true) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    img.aio_discard_with(offset, len as u64, done)
+                }
             }
             RequestKind::Flush => unreachable!("flushes go to the flush thread"),
         };
@@ -632,6 +607,7 @@ impl Conn {
             }
             self.complete(id, Err(to_nbd(&e)));
         }
+        None
     }
 
     /// The completion callback of a write, trim or zeroes request numbered `seq`: it no longer holds back
@@ -875,12 +851,8 @@ impl Server {
         };
         let (flush_tx, flush_rx) = crossbeam_channel::unbounded::<FlushJob>();
         let (submit_tx, submit_rx) = crossbeam_channel::unbounded::<SubmitJob>();
-        let opts = image.options();
         let shared = Arc::new(Shared {
             layout: image.layout(),
-            // Only a cache that can turn write-back waits (writethrough-only caches pass writes straight down).
-            writes_may_block: opts.cache.enabled && opts.cache.max_dirty_bytes > 0,
-            worker_writes: WorkerWrites::new(opts.cache.writethrough_until_flush),
             image,
             catalog,
             tracker: WriteTracker::default(),
@@ -902,7 +874,6 @@ impl Server {
                     }
                     FlushJob::Fua { conn, id } => (conn, id),
                 };
-                sh.worker_writes.close(); // the flush may turn the cache write-back
                 let result = sh.image.flush().map(|()| None).map_err(|e| to_nbd(&e));
                 conn.complete(id, result);
             }
@@ -911,7 +882,8 @@ impl Server {
         let submit = std::thread::Builder::new().name("nbd-submit".into()).spawn(move || {
             for j in submit_rx {
                 sh.ops.take_wait(j.cost);
-                j.conn.start(j.id, j.kind, j.seq, j.cost);
+                let started = j.conn.start(j.id, j.kind, j.seq, j.cost, false);
+                debug_assert!(started.is_none(), "only a nowait start is handed back");
             }
         });
         match submit {
@@ -982,7 +954,6 @@ impl Server {
         if !wait_bounded(CLOSE_TIMEOUT, || sh.conns.lock().is_empty()) {
             tracing::warn!("connections still open after {CLOSE_TIMEOUT:?}");
         }
-        sh.worker_writes.close();
         if let Err(e) = sh.image.flush() {
             tracing::error!("final flush: {e}");
         }
@@ -1024,33 +995,6 @@ mod tests {
     use super::super::wire::*;
     use super::super::REQUESTS_IN_FLIGHT_MAX;
     use super::*;
-
-    // Goal: no write can start on a worker once the flush that may turn the cache write-back has begun, and
-    // that flush waits for writes already let through. Method: a pass is held on another thread while the gate
-    // closes; close() returns only after the holder dropped it (it records that first); later writes are
-    // refused; a gate made closed (a cache write-back from the start) refuses at once.
-    #[test]
-    fn worker_writes_gate_closes_after_the_writes_it_let_through() {
-        let gate = Arc::new(WorkerWrites::new(true));
-        let dropped = Arc::new(AtomicBool::new(false));
-        let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
-        let holder = {
-            let (gate, dropped) = (Arc::clone(&gate), Arc::clone(&dropped));
-            std::thread::spawn(move || {
-                let pass = gate.enter().expect("the gate is open");
-                entered_tx.send(()).unwrap();
-                std::thread::sleep(Duration::from_millis(100));
-                dropped.store(true, Ordering::SeqCst);
-                drop(pass);
-            })
-        };
-        entered_rx.recv().unwrap();
-        gate.close();
-        assert!(dropped.load(Ordering::SeqCst), "close() returned while a write was still starting");
-        assert!(gate.enter().is_none(), "a closed gate lets no write start on a worker");
-        holder.join().unwrap();
-        assert!(WorkerWrites::new(false).enter().is_none());
-    }
 
     #[test]
     fn ops_cost_counts_the_stripe_units_a_range_touches() {
