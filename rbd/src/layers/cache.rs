@@ -411,22 +411,14 @@ impl Cache {
         }
         if !g.writeback {
             drop(g);
-            let req = match seg {
-                Seg::Data(data) => Req::Write { offset, data },
-                Seg::Zero(len) => Req::Discard { offset, len },
-            };
-            self.inner.lower.submit(req, done);
+            self.inner.lower.submit(seg.into_req(offset), done);
             return Ok(());
         }
         if nowait && g.must_wait(len) {
             drop(g);
             // Make room meanwhile, as a waiting writer would.
             poll_inner(&self.inner, Instant::now());
-            let req = match seg {
-                Seg::Data(data) => Req::Write { offset, data },
-                Seg::Zero(len) => Req::Discard { offset, len },
-            };
-            return Err((req, done));
+            return Err((seg.into_req(offset), done));
         }
         // Backpressure: drive write-back ourselves, then wait for some to finish.
         while g.must_wait(len) && !g.closed {
@@ -513,10 +505,7 @@ fn poll_inner(inner: &Arc<Inner>, now: Instant) -> usize {
     let picked = inner.st.lock().pick(now);
     let n = picked.len();
     for (id, offset, seg) in picked {
-        let req = match seg {
-            Seg::Data(data) => Req::Write { offset, data },
-            Seg::Zero(len) => Req::Discard { offset, len },
-        };
+        let req = seg.into_req(offset);
         let inner2 = Arc::clone(inner);
         inner.lower.submit(
             req,

@@ -82,6 +82,14 @@ impl Seg {
         self.len() == 0
     }
 
+    /// The request that writes this piece at `offset` (a run of zeros is a discard).
+    pub fn into_req(self, offset: u64) -> Req {
+        match self {
+            Seg::Data(data) => Req::Write { offset, data },
+            Seg::Zero(len) => Req::Discard { offset, len },
+        }
+    }
+
     /// Bytes `[from, to)` of the segment.
     fn slice(&self, from: u64, to: u64) -> Seg {
         debug_assert!(from <= to && to <= self.len());
