@@ -31,4 +31,4 @@ pub use entity::{EntityName, EntityType, PeerKey};
 pub use message::Message;
 pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, SendError};
 pub use policy::Policy;
-pub use worker::{Guest, GuestEvent, GuestHandle, WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};
+pub use worker::{Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};

@@ -177,6 +177,46 @@ impl Drop for WorkerPool {
     }
 }
 
+/// Whether an edge-triggered socket may hold input not read yet: the one rule for every reader of such a socket
+/// (messenger sessions, guests). An event says "may"; a read that comes back short, or would block, says
+/// "drained" (new input raises a new edge), except that once the peer's FIN was seen a short read is not the
+/// end, since the EOF after the data raises no edge of its own: reads then go on until they return it.
+/// Tracking this saves the EAGAIN read that every wake-up for some other reason would otherwise cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadReadiness {
+    may_read: bool,
+    read_closed: bool,
+}
+
+impl ReadReadiness {
+    /// A socket just attached: it may hold input already.
+    pub fn attached() -> ReadReadiness {
+        ReadReadiness { may_read: true, read_closed: false }
+    }
+
+    /// A readiness event: `readable`, and whether the peer closed its side (or the socket failed).
+    pub fn on_event(&mut self, readable: bool, read_closed: bool) {
+        self.may_read |= readable || read_closed;
+        self.read_closed |= read_closed;
+    }
+
+    pub fn may_read(&self) -> bool {
+        self.may_read
+    }
+
+    /// A read returned less than the room offered.
+    pub fn short_read(&mut self) {
+        if !self.read_closed {
+            self.may_read = false;
+        }
+    }
+
+    /// A read would block.
+    pub fn would_block(&mut self) {
+        self.may_read = false;
+    }
+}
+
 /// What a guest is told when the worker calls it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuestEvent {
@@ -307,14 +347,10 @@ struct SessionEntry {
     /// The TCP connect is in progress (waiting for writable).
     connecting: bool,
     throttle_retry: Option<Instant>,
-    /// The socket may hold bytes not read yet. Set by a readable event and when a socket is attached; cleared
-    /// when a read comes back short or would block: with edge-triggered epoll, new data raises a new event. So a
-    /// drive caused by anything else (a reply queued by a dispatcher, a timer, a task) does not pay an EAGAIN
-    /// read; with one drive per queued reply those were most of an OSD's syscalls.
-    may_read: bool,
-    /// The peer's FIN (or an error) was seen: a short read no longer means drained, since the EOF that follows
-    /// the data raises no new event. Reads go on until they return it.
-    read_closed: bool,
+    /// Whether the socket may hold input: a drive caused by anything but a readable event (a reply queued by
+    /// a dispatcher, a timer, a task) then reads nothing; with one drive per queued reply, those EAGAIN reads
+    /// were most of an OSD's syscalls.
+    read: ReadReadiness,
 }
 
 struct Entry {
@@ -459,8 +495,7 @@ impl Worker {
                     stream: None,
                     connecting: false,
                     throttle_retry: None,
-                    may_read: false,
-                    read_closed: false,
+                    read: ReadReadiness::default(),
                 };
                 let token = self.insert_precharged(Role::Session(Box::new(se)), msgr);
                 if let Role::Session(se) = &self.entries[token].role {
@@ -602,8 +637,7 @@ impl Worker {
     fn on_ready(&mut self, token: usize, readable: bool, read_closed: bool) {
         let Some(e) = self.entries.get_mut(token) else { return };
         if let Role::Session(se) = &mut e.role {
-            se.may_read |= readable;
-            se.read_closed |= read_closed;
+            se.read.on_event(readable, read_closed);
         }
         match &mut e.role {
             Role::Listener(_) => self.accept_all(token),
@@ -652,7 +686,8 @@ impl Worker {
             Role::Acceptor { stream, acc } => {
                 let mut failed = write_from(stream, &mut self.op_count, inject, &counters, now, acc).err();
                 if failed.is_none() {
-                    failed = read_into(stream, &mut self.op_count, inject, &counters, acc).err();
+                    let mut unused = ReadReadiness::attached(); // a handshake reads on every drive
+                    failed = read_into(stream, &mut self.op_count, inject, &counters, acc, &mut unused).err();
                 }
                 if let Some(reason) = failed {
                     counters.faults.fetch_add(1, Ordering::Relaxed);
@@ -745,12 +780,10 @@ impl Worker {
                 }
             }
             if let (Some(stream), false) = (se.stream.as_mut(), se.connecting) {
-                if se.may_read && se.sess.read_hint().is_some() {
-                    match read_into(stream, &mut self.op_count, inject, &counters, &mut se.sess) {
-                        Ok((n, drained)) => {
-                            progressed |= n > 0;
-                            se.may_read = !drained || se.read_closed;
-                        }
+                if se.read.may_read() && se.sess.read_hint().is_some() {
+                    match read_into(stream, &mut self.op_count, inject, &counters, &mut se.sess, &mut se.read)
+                    {
+                        Ok(n) => progressed |= n > 0,
                         Err(reason) => {
                             se.sess.socket_closed(now, reason);
                             progressed = true;
@@ -789,8 +822,7 @@ impl Worker {
                             Ok(()) => {
                                 se.stream = Some(s);
                                 se.connecting = true;
-                                se.may_read = true;
-                                se.read_closed = false;
+                                se.read = ReadReadiness::attached();
                             }
                             Err(e) => se.sess.socket_closed(now, CloseReason::SocketError(e.to_string())),
                         }
@@ -871,8 +903,7 @@ impl Worker {
                 stream: None,
                 connecting: false,
                 throttle_retry: None,
-                may_read: false,
-                read_closed: false,
+                read: ReadReadiness::default(),
             };
             let t = self.insert(Role::Session(Box::new(se)), Arc::clone(&msgr));
             conn.set_home(self.shared.idx, t);
@@ -928,8 +959,7 @@ impl Worker {
                 } else {
                     se.stream = Some(stream);
                     se.connecting = false;
-                    se.may_read = true;
-                    se.read_closed = false;
+                    se.read = ReadReadiness::attached();
                 }
                 self.drive(token);
             }
@@ -1076,16 +1106,16 @@ impl Endpoint for TxQueue {
     }
 }
 
-/// Reads until the socket is drained or the endpoint stops wanting input. Returns the bytes read and whether
-/// the socket is drained. A read that does not fill the room offered means it is (with edge-triggered epoll,
-/// new data raises a new event), which saves the EAGAIN read.
+/// Reads until the socket is drained or the endpoint stops wanting input, telling `readiness` how the reads
+/// ended. Returns the bytes read.
 fn read_into<E: Endpoint>(
     stream: &mut TcpStream,
     op_count: &mut u64,
     inject: u64,
     counters: &Counters,
     ep: &mut E,
-) -> Result<(usize, bool), CloseReason> {
+    readiness: &mut ReadReadiness,
+) -> Result<usize, CloseReason> {
     let mut total = 0;
     while let Some(hint) = ep.read_hint() {
         if injected(op_count, inject, counters) {
@@ -1101,15 +1131,21 @@ fn read_into<E: Endpoint>(
                 counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 ep.consumed(Instant::now());
                 if n < offered {
-                    return Ok((total, true));
+                    readiness.short_read();
+                    if !readiness.may_read() {
+                        break;
+                    }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, true)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                readiness.would_block();
+                break;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(CloseReason::SocketError(e.to_string())),
         }
     }
-    Ok((total, false))
+    Ok(total)
 }
 
 /// Writes until the queue is empty or the socket is full (a short write).
@@ -1151,6 +1187,21 @@ fn write_from<E: Endpoint>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_readiness_ends_at_a_short_read_unless_the_peer_closed() {
+        let mut r = ReadReadiness::default();
+        assert!(!r.may_read());
+        r.on_event(true, false);
+        r.short_read();
+        assert!(!r.may_read(), "a short read means drained");
+        r = ReadReadiness::attached();
+        r.on_event(true, true);
+        r.short_read();
+        assert!(r.may_read(), "after the FIN, reads go on until they return the end");
+        r.would_block();
+        assert!(!r.may_read());
+    }
 
     #[test]
     fn poll_timeouts_round_up_to_the_next_millisecond() {

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
-use messenger::{Guest, GuestEvent, GuestHandle, WorkerPool};
+use messenger::{Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use parking_lot::{Condvar, Mutex};
@@ -302,10 +302,8 @@ struct ConnState {
     closing: bool,
     /// Stopping: read nothing more, only finish what is in flight.
     no_read: bool,
-    /// The socket may hold input not read yet: set by a readable edge, cleared by a short read.
-    may_read: bool,
-    /// The peer's FIN (or an error) was seen: a short read no longer means drained.
-    read_closed: bool,
+    /// Whether the socket may hold input not read yet (edge-triggered, as the messenger's sessions).
+    read: ReadReadiness,
     /// Reading stopped because the session wanted no more (flow control) while input may be waiting: a
     /// reply that makes it want more kicks the connection.
     read_held: bool,
@@ -400,7 +398,7 @@ impl ConnState {
 
     /// Reads while the session wants input and the socket may hold some.
     fn read_in(&mut self, conn: u64, buf: &mut [u8]) {
-        while self.may_read && !self.closing && !self.no_read {
+        while self.read.may_read() && !self.closing && !self.no_read {
             if !self.session.wants_read() {
                 self.read_held = true;
                 return;
@@ -414,13 +412,11 @@ impl ConnState {
                 Ok(n) => {
                     self.session.received(&buf[..n]);
                     self.take_output(conn);
-                    // With edge-triggered readiness, new input raises a new edge: a short read means
-                    // drained, unless the FIN was seen (its EOF raises none).
-                    if n < buf.len() && !self.read_closed {
-                        self.may_read = false;
+                    if n < buf.len() {
+                        self.read.short_read();
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.may_read = false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.read.would_block(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::debug!(conn, "read: {e}");
@@ -652,8 +648,7 @@ impl Guest for ConnGuest {
         let conn = &self.conn;
         let id = conn.id;
         let mut st = conn.st.lock();
-        st.may_read |= ev.readable;
-        st.read_closed |= ev.read_closed;
+        st.read.on_event(ev.readable, ev.read_closed);
         st.read_held = false;
         loop {
             st.take_output(id);
@@ -747,8 +742,7 @@ impl Guest for ListenerGuest {
                     out_pos: 0,
                     closing: false,
                     no_read: false,
-                    may_read: false,
-                    read_closed: false,
+                    read: ReadReadiness::default(),
                     read_held: false,
                     to_submit: VecDeque::new(),
                     submitting: false,
@@ -1046,8 +1040,7 @@ mod tests {
             out_pos: 0,
             closing: false,
             no_read: false,
-            may_read: true,
-            read_closed: false,
+            read: ReadReadiness::attached(),
             read_held: false,
             to_submit: VecDeque::new(),
             submitting: false,
@@ -1112,16 +1105,16 @@ mod tests {
         let t = Instant::now();
         while st.to_submit.len() < REQUESTS_IN_FLIGHT_MAX {
             assert!(t.elapsed() < Duration::from_secs(10), "requests never came");
-            st.may_read = true; // as a readable edge would
+            st.read.on_event(true, false); // as a readable edge would
             st.read_in(1, &mut buf);
         }
         assert_eq!(st.to_submit.len(), REQUESTS_IN_FLIGHT_MAX, "no more requests than may be in flight");
         assert!(!st.session.wants_read());
         // The last read may have been short (the peer was still writing): its next edge finds the session
         // full and holds.
-        st.may_read = true;
+        st.read.on_event(true, false);
         st.read_in(1, &mut buf);
-        assert!(st.read_held && st.may_read && !st.closing);
+        assert!(st.read_held && st.read.may_read() && !st.closing);
         assert_eq!(st.to_submit.len(), REQUESTS_IN_FLIGHT_MAX);
 
         let (id, kind) = st.to_submit.pop_front().unwrap();
@@ -1153,7 +1146,7 @@ mod tests {
             request(&mut input, CMD_READ, i as u64, (i * LEN) as u64, LEN as u32);
         }
         peer.write_all(&input).unwrap();
-        st.may_read = true;
+        st.read.on_event(true, false);
         st.read_in(1, &mut vec![0u8; READ_CHUNK_BYTES]);
         assert_eq!(st.to_submit.len(), n);
         let data = |cookie: usize| Bytes::from((0..LEN).map(|j| (j + cookie) as u8).collect::<Vec<u8>>());
