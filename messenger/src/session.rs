@@ -591,7 +591,7 @@ impl Session {
     /// that gets replies from one OSD and sends its next ops to others made every OSD wake once more per batch.
     /// The rare acks keep a peer that does keep messages (a misconfigured lossless one) bounded.
     pub fn flush_acks(&mut self, now: Instant) {
-        let owed = self.in_seq - self.acked_seq_sent.min(self.in_seq);
+        let owed = self.in_seq.saturating_sub(self.acked_seq_sent);
         if self.state == State::Open && owed > 0 && (!self.cfg.policy.lossy || owed >= LOSSY_ACK_EVERY) {
             self.send_ack(now);
         }

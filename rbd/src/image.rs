@@ -1062,12 +1062,18 @@ impl Image {
 
     /// Starts a request whose outcome goes to `done`, on the thread that completes it.
     fn submit_with(&self, req: Req, done: Done) -> Result<()> {
+        self.admit(&req)?;
+        self.top.submit(req, done);
+        Ok(())
+    }
+
+    /// Refuses a request out of the image's range or on a closed image, before anything starts.
+    fn admit(&self, req: &Req) -> Result<()> {
         let (offset, len) = req.range();
         self.check_range(offset, len)?;
         if self.dispatch.is_closed() {
             return Err(RbdError::Closed);
         }
-        self.top.submit(req, done);
         Ok(())
     }
 
@@ -1137,11 +1143,7 @@ impl Image {
 
     /// Starts `req` unless the cache would make it wait; `Some(req)` hands it back (its callback dropped).
     fn try_submit_with(&self, req: Req, done: Done) -> Result<Option<Req>> {
-        let (offset, len) = req.range();
-        self.check_range(offset, len)?;
-        if self.dispatch.is_closed() {
-            return Err(RbdError::Closed);
-        }
+        self.admit(&req)?;
         match &self.cache {
             Some(c) => Ok(c.try_submit(req, done).err().map(|(req, _unrun)| req)),
             None => {
