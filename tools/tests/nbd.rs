@@ -85,9 +85,21 @@ impl Nbd {
     }
 
     fn send(&mut self, ty: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> std::io::Result<()> {
+        self.send_flags(ty, 0, cookie, offset, len, data)
+    }
+
+    fn send_flags(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> std::io::Result<()> {
         let mut b = Vec::with_capacity(28 + data.len());
         b.extend_from_slice(&REQ_MAGIC.to_be_bytes());
-        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
         b.extend_from_slice(&ty.to_be_bytes());
         b.extend_from_slice(&cookie.to_be_bytes());
         b.extend_from_slice(&offset.to_be_bytes());
@@ -98,12 +110,17 @@ impl Nbd {
 
     /// (cookie, error); `read_len` bytes of data follow a successful read reply.
     fn reply(&mut self, read_len: Option<usize>) -> std::io::Result<(u64, u32, Vec<u8>)> {
+        self.reply_by(|_| read_len)
+    }
+
+    /// [`Nbd::reply`] for replies out of order: the data length is looked up by the reply's cookie.
+    fn reply_by(&mut self, read_len: impl Fn(u64) -> Option<usize>) -> std::io::Result<(u64, u32, Vec<u8>)> {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h)?;
         assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), REPLY_MAGIC);
         let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
-        let mut data = vec![0u8; if err == 0 { read_len.unwrap_or(0) } else { 0 }];
+        let mut data = vec![0u8; if err == 0 { read_len(cookie).unwrap_or(0) } else { 0 }];
         self.s.read_exact(&mut data)?;
         Ok((cookie, err, data))
     }
@@ -381,30 +398,19 @@ fn nbd_unmap_and_kill_keep_flushed_data() {
     eprintln!("unmap/kill checks took {:?} (cluster up {:?})", t0.elapsed(), c.up_took);
 }
 
-/// Sends `reqs` (type, cookie, offset, length, data) back to back from another thread while this one reads the
-/// replies, as a pipelining client does; returns the replies in arrival order with their read data.
-fn pipeline(cl: &mut Nbd, reqs: Vec<(u16, u64, u64, u32, Vec<u8>)>) -> Vec<(u64, u32, Vec<u8>)> {
+/// Sends `reqs` (type, flags, cookie, offset, length, data) back to back from another thread while this one
+/// reads the replies, as a pipelining client does; returns the replies in arrival order with their read data.
+fn pipeline(cl: &mut Nbd, reqs: Vec<(u16, u16, u64, u64, u32, Vec<u8>)>) -> Vec<(u64, u32, Vec<u8>)> {
     let reads: std::collections::HashMap<u64, usize> =
-        reqs.iter().filter(|r| r.0 == CMD_READ).map(|r| (r.1, r.3 as usize)).collect();
+        reqs.iter().filter(|r| r.0 == CMD_READ).map(|r| (r.2, r.4 as usize)).collect();
     let n = reqs.len();
     let mut w = Nbd { s: cl.s.try_clone().unwrap(), size: cl.size, flags: cl.flags };
     let sender = std::thread::spawn(move || {
-        for (ty, cookie, offset, len, data) in reqs {
-            w.send(ty, cookie, offset, len, &data).unwrap();
+        for (ty, flags, cookie, offset, len, data) in reqs {
+            w.send_flags(ty, flags, cookie, offset, len, &data).unwrap();
         }
     });
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        // Replies come out of order: the header's cookie says whether data follows, and how much.
-        let mut h = [0u8; 16];
-        cl.s.read_exact(&mut h).unwrap();
-        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), REPLY_MAGIC);
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
-        let mut data = vec![0u8; if err == 0 { reads.get(&cookie).copied().unwrap_or(0) } else { 0 }];
-        cl.s.read_exact(&mut data).unwrap();
-        out.push((cookie, err, data));
-    }
+    let out = (0..n).map(|_| cl.reply_by(|cookie| reads.get(&cookie).copied()).unwrap()).collect();
     sender.join().unwrap();
     out
 }
@@ -429,7 +435,7 @@ fn nbd_pipelines_past_its_limits_before_and_after_a_flush() {
     let small = |base: u64, seed: u64| {
         let mut cl_reqs = Vec::new();
         for i in 0..1000u64 {
-            cl_reqs.push((CMD_WRITE, i, base + i * 4096, 4096, pattern(seed + i, 4096)));
+            cl_reqs.push((CMD_WRITE, 0, i, base + i * 4096, 4096, pattern(seed + i, 4096)));
         }
         cl_reqs
     };
@@ -437,7 +443,7 @@ fn nbd_pipelines_past_its_limits_before_and_after_a_flush() {
         for (cookie, err, _) in pipeline(cl, small(base, seed)) {
             assert_eq!(err, 0, "write {cookie}");
         }
-        let reads = (0..1000u64).map(|i| (CMD_READ, i, base + i * 4096, 4096, Vec::new())).collect();
+        let reads = (0..1000u64).map(|i| (CMD_READ, 0, i, base + i * 4096, 4096, Vec::new())).collect();
         let replies = pipeline(cl, reads);
         let cookies: std::collections::BTreeSet<u64> = replies.iter().map(|r| r.0).collect();
         assert_eq!(cookies.len(), 1000, "every request answered once");
@@ -450,34 +456,20 @@ fn nbd_pipelines_past_its_limits_before_and_after_a_flush() {
 
     const BIG: u64 = 4 << 20;
     let fua = (0..64u64)
-        .map(|i| (CMD_WRITE, 100 + i, 64 * BIG + i * BIG, BIG as u32, pattern(5000 + i, BIG as usize)));
-    let mut w = Nbd { s: cl.s.try_clone().unwrap(), size: cl.size, flags: cl.flags };
-    let sender = std::thread::spawn(move || {
-        for (ty, cookie, offset, len, data) in fua {
-            // send() has no flags argument: write the header with FUA by hand.
-            let mut b = Vec::with_capacity(28 + data.len());
-            b.extend_from_slice(&REQ_MAGIC.to_be_bytes());
-            b.extend_from_slice(&FLAG_FUA.to_be_bytes());
-            b.extend_from_slice(&ty.to_be_bytes());
-            b.extend_from_slice(&cookie.to_be_bytes());
-            b.extend_from_slice(&offset.to_be_bytes());
-            b.extend_from_slice(&len.to_be_bytes());
-            b.extend_from_slice(&data);
-            w.s.write_all(&b).unwrap();
-        }
-    });
-    for _ in 0..64 {
-        let (cookie, err, _) = cl.reply(None).unwrap();
+        .map(|i| {
+            (CMD_WRITE, FLAG_FUA, 100 + i, 64 * BIG + i * BIG, BIG as u32, pattern(5000 + i, BIG as usize))
+        })
+        .collect();
+    for (cookie, err, _) in pipeline(&mut cl, fua) {
         assert_eq!(err, 0, "FUA write {cookie}");
     }
-    sender.join().unwrap();
 
     // Unaligned by 1234 bytes, each read touches 9 stripe units: 64 of them cost 576 > 512.
     const HUGE: u64 = 32 << 20;
     let written: Vec<u8> = (0..64u64).flat_map(|i| pattern(5000 + i, BIG as usize)).collect();
     let start = |cookie: u64| (cookie - 1000) % 7 * HUGE + 1234;
     let reads = (0..64u64)
-        .map(|i| (CMD_READ, 1000 + i, 64 * BIG + start(1000 + i), HUGE as u32, Vec::new()))
+        .map(|i| (CMD_READ, 0, 1000 + i, 64 * BIG + start(1000 + i), HUGE as u32, Vec::new()))
         .collect();
     for (cookie, err, data) in pipeline(&mut cl, reads) {
         assert_eq!(err, 0, "32 MiB read {cookie}");
