@@ -1,7 +1,8 @@
 //! cuttle's AsyncMessenger: how every daemon and client talks.
 //!
 //! Layers, bottom up:
-//! - [`frame`]: the wire format (banner, self-checksummed preamble, crc'd segments) and the transmit queue.
+//! - [`frame`]: the wire format (banner, self-checksummed preamble, crc'd segments) and the transmit queue;
+//!   [`crc`]: crcs computed once and reused ([`CrcBytes`]).
 //! - [`session`]: the connection state machine — handshake, lossless resend, reconnect, reset, connect races,
 //!   keepalive. It does no IO and reads no clock, so it is tested without sockets.
 //! - `worker`: the mio shell. A [`WorkerPool`] of event-loop threads, shared by every messenger in a process,
@@ -16,6 +17,7 @@
 
 pub mod config;
 mod counters;
+pub mod crc;
 pub mod entity;
 pub mod frame;
 pub mod message;
@@ -27,6 +29,7 @@ mod worker;
 
 pub use config::MessengerConfig;
 pub use counters::CountersSnapshot;
+pub use crc::CrcBytes;
 pub use entity::{EntityName, EntityType, PeerKey};
 pub use message::Message;
 pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, SendError};

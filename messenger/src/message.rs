@@ -5,6 +5,7 @@ use std::fmt;
 use bytes::{Buf, BufMut, Bytes};
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::crc::CrcBytes;
 use crate::frame::MSG_HEADER_BYTES;
 use crate::throttle::ThrottleGrant;
 
@@ -23,10 +24,13 @@ pub struct Message {
     pub front: Bytes,
     /// The data segment as received, or its first part when sent from parts ([`Message::with_data_parts`]).
     pub data: Bytes,
+    /// The crcs of `data`'s blocks ([`crate::crc`]) when known: computed by the receiver while verifying the
+    /// frame, or given by the sender so that it need not read the bytes again. Empty when unknown.
+    pub(crate) data_crcs: Vec<u32>,
     /// Further parts of the data segment, sent right after `data` without being copied together (a read
     /// answered from several stored buffers). The receiver gets them as one contiguous `data`; always empty
     /// on received messages.
-    pub(crate) data_more: Vec<Bytes>,
+    pub(crate) data_more: Vec<CrcBytes>,
     /// Session sequence number: assigned when first sent, kept across resends, set on receipt.
     pub seq: u64,
     /// Receive-side throttle budget held while the upper layer owns the message; returned on drop.
@@ -49,6 +53,7 @@ impl Message {
             tid: 0,
             front,
             data: Bytes::new(),
+            data_crcs: Vec::new(),
             data_more: Vec::new(),
             seq: 0,
             grant: None,
@@ -61,27 +66,44 @@ impl Message {
         Message::new(msg_type, Bytes::from(front))
     }
 
-    pub fn with_data(mut self, data: Bytes) -> Message {
-        self.data = data;
-        self
+    pub fn with_data(self, data: Bytes) -> Message {
+        self.with_crc_data(CrcBytes::new(data))
+    }
+
+    /// The data segment with the crcs of its blocks where known: sending it combines them instead of
+    /// computing the segment's crc from the bytes.
+    pub fn with_crc_data(self, data: CrcBytes) -> Message {
+        self.with_data_parts(vec![data])
     }
 
     /// The data segment as a sequence of buffers, written out back to back without copying them together.
-    pub fn with_data_parts(mut self, parts: Vec<Bytes>) -> Message {
+    pub fn with_data_parts(mut self, parts: Vec<CrcBytes>) -> Message {
         let mut parts = parts.into_iter().filter(|p| !p.is_empty());
-        self.data = parts.next().unwrap_or_default();
+        let first = parts.next().unwrap_or_default();
+        self.data_crcs = first.raw_crcs().to_vec();
+        self.data = first.into_bytes();
         self.data_more = parts.collect();
         self
     }
 
-    /// Every part of the data segment, in order (one part for a received message).
-    pub fn data_parts(&self) -> impl Iterator<Item = &Bytes> + Clone {
-        std::iter::once(&self.data).chain(self.data_more.iter())
+    /// The (received) data segment with the crcs of its blocks, when the receiver computed them.
+    pub fn crc_data(&self) -> CrcBytes {
+        match self.data_crcs.is_empty() {
+            true => CrcBytes::new(self.data.clone()),
+            false => CrcBytes::with_block_crcs(self.data.clone(), self.data_crcs.clone()),
+        }
+    }
+
+    /// Every part of the data segment in order (one part for a received message), each with its block crcs
+    /// (empty when unknown).
+    pub(crate) fn data_parts(&self) -> impl Iterator<Item = (&Bytes, &[u32])> + Clone {
+        std::iter::once((&self.data, &self.data_crcs[..]))
+            .chain(self.data_more.iter().map(|p| (p.bytes(), p.raw_crcs())))
     }
 
     /// Length of the data segment, over all its parts.
     pub fn data_len(&self) -> usize {
-        self.data.len() + self.data_more.iter().map(Bytes::len).sum::<usize>()
+        self.data.len() + self.data_more.iter().map(|p| p.len()).sum::<usize>()
     }
 
     pub fn with_tid(mut self, tid: u64) -> Message {

@@ -667,6 +667,7 @@ impl Session {
                     tid: h.tid,
                     front,
                     data,
+                    data_crcs: f.data_crcs,
                     data_more: Vec::new(),
                     seq: h.seq,
                     grant,

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
+use messenger::crc::CrcBytes;
 
 use rados::ids::PgId;
 use rados::msg::{OpOut, OsdError, OsdOp};
@@ -71,7 +72,7 @@ pub struct Executed {
     pub outs: Vec<OpOut>,
     /// The bytes of every `OpOut::Data`, in op order, as the parts they were read in (the reply sends them
     /// back to back without joining them).
-    pub data: Vec<Bytes>,
+    pub data: Vec<CrcBytes>,
     /// The change (empty for a read-only request). Includes the object's new version when it exists after.
     pub txn: Transaction,
     /// Whether the object exists once `txn` is applied.
@@ -92,7 +93,7 @@ pub fn execute(
     pg: PgId,
     name: &str,
     ops: &[OsdOp],
-    payload: &Bytes,
+    payload: &CrcBytes,
     limits: &OpLimits,
     version: Eversion,
 ) -> Result<Executed, OsdError> {
@@ -121,10 +122,10 @@ pub fn execute(
     };
     let mut ctx = ObjCtx::new(store, ObjectId::new(pg, name), base, limits);
     let mut outs = Vec::with_capacity(ops.len());
-    let mut data: Vec<Bytes> = Vec::new();
+    let mut data: Vec<CrcBytes> = Vec::new();
     let mut at: usize = 0;
     for op in ops {
-        let take = |at: &mut usize, len: u64| -> Bytes {
+        let take = |at: &mut usize, len: u64| -> CrcBytes {
             // The total was checked above, so every piece is within the payload.
             let piece = payload.slice(*at..*at + len as usize);
             *at += len as usize;
@@ -201,8 +202,8 @@ pub fn execute(
                 }
                 let value = take(&mut at, *len);
                 ctx.create();
-                ctx.attrs.insert(name.clone(), Some(value.clone()));
-                ctx.txn.setattr(ctx.oid.clone(), name.clone(), value);
+                ctx.attrs.insert(name.clone(), Some(value.bytes().clone()));
+                ctx.txn.setattr(ctx.oid.clone(), name.clone(), value.into_bytes());
                 OpOut::None
             }
             OsdOp::GetXattr { name } => {
@@ -210,7 +211,7 @@ pub fn execute(
                 check_attr_name(name)?;
                 let value = ctx.getattr(name)?.ok_or(OsdError::NoAttr)?;
                 let n = value.len() as u64;
-                data.push(value);
+                data.push(value.into());
                 OpOut::Data { len: n }
             }
             OsdOp::RmXattr { name } => {
@@ -401,12 +402,12 @@ impl<'a> ObjCtx<'a> {
         }
     }
 
-    fn write(&mut self, offset: u64, bytes: Bytes) {
+    fn write(&mut self, offset: u64, bytes: CrcBytes) {
         self.create();
         let len = bytes.len() as u64;
         if len > 0 {
             self.size = self.size.max(offset + len);
-            self.data_ops.push(DataOp::Write(offset, bytes.clone()));
+            self.data_ops.push(DataOp::Write(offset, bytes.bytes().clone()));
             self.txn.write(self.oid.clone(), offset, bytes);
         }
     }
@@ -439,7 +440,7 @@ impl<'a> ObjCtx<'a> {
 
     /// `[offset, offset + len)` clipped to the current size, as the ops so far left it.
     /// Like [`ObjCtx::read`], as the store's own buffers where nothing in this request changed them.
-    fn read_parts(&self, offset: u64, len: u64) -> Result<Vec<Bytes>, OsdError> {
+    fn read_parts(&self, offset: u64, len: u64) -> Result<Vec<CrcBytes>, OsdError> {
         let end = offset.saturating_add(len).min(self.size);
         if self.data_ops.is_empty() && self.base_valid && offset < end {
             let parts = self
@@ -450,7 +451,7 @@ impl<'a> ObjCtx<'a> {
                 return Ok(parts);
             }
         }
-        Ok(vec![self.read(offset, len)?])
+        Ok(vec![self.read(offset, len)?.into()])
     }
 
     fn read(&self, offset: u64, len: u64) -> Result<Bytes, OsdError> {
@@ -568,14 +569,14 @@ mod tests {
 
     /// Executes and applies; returns the outcome.
     fn run(s: &MemStore, name: &str, ops: Vec<OsdOp>, payload: &[u8], v: u64) -> Result<Executed, OsdError> {
-        let ex = execute(s, pg(), name, &ops, &Bytes::copy_from_slice(payload), &LIMITS, ver(v))?;
+        let ex = execute(s, pg(), name, &ops, &Bytes::copy_from_slice(payload).into(), &LIMITS, ver(v))?;
         s.apply(&ex.txn).unwrap();
         Ok(ex)
     }
 
     fn check_err(s: &MemStore, name: &str, ops: Vec<OsdOp>, payload: &[u8], want: fn(&OsdError) -> bool) {
         let before: Vec<_> = s.list(pg(), None, 100);
-        match execute(s, pg(), name, &ops, &Bytes::copy_from_slice(payload), &LIMITS, ver(99)) {
+        match execute(s, pg(), name, &ops, &Bytes::copy_from_slice(payload).into(), &LIMITS, ver(99)) {
             Ok(ex) => panic!("{ops:?} succeeded: {:?}", ex.outs),
             Err(e) => assert!(want(&e), "{ops:?}: unexpected {e:?}"),
         }

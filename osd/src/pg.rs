@@ -61,6 +61,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use messenger::crc::CrcBytes;
 
 use rados::ids::{Epoch, OsdId, PgId};
 use rados::msg::{OpOut, OsdCommandReply, OsdError, OsdOpReply, OsdOpRequest, PgListRequest, PgStat, ReqId};
@@ -131,8 +132,8 @@ impl PgMapView {
 #[derive(Debug)]
 pub struct ClientOp<C> {
     pub req: OsdOpRequest,
-    /// The request's data segment.
-    pub data: Bytes,
+    /// The request's data segment, with the block crcs its receipt computed.
+    pub data: CrcBytes,
     pub ctx: C,
 }
 
@@ -154,7 +155,7 @@ pub enum PgOutput<C> {
         ctx: C,
         reply: OsdOpReply,
         /// The reply's data segment, in parts sent back to back.
-        data: Vec<Bytes>,
+        data: Vec<CrcBytes>,
     },
     ListReply {
         ctx: C,
@@ -197,7 +198,7 @@ struct InFlight<C> {
     name: String,
     waiting_on: BTreeSet<OsdId>,
     reply: OsdOpReply,
-    data: Vec<Bytes>,
+    data: Vec<CrcBytes>,
     /// The request and every resend of it that arrived meanwhile.
     waiters: Vec<Waiting<C>>,
 }
@@ -389,7 +390,7 @@ fn copy_txn(
     name: &str,
     exists_locally: bool,
     copy: Option<&ObjectCopy>,
-    data: Bytes,
+    data: CrcBytes,
 ) -> Result<Transaction, String> {
     let oid = ObjectId::new(pg, name);
     let mut t = Transaction::new();
@@ -898,7 +899,7 @@ impl<C> Pg<C> {
         self.restart_peering(now);
     }
 
-    fn handle_rep_op(&mut self, from: OsdId, m: RepOp, data: Bytes) {
+    fn handle_rep_op(&mut self, from: OsdId, m: RepOp, data: CrcBytes) {
         if !self.is_from_my_primary(from, m.epoch, "rep_op") {
             return;
         }
@@ -994,10 +995,10 @@ impl<C> Pg<C> {
             }
         };
         let push = PgPush { pgid: self.pgid, epoch: m.epoch, round: m.round, name: m.name, copy };
-        self.send(from, PeerMsg::PullReply(push, data));
+        self.send(from, PeerMsg::PullReply(push, data.into()));
     }
 
-    fn handle_push(&mut self, from: OsdId, m: PgPush, data: Bytes) {
+    fn handle_push(&mut self, from: OsdId, m: PgPush, data: CrcBytes) {
         if !self.is_from_my_primary(from, m.epoch, "pg_push") {
             return;
         }
@@ -1099,7 +1100,7 @@ impl<C> Pg<C> {
         }
     }
 
-    fn handle_pull_reply(&mut self, now: Instant, from: OsdId, m: PgPush, data: Bytes) {
+    fn handle_pull_reply(&mut self, now: Instant, from: OsdId, m: PgPush, data: CrcBytes) {
         if !self.peering_msg_ok(m.epoch, m.round, Phase::Pull) {
             return;
         }
@@ -1245,7 +1246,7 @@ impl<C> Pg<C> {
                             }
                         };
                         let m = PgPush { pgid: self.pgid, epoch: self.interval, round, name, copy };
-                        self.send(to, PeerMsg::Push(m, data));
+                        self.send(to, PeerMsg::Push(m, data.into()));
                     }
                     if !done {
                         return;
@@ -1588,10 +1589,11 @@ mod tests {
             let now = self.now;
             let node = self.nodes.get_mut(&osd(at)).unwrap();
             if node.frozen {
-                node.pg.handle_client_op(now, ClientOp { req, data: Bytes::copy_from_slice(data), ctx });
+                node.pg
+                    .handle_client_op(now, ClientOp { req, data: Bytes::copy_from_slice(data).into(), ctx });
                 return ctx;
             }
-            node.pg.handle_client_op(now, ClientOp { req, data: Bytes::copy_from_slice(data), ctx });
+            node.pg.handle_client_op(now, ClientOp { req, data: Bytes::copy_from_slice(data).into(), ctx });
             self.run();
             ctx
         }
@@ -1659,7 +1661,7 @@ mod tests {
             .get_mut(&osd(0))
             .unwrap()
             .pg
-            .handle_client_op(now, ClientOp { req, data: Bytes::from_static(b"abc"), ctx: 99 });
+            .handle_client_op(now, ClientOp { req, data: Bytes::from_static(b"abc").into(), ctx: 99 });
         sim.run_only(|_, to, m| to == osd(1) || matches!(m, PeerMsg::RepOpReply(_)));
         assert!(sim.reply(99).is_none(), "osd.2 has not applied it yet");
         assert_eq!(sim.objects(1).len(), 1);
@@ -1734,8 +1736,8 @@ mod tests {
         };
         let now = sim.now;
         let pg = &mut sim.nodes.get_mut(&osd(0)).unwrap().pg;
-        pg.handle_client_op(now, ClientOp { req: req(1), data: Bytes::from_static(b"x"), ctx: 1 });
-        pg.handle_client_op(now, ClientOp { req: req(1), data: Bytes::from_static(b"x"), ctx: 2 });
+        pg.handle_client_op(now, ClientOp { req: req(1), data: Bytes::from_static(b"x").into(), ctx: 1 });
+        pg.handle_client_op(now, ClientOp { req: req(1), data: Bytes::from_static(b"x").into(), ctx: 2 });
         sim.run();
         let (a, b) = (sim.reply(1).unwrap().clone(), sim.reply(2).unwrap().clone());
         assert_eq!(a, b, "the resend got the same reply");
@@ -1777,7 +1779,7 @@ mod tests {
             now,
             ClientOp {
                 req: mk(10, "a", vec![OsdOp::WriteFull { len: 3 }]),
-                data: Bytes::from_static(b"new"),
+                data: Bytes::from_static(b"new").into(),
                 ctx: 10,
             },
         );
@@ -1785,7 +1787,7 @@ mod tests {
             now,
             ClientOp {
                 req: mk(11, "a", vec![OsdOp::Read { offset: 0, len: 0 }]),
-                data: Bytes::new(),
+                data: Bytes::new().into(),
                 ctx: 11,
             },
         );
@@ -1793,7 +1795,7 @@ mod tests {
             now,
             ClientOp {
                 req: mk(12, "a", vec![OsdOp::Append { len: 1 }]),
-                data: Bytes::from_static(b"!"),
+                data: Bytes::from_static(b"!").into(),
                 ctx: 12,
             },
         );
@@ -1801,7 +1803,7 @@ mod tests {
             now,
             ClientOp {
                 req: mk(13, "b", vec![OsdOp::Read { offset: 0, len: 0 }]),
-                data: Bytes::new(),
+                data: Bytes::new().into(),
                 ctx: 13,
             },
         );
@@ -1973,7 +1975,7 @@ mod tests {
                 ops: vec![OsdOp::WriteFull { len: data.len() as u64 }],
             };
             let now = sim.now;
-            let op = ClientOp { req, data: Bytes::copy_from_slice(data), ctx: tid };
+            let op = ClientOp { req, data: Bytes::copy_from_slice(data).into(), ctx: tid };
             sim.nodes.get_mut(&osd(0)).unwrap().pg.handle_client_op(now, op);
             sim.drain();
             let before = sim.net.len();

@@ -8,7 +8,7 @@
 //! Bulk bytes (a replicated transaction's payload, an object's data during recovery) travel in the message's
 //! data segment, never through serde.
 
-use bytes::Bytes;
+use messenger::crc::CrcBytes;
 use messenger::Message;
 use serde::{Deserialize, Serialize};
 
@@ -152,13 +152,13 @@ pub struct PgNewInterval {
 /// Any replication or peering message, decoded, with its data segment where it has one.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PeerMsg {
-    RepOp(RepOp, Bytes),
+    RepOp(RepOp, CrcBytes),
     RepOpReply(RepOpReply),
     Query(PgQuery),
     Info(PgInfo),
     Pull(PgPull),
-    PullReply(PgPush, Bytes),
-    Push(PgPush, Bytes),
+    PullReply(PgPush, CrcBytes),
+    Push(PgPush, CrcBytes),
     PushReply(PgPushReply),
     Activate(PgActivate),
     NewInterval(PgNewInterval),
@@ -222,13 +222,13 @@ impl PeerMsg {
     pub fn encode(&self) -> Message {
         use types::*;
         match self {
-            PeerMsg::RepOp(m, d) => Message::encode(REP_OP, m).with_data(d.clone()),
+            PeerMsg::RepOp(m, d) => Message::encode(REP_OP, m).with_crc_data(d.clone()),
             PeerMsg::RepOpReply(m) => Message::encode(REP_OP_REPLY, m),
             PeerMsg::Query(m) => Message::encode(PG_QUERY, m),
             PeerMsg::Info(m) => Message::encode(PG_INFO, m),
             PeerMsg::Pull(m) => Message::encode(PG_PULL, m),
-            PeerMsg::PullReply(m, d) => Message::encode(PG_PULL_REPLY, m).with_data(d.clone()),
-            PeerMsg::Push(m, d) => Message::encode(PG_PUSH, m).with_data(d.clone()),
+            PeerMsg::PullReply(m, d) => Message::encode(PG_PULL_REPLY, m).with_crc_data(d.clone()),
+            PeerMsg::Push(m, d) => Message::encode(PG_PUSH, m).with_crc_data(d.clone()),
             PeerMsg::PushReply(m) => Message::encode(PG_PUSH_REPLY, m),
             PeerMsg::Activate(m) => Message::encode(PG_ACTIVATE, m),
             PeerMsg::NewInterval(m) => Message::encode(PG_NEW_INTERVAL, m),
@@ -245,13 +245,13 @@ impl PeerMsg {
             }
         };
         match msg.msg_type {
-            REP_OP => Ok(PeerMsg::RepOp(msg.decode()?, msg.data.clone())),
+            REP_OP => Ok(PeerMsg::RepOp(msg.decode()?, msg.crc_data())),
             REP_OP_REPLY => no_data(PeerMsg::RepOpReply(msg.decode()?)),
             PG_QUERY => no_data(PeerMsg::Query(msg.decode()?)),
             PG_INFO => no_data(PeerMsg::Info(msg.decode()?)),
             PG_PULL => no_data(PeerMsg::Pull(msg.decode()?)),
-            PG_PULL_REPLY => Ok(PeerMsg::PullReply(msg.decode()?, msg.data.clone())),
-            PG_PUSH => Ok(PeerMsg::Push(msg.decode()?, msg.data.clone())),
+            PG_PULL_REPLY => Ok(PeerMsg::PullReply(msg.decode()?, msg.crc_data())),
+            PG_PUSH => Ok(PeerMsg::Push(msg.decode()?, msg.crc_data())),
             PG_PUSH_REPLY => no_data(PeerMsg::PushReply(msg.decode()?)),
             PG_ACTIVATE => no_data(PeerMsg::Activate(msg.decode()?)),
             PG_NEW_INTERVAL => no_data(PeerMsg::NewInterval(msg.decode()?)),
@@ -264,6 +264,7 @@ impl PeerMsg {
 mod tests {
     use super::*;
 
+    use bytes::Bytes;
     use rados::ids::PoolId;
 
     use crate::store::ObjectId;
@@ -287,7 +288,7 @@ mod tests {
                     reqid,
                     ops: vec![TxOp::Write { oid: ObjectId::new(pgid, "o"), offset: 0, len: 3 }],
                 },
-                Bytes::from_static(b"abc"),
+                Bytes::from_static(b"abc").into(),
             ),
             PeerMsg::RepOpReply(RepOpReply { pgid, epoch: e, version: ver, result: Err("x".into()) }),
             PeerMsg::Query(PgQuery { pgid, epoch: e, round: 1, after: Some("k".into()) }),
@@ -303,9 +304,12 @@ mod tests {
             PeerMsg::Pull(PgPull { pgid, epoch: e, round: 1, name: "o".into() }),
             PeerMsg::PullReply(
                 PgPush { pgid, epoch: e, round: 1, name: "o".into(), copy: Some(copy.clone()) },
-                Bytes::from_static(b"abc"),
+                Bytes::from_static(b"abc").into(),
             ),
-            PeerMsg::Push(PgPush { pgid, epoch: e, round: 1, name: "o".into(), copy: None }, Bytes::new()),
+            PeerMsg::Push(
+                PgPush { pgid, epoch: e, round: 1, name: "o".into(), copy: None },
+                CrcBytes::default(),
+            ),
             PeerMsg::PushReply(PgPushReply { pgid, epoch: e, round: 1, name: "o".into() }),
             PeerMsg::Activate(PgActivate { pgid, epoch: e, round: 1, last_update: ver, dups: vec![] }),
             PeerMsg::NewInterval(PgNewInterval { pgid, epoch: e }),

@@ -240,7 +240,7 @@ impl Shard {
                 let Some(pg) = self.pgs.get_mut(&req.pgid) else {
                     return reply_op(&conn, msg.tid, &req, Err(OsdError::Misdirected(map.epoch)), map.epoch);
                 };
-                let data = msg.data.clone();
+                let data = msg.crc_data();
                 let ctx = ClientCtx { conn, tid: msg.tid, _msg: msg };
                 let pgid = req.pgid;
                 pg.handle_client_op(now, ClientOp { req, data, ctx });

@@ -17,8 +17,10 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
+use messenger::crc::{CrcBytes, CRC_BLOCK_BYTES};
 use parking_lot::{RwLock, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
 
@@ -145,8 +147,9 @@ impl TxOp {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Transaction {
     ops: Vec<TxOp>,
-    /// One piece per payload-carrying op, in op order; `payload[i].len()` equals that op's `len`.
-    payload: Vec<Bytes>,
+    /// One piece per payload-carrying op, in op order; `payload[i].len()` equals that op's `len`. Pieces keep
+    /// the block crcs their receipt computed, which stored chunks inherit.
+    payload: Vec<CrcBytes>,
 }
 
 impl Transaction {
@@ -171,7 +174,8 @@ impl Transaction {
         self.ops.push(TxOp::Touch { oid });
     }
 
-    pub fn write(&mut self, oid: ObjectId, offset: u64, data: Bytes) {
+    pub fn write(&mut self, oid: ObjectId, offset: u64, data: impl Into<CrcBytes>) {
+        let data = data.into();
         self.ops.push(TxOp::Write { oid, offset, len: data.len() as u64 });
         self.payload.push(data);
     }
@@ -190,7 +194,7 @@ impl Transaction {
 
     pub fn setattr(&mut self, oid: ObjectId, name: String, value: Bytes) {
         self.ops.push(TxOp::SetAttr { oid, name, len: value.len() as u64 });
-        self.payload.push(value);
+        self.payload.push(value.into());
     }
 
     pub fn rmattr(&mut self, oid: ObjectId, name: String) {
@@ -225,16 +229,16 @@ impl Transaction {
 
     /// The wire form: the ops (for serde) and the payload as one buffer. A single payload piece (the common
     /// case: one client write) is passed by reference, without a copy.
-    pub fn to_wire(&self) -> (Vec<TxOp>, Bytes) {
+    pub fn to_wire(&self) -> (Vec<TxOp>, CrcBytes) {
         let data = match self.payload.len() {
-            0 => Bytes::new(),
+            0 => CrcBytes::default(),
             1 => self.payload[0].clone(),
             _ => {
                 let mut b = BytesMut::with_capacity(self.payload_bytes() as usize);
                 for p in &self.payload {
                     b.extend_from_slice(p);
                 }
-                b.freeze()
+                b.freeze().into()
             }
         };
         (self.ops.clone(), data)
@@ -242,7 +246,7 @@ impl Transaction {
 
     /// The inverse of [`Transaction::to_wire`]: splits `data` among the payload-carrying ops, which must use
     /// it exactly.
-    pub fn from_wire(ops: Vec<TxOp>, data: Bytes) -> Result<Transaction, StoreError> {
+    pub fn from_wire(ops: Vec<TxOp>, data: CrcBytes) -> Result<Transaction, StoreError> {
         if ops.len() > TX_OPS_MAX {
             return Err(StoreError::Invalid(format!(
                 "{} ops in one transaction (max {TX_OPS_MAX})",
@@ -315,8 +319,9 @@ pub trait ObjectStore: Send + Sync {
     fn read(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Bytes, StoreError>;
     /// The same bytes as [`ObjectStore::read`], as a sequence of buffers that a store may hand out without
     /// copying them together (a reply sends them back to back).
-    fn read_parts(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Vec<Bytes>, StoreError> {
-        self.read(pg, name, offset, len).map(|b| vec![b])
+    /// Parts carry the crcs a store knows of them.
+    fn read_parts(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Vec<CrcBytes>, StoreError> {
+        self.read(pg, name, offset, len).map(|b| vec![b.into()])
     }
     fn getattr(&self, pg: PgId, name: &str, attr: &str) -> Result<Bytes, StoreError>;
     fn getattrs(&self, pg: PgId, name: &str) -> Result<Vec<(String, Bytes)>, StoreError>;
@@ -347,10 +352,20 @@ struct MemObject {
     version: Option<Eversion>,
     /// Chunk index to bytes; a chunk holds at most `CHUNK_BYTES`, may be shorter (the rest reads as zeros),
     /// and is absent when it is a hole.
-    chunks: BTreeMap<u64, Bytes>,
+    chunks: BTreeMap<u64, Chunk>,
     attrs: BTreeMap<String, Bytes>,
     omap: BTreeMap<String, Vec<u8>>,
 }
+
+/// One stored chunk, with the crc32c of its bytes when known: inherited from the received block it was
+/// written from whole, so that reading it back sends it without reading it for a checksum again.
+#[derive(Clone, Debug)]
+struct Chunk {
+    bytes: Bytes,
+    crc: Option<u32>,
+}
+
+const _: () = assert!(CHUNK_BYTES as usize == CRC_BLOCK_BYTES, "chunks inherit the crcs of received blocks");
 
 /// One PG's objects: found by hash (every op looks its object up, and benchmark-style names share long
 /// prefixes that make ordered comparisons cost), listed in name order from a separate index kept in step.
@@ -501,7 +516,7 @@ impl MemStore {
     }
 
     /// Applies one op that validation has accepted.
-    fn apply_op(shard: &mut Shard, op: &TxOp, payload: &mut std::slice::Iter<'_, Bytes>) {
+    fn apply_op(shard: &mut Shard, op: &TxOp, payload: &mut std::slice::Iter<'_, CrcBytes>) {
         if let TxOp::RemovePg { pg } = op {
             shard.remove(pg);
             return;
@@ -581,8 +596,10 @@ impl MemStore {
 }
 
 /// Copies `data` into the chunks it covers, in place where the store alone holds the chunk. The store never
-/// keeps a reference to `data`, so no write pins a message buffer.
-fn write_chunks(o: &mut MemObject, offset: u64, data: &Bytes) {
+/// keeps a reference to `data`, so no write pins a message buffer. A chunk written whole from one of `data`'s
+/// blocks keeps that block's crc.
+fn write_chunks(o: &mut MemObject, offset: u64, data: &CrcBytes) {
+    let crcs = data.block_crcs();
     let mut pos = offset;
     let mut at: usize = 0;
     while at < data.len() {
@@ -605,7 +622,7 @@ fn write_chunks(o: &mut MemObject, offset: u64, data: &Bytes) {
         // received frames are released at once, so the messenger reuses its receive buffers instead of
         // faulting in new ones. Keeping slices of the received buffers instead saves one copy on a first write
         // (about 5 % on `rados bench` 4M) but makes every rewrite fault in a fresh receive buffer.
-        let chunk = match o.chunks.remove(&idx).map(Bytes::try_into_mut) {
+        let bytes = match o.chunks.remove(&idx).map(|c| c.bytes.try_into_mut()) {
             Some(Ok(mine)) => in_place(mine),
             // A read of this chunk is in flight and keeps the old bytes; the chunk moves to a new buffer.
             Some(Err(shared)) => {
@@ -615,7 +632,14 @@ fn write_chunks(o: &mut MemObject, offset: u64, data: &Bytes) {
             }
             None => in_place(BytesMut::with_capacity(within + n)),
         };
-        o.chunks.insert(idx, chunk);
+        // `src` is block `at / CHUNK_BYTES` of `data` exactly when it starts on a block boundary of both.
+        let crc = match crcs {
+            Some(crcs) if within == 0 && at.is_multiple_of(CRC_BLOCK_BYTES) && bytes.len() == n => {
+                Some(crcs[at / CRC_BLOCK_BYTES])
+            }
+            _ => None,
+        };
+        o.chunks.insert(idx, Chunk { bytes, crc });
         pos += n as u64;
         at += n;
     }
@@ -631,11 +655,11 @@ fn zero_chunks(o: &mut MemObject, offset: u64, len: u64) {
         if within == 0 && n == CHUNK_BYTES as usize {
             o.chunks.remove(&idx);
         } else if let Some(old) = o.chunks.get(&idx) {
-            if within < old.len() {
-                let mut b = BytesMut::from(&old[..]);
+            if within < old.bytes.len() {
+                let mut b = BytesMut::from(&old.bytes[..]);
                 let stop = (within + n).min(b.len());
                 b[within..stop].fill(0);
-                o.chunks.insert(idx, b.freeze());
+                o.chunks.insert(idx, Chunk { bytes: b.freeze(), crc: None });
             }
         }
         pos += n as u64;
@@ -649,8 +673,9 @@ fn truncate_chunks(o: &mut MemObject, size: u64) {
         let idx = size / CHUNK_BYTES;
         let keep = (size % CHUNK_BYTES) as usize;
         if let Some(c) = o.chunks.get_mut(&idx) {
-            if c.len() > keep {
-                c.truncate(keep);
+            if c.bytes.len() > keep {
+                c.bytes.truncate(keep);
+                c.crc = None;
             }
         }
     }
@@ -663,10 +688,10 @@ fn read_chunks(o: &MemObject, offset: u64, end: u64) -> Bytes {
 }
 
 /// Parts joined into one buffer, without a copy when there is just one.
-fn join(parts: Vec<Bytes>) -> Bytes {
-    match <[Bytes; 1]>::try_from(parts) {
-        Ok([one]) => one,
-        Err(parts) => parts.concat().into(),
+fn join(parts: Vec<CrcBytes>) -> Bytes {
+    match <[CrcBytes; 1]>::try_from(parts) {
+        Ok([one]) => one.into_bytes(),
+        Err(parts) => parts.iter().map(|p| &p[..]).collect::<Vec<_>>().concat().into(),
     }
 }
 
@@ -674,13 +699,21 @@ fn join(parts: Vec<Bytes>) -> Bytes {
 static ZEROS: [u8; CHUNK_BYTES as usize] = [0; CHUNK_BYTES as usize];
 
 /// `[offset, end)` of `o` as slices of its chunks, with holes as slices of [`ZEROS`]: no copy, no allocation
-/// of the data.
-fn read_chunk_parts(o: &MemObject, offset: u64, end: u64) -> Vec<Bytes> {
+/// of the data. Whole chunks (and whole chunks of zeros) come with their crc.
+fn read_chunk_parts(o: &MemObject, offset: u64, end: u64) -> Vec<CrcBytes> {
     assert!(offset <= end && end <= o.size);
-    let zeros = |parts: &mut Vec<Bytes>, mut n: u64| {
+    static ZEROS_CRC: OnceLock<u32> = OnceLock::new();
+    let zeros = |parts: &mut Vec<CrcBytes>, mut n: u64| {
         while n > 0 {
             let k = n.min(CHUNK_BYTES);
-            parts.push(Bytes::from_static(&ZEROS[..k as usize]));
+            let z = Bytes::from_static(&ZEROS[..k as usize]);
+            parts.push(match k == CHUNK_BYTES {
+                true => CrcBytes::with_block_crcs(
+                    z,
+                    vec![*ZEROS_CRC.get_or_init(|| CrcBytes::new(Bytes::from_static(&ZEROS)).crc())],
+                ),
+                false => CrcBytes::new(z),
+            });
             n -= k;
         }
     };
@@ -692,10 +725,14 @@ fn read_chunk_parts(o: &MemObject, offset: u64, end: u64) -> Vec<Bytes> {
     for (&idx, c) in o.chunks.range(offset / CHUNK_BYTES..=(end - 1) / CHUNK_BYTES) {
         let chunk_start = idx * CHUNK_BYTES;
         let from = offset.max(chunk_start);
-        let to = end.min(chunk_start + c.len() as u64);
+        let to = end.min(chunk_start + c.bytes.len() as u64);
         if from < to {
             zeros(&mut parts, from - at);
-            parts.push(c.slice((from - chunk_start) as usize..(to - chunk_start) as usize));
+            let piece = c.bytes.slice((from - chunk_start) as usize..(to - chunk_start) as usize);
+            parts.push(match c.crc {
+                Some(crc) if piece.len() == c.bytes.len() => CrcBytes::with_block_crcs(piece, vec![crc]),
+                _ => CrcBytes::new(piece),
+            });
             at = to;
         }
     }
@@ -740,7 +777,7 @@ impl ObjectStore for MemStore {
         })
     }
 
-    fn read_parts(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Vec<Bytes>, StoreError> {
+    fn read_parts(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Vec<CrcBytes>, StoreError> {
         self.with_object(pg, name, |o| {
             let end = offset.saturating_add(len).min(o.size);
             Ok(read_chunk_parts(o, offset.min(end), end))
@@ -828,6 +865,7 @@ impl ObjectStore for MemStore {
 mod tests {
     use super::*;
 
+    use messenger::crc::block_crcs;
     use rados::ids::PoolId;
 
     fn pg() -> PgId {
@@ -859,10 +897,15 @@ mod tests {
             ("z", 0, 5),
             ("t", 5 * c + 1, 0),
             ("w", 0, 2 * c + 9),
+            ("w", c + 3, 5),
+            ("w", 3 * c, 2 * c),
+            ("w", 4 * c, 7),
+            ("z", 3 * c, c),
             ("t", 3, 0),
             ("z", 1, 10),
         ];
-        let mut held: Option<(Vec<Bytes>, Vec<u8>)> = None;
+        let mut held: Option<(Vec<CrcBytes>, Vec<u8>)> = None;
+        let mut crcs_known = 0;
         for (i, (kind, off, len)) in steps.into_iter().enumerate() {
             // What an earlier read handed out never changes, even though later writes update chunks in place.
             if let Some((parts, then)) = held.take() {
@@ -877,7 +920,8 @@ mod tests {
                         model.resize(end, 0);
                     }
                     model[off as usize..end].copy_from_slice(&data);
-                    t.write(oid("a"), off, Bytes::from(data));
+                    // As a received message brings it: with its block crcs, which whole chunks inherit.
+                    t.write(oid("a"), off, CrcBytes::computed(Bytes::from(data)));
                 }
                 "z" => {
                     let end = (off + len) as usize;
@@ -901,6 +945,14 @@ mod tests {
                 let to = ((off + len) as usize).min(model.len());
                 assert_eq!(parts.concat(), &model[from..to], "step {i}: parts of {off}+{len}");
                 assert!(parts.iter().all(|p| !p.is_empty()), "no empty parts");
+                for p in parts.iter().filter_map(|p| Some((p, p.block_crcs()?))) {
+                    assert_eq!(
+                        p.1,
+                        &block_crcs(p.0)[..],
+                        "step {i}: a stored crc no longer matches its chunk"
+                    );
+                    crcs_known += 1;
+                }
             }
             if i % 2 == 0 {
                 held = Some((s.read_parts(pg(), "a", 0, u64::MAX).unwrap(), model.clone()));
@@ -908,6 +960,7 @@ mod tests {
             assert_eq!(s.stat(pg(), "a").unwrap().size, model.len() as u64);
             assert_eq!(s.pg_usage(pg()), PgUsage { objects: 1, bytes: model.len() as u64 });
         }
+        assert!(crcs_known > 10, "whole chunks written whole keep their crcs");
         // Partial reads at odd offsets, and past the end.
         for (off, len) in [(0u64, 1u64), (2, 7), (5, 100), (9, 1000)] {
             let got = s.read(pg(), "a", off, len).unwrap();
@@ -1039,10 +1092,10 @@ mod tests {
         let bytes = postcard::to_stdvec(&ops).unwrap();
         let ops2: Vec<TxOp> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(Transaction::from_wire(ops2.clone(), data.clone()).unwrap(), t);
-        assert!(Transaction::from_wire(ops2.clone(), data.slice(..5)).is_err());
+        assert!(Transaction::from_wire(ops2.clone(), data.slice(0..5)).is_err());
         let mut longer = BytesMut::from(&data[..]);
         longer.extend_from_slice(b"!");
-        assert!(Transaction::from_wire(ops2, longer.freeze()).is_err());
+        assert!(Transaction::from_wire(ops2, longer.freeze().into()).is_err());
 
         // One payload piece goes by reference.
         let mut t = Transaction::new();
