@@ -14,7 +14,7 @@
 //! its socket is its own business.
 
 use std::collections::BTreeSet;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -1121,12 +1121,9 @@ fn read_into<E: Endpoint>(
         if injected(op_count, inject, counters) {
             return Err(CloseReason::SocketError("injected read failure".into()));
         }
-        let room = ep.rx().spare(hint);
-        let offered = room.len();
-        match stream.read(room) {
-            Ok(0) => return Err(CloseReason::PeerClosed),
-            Ok(n) => {
-                ep.rx().filled(n);
+        match ep.rx().read_from(stream, hint) {
+            Ok((0, _)) => return Err(CloseReason::PeerClosed),
+            Ok((n, offered)) => {
                 total += n;
                 counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 ep.consumed(Instant::now());
