@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::ops::Range;
 use std::sync::Mutex;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -160,7 +161,7 @@ impl Preamble {
         for (i, l) in self.lens.iter().enumerate() {
             p[4 + 4 * i..8 + 4 * i].copy_from_slice(&l.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&p[..20]);
+        let crc = crc::crc32c(&p[..20]);
         p[20..24].copy_from_slice(&crc.to_le_bytes());
         p
     }
@@ -169,7 +170,7 @@ impl Preamble {
     /// checks as if it were meant), then the tag, then each segment length for that tag.
     pub fn decode(p: &[u8; PREAMBLE_BYTES], limits: &FrameLimits) -> Result<Preamble, FrameError> {
         let got = u32::from_le_bytes(p[20..24].try_into().expect("slice of 4"));
-        let computed = crc32c::crc32c(&p[..20]);
+        let computed = crc::crc32c(&p[..20]);
         if got != computed {
             return Err(FrameError::PreambleCrc { got, computed });
         }
@@ -227,6 +228,9 @@ pub const LARGE_FRAME_BYTES: usize = 1 << 20;
 /// Buffers of large frames wait in [`RECYCLED`] in sizes rounded up to this (frames of one kind, like 4 MiB
 /// writes, differ by a few bytes of header; a buffer kept by its frame wastes at most this much).
 const LARGE_CLASS_BYTES: usize = 64 << 10;
+/// A large frame is read at most this much at a time, so that the blocks a read completes are still in the
+/// CPU's cache when their crcs are computed.
+const LARGE_READ_BYTES: usize = 256 << 10;
 /// What [`RECYCLED`] keeps at most, per process.
 const RECYCLED_BYTES_MAX: usize = 64 << 20;
 
@@ -246,6 +250,12 @@ struct LargeBuf {
     buf: Vec<u8>,
     /// Bytes received so far, at the front.
     got: usize,
+    /// Where the frame's data segment lies in `buf`.
+    data: Range<usize>,
+    /// The crcs of the data segment's blocks received so far ([`crc::block_crcs`]), each computed right after
+    /// the read that completed it, while the block is still in the CPU's cache (decoding the frame would read
+    /// it again from memory after the whole frame has arrived).
+    crcs: Vec<u32>,
 }
 
 impl LargeBuf {
@@ -261,7 +271,38 @@ impl LargeBuf {
                 r.free.swap_remove(i)
             })
         };
-        LargeBuf { buf: recycled.unwrap_or_else(|| vec![0; class]), got: 0 }
+        LargeBuf { buf: recycled.unwrap_or_else(|| vec![0; class]), got: 0, data: 0..0, crcs: Vec::new() }
+    }
+
+    /// Starts the frame with its first `prefix` bytes, which hold at least its preamble.
+    fn start(&mut self, prefix: &[u8]) {
+        self.buf[..prefix.len()].copy_from_slice(prefix);
+        self.got = prefix.len();
+        if let Ok(p) = <[u8; PREAMBLE_BYTES]>::try_from(&prefix[..PREAMBLE_BYTES.min(prefix.len())]) {
+            // The session has validated this preamble already; only the segment lengths matter here.
+            let lens: [usize; SEGMENTS] = std::array::from_fn(|i| {
+                u32::from_le_bytes(p[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
+            });
+            let at =
+                PREAMBLE_BYTES + lens[..2].iter().filter(|&&l| l > 0).map(|l| l + CRC_BYTES).sum::<usize>();
+            self.data = at..at + lens[2];
+        }
+        self.advance_crcs();
+    }
+
+    /// Computes the crcs of the data blocks that the bytes received so far complete.
+    fn advance_crcs(&mut self) {
+        if self.data.len() < CRC_BLOCK_BYTES {
+            return;
+        }
+        while self.crcs.len() < self.data.len().div_ceil(CRC_BLOCK_BYTES) {
+            let start = self.data.start + self.crcs.len() * CRC_BLOCK_BYTES;
+            let end = (start + CRC_BLOCK_BYTES).min(self.data.end);
+            if end > self.got {
+                break;
+            }
+            self.crcs.push(crc::crc32c(&self.buf[start..end]));
+        }
     }
 }
 
@@ -330,17 +371,18 @@ impl RxBuf {
         if self.large.is_none() && want >= LARGE_FRAME_BYTES {
             let total = self.filled + want;
             let mut l = LargeBuf::take(total);
-            l.buf[..self.filled].copy_from_slice(&self.buf[..self.filled]);
-            l.got = self.filled;
+            l.start(&self.buf[..self.filled]);
             self.filled = 0;
             self.large = Some((l, total));
         }
         match &mut self.large {
             Some((l, total)) => {
-                let room = &mut l.buf[l.got..*total];
+                let end = (*total).min(l.got + LARGE_READ_BYTES);
+                let room = &mut l.buf[l.got..end];
                 let offered = room.len();
                 let n = r.read(room)?;
                 l.got += n;
+                l.advance_crcs();
                 Ok((n, offered))
             }
             None => {
@@ -382,6 +424,11 @@ impl RxBuf {
         self.filled += b.len();
     }
 
+    /// The crcs of the data blocks of a large frame computed while it arrived (see `LargeBuf::crcs`).
+    fn take_data_crcs(&mut self) -> Vec<u32> {
+        self.large.as_mut().map(|(l, _)| std::mem::take(&mut l.crcs)).unwrap_or_default()
+    }
+
     /// The first `n` received bytes. A large frame is split off whole.
     pub fn split_to(&mut self, n: usize) -> Bytes {
         assert!(n <= self.len(), "split past the received data");
@@ -418,6 +465,7 @@ pub fn decode_frame(rx: &mut RxBuf, limits: &FrameLimits) -> Result<Option<Frame
     if rx.len() < total {
         return Ok(None);
     }
+    let mut early_crcs = rx.take_data_crcs();
     let mut buf = rx.split_to(total);
     buf.advance(PREAMBLE_BYTES);
     let mut segments: [Bytes; SEGMENTS] = Default::default();
@@ -431,10 +479,13 @@ pub fn decode_frame(rx: &mut RxBuf, limits: &FrameLimits) -> Result<Option<Frame
         // A large data segment is verified block by block, and the block crcs are kept for whoever sends or
         // stores these bytes next (crate::crc); the combining costs a few ns per 64 KiB.
         let computed = if index == SEGMENTS - 1 && seg.len() >= CRC_BLOCK_BYTES {
-            data_crcs = crc::block_crcs(&seg);
+            data_crcs = match early_crcs.len() == seg.len().div_ceil(CRC_BLOCK_BYTES) {
+                true => std::mem::take(&mut early_crcs),
+                false => crc::block_crcs(&seg),
+            };
             crc::crc_of_blocks(&data_crcs, seg.len())
         } else {
-            crc32c::crc32c(&seg)
+            crc::crc32c(&seg)
         };
         if computed != crc {
             return Err(FrameError::SegmentCrc { index });
@@ -518,27 +569,27 @@ impl TxQueue {
         self.push_raw(&Preamble { tag, lens }.encode());
         if !seg0.is_empty() {
             self.push_raw(seg0);
-            self.push_raw(&crc32c::crc32c(seg0).to_le_bytes());
+            self.push_raw(&crc::crc32c(seg0).to_le_bytes());
         }
         if !front.is_empty() {
             self.push_bytes(front);
-            self.push_raw(&crc32c::crc32c(front).to_le_bytes());
+            self.push_raw(&crc::crc32c(front).to_le_bytes());
         }
         if data_len > 0 {
             let mut crc = 0;
             for (part, crcs) in data.clone().filter(|(p, _)| !p.is_empty()) {
                 self.push_bytes(part);
-                crc = if crcs.is_empty() {
-                    crc32c::crc32c_append(crc, part)
-                } else {
-                    crc::crc32c_combine(crc, crc::crc_of_blocks(crcs, part.len()), part.len())
+                let part_crc = match crcs.is_empty() {
+                    true => crc::crc32c(part),
+                    false => crc::crc_of_blocks(crcs, part.len()),
                 };
+                crc = crc::crc32c_combine(crc, part_crc, part.len());
             }
             // A known crc that does not match its bytes would make the receiver drop the connection on every
             // resend; every debug build (all the tests) checks the ones given here.
             debug_assert_eq!(
                 crc,
-                data.fold(0, |c, (p, _)| crc32c::crc32c_append(c, p)),
+                data.fold(0, |c, (p, _)| crc::crc32c_combine(c, crc::crc32c(p), p.len())),
                 "a data part's block crcs do not match its bytes"
             );
             self.push_raw(&crc.to_le_bytes());
@@ -827,6 +878,7 @@ mod tests {
         assert_eq!(&frames[0].segments[1][..], b"front");
         assert_eq!(&frames[1].segments[2][..], b"small", "a small frame after a large one");
         assert_eq!(frames[2].segments[2], data);
+        assert_eq!(frames[0].data_crcs, crc::block_crcs(&data), "block crcs computed as the blocks arrived");
         assert!(rx.is_empty());
         let first = frames[0].segments[2].as_ptr();
         assert_ne!(first, frames[2].segments[2].as_ptr(), "the first is still held: the second got another");
