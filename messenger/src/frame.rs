@@ -145,8 +145,17 @@ pub struct Preamble {
 impl Preamble {
     /// Bytes of the whole frame, preamble included.
     pub fn frame_bytes(&self) -> usize {
-        PREAMBLE_BYTES
-            + self.lens.iter().map(|&l| if l > 0 { l as usize + CRC_BYTES } else { 0 }).sum::<usize>()
+        self.segment_range(SEGMENTS - 1).end + CRC_BYTES * usize::from(self.lens[SEGMENTS - 1] > 0)
+    }
+
+    /// Where segment `index` lies in the frame (empty segments take no room, not even for a crc).
+    pub fn segment_range(&self, index: usize) -> Range<usize> {
+        let at = PREAMBLE_BYTES
+            + self.lens[..index]
+                .iter()
+                .map(|&l| if l > 0 { l as usize + CRC_BYTES } else { 0 })
+                .sum::<usize>();
+        at..at + self.lens[index] as usize
     }
 
     /// Bytes of the segments alone (what a receive throttle charges).
@@ -274,18 +283,14 @@ impl LargeBuf {
         LargeBuf { buf: recycled.unwrap_or_else(|| vec![0; class]), got: 0, data: 0..0, crcs: Vec::new() }
     }
 
-    /// Starts the frame with its first `prefix` bytes, which hold at least its preamble.
+    /// Starts the frame with its first `prefix` bytes: when they hold its preamble, the data segment's block
+    /// crcs are computed as the blocks arrive.
     fn start(&mut self, prefix: &[u8]) {
         self.buf[..prefix.len()].copy_from_slice(prefix);
         self.got = prefix.len();
-        if let Ok(p) = <[u8; PREAMBLE_BYTES]>::try_from(&prefix[..PREAMBLE_BYTES.min(prefix.len())]) {
-            // The session has validated this preamble already; only the segment lengths matter here.
-            let lens: [usize; SEGMENTS] = std::array::from_fn(|i| {
-                u32::from_le_bytes(p[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
-            });
-            let at =
-                PREAMBLE_BYTES + lens[..2].iter().filter(|&&l| l > 0).map(|l| l + CRC_BYTES).sum::<usize>();
-            self.data = at..at + lens[2];
+        let unlimited = FrameLimits { front_bytes_max: u32::MAX, data_bytes_max: u32::MAX };
+        if let Ok(Some(p)) = peek_preamble(prefix, &unlimited) {
+            self.data = p.segment_range(SEGMENTS - 1);
         }
         self.advance_crcs();
     }
@@ -338,7 +343,7 @@ pub struct RxBuf {
     /// Initialised bytes; `[..filled]` holds data received and not yet consumed.
     buf: BytesMut,
     filled: usize,
-    /// The large frame being received, and how long it is; `buf` is empty meanwhile.
+    /// The large frame being received, and how long it is; `buf` holds nothing received meanwhile.
     large: Option<(LargeBuf, usize)>,
 }
 
