@@ -23,7 +23,7 @@ pub struct MessengerConfig {
     pub dispatch_throttle_bytes: u64,
     /// How long `Connection::send_message` may block on a full send throttle.
     pub send_timeout: Duration,
-    /// Stop reading from a peer while this many bytes wait to be written to it.
+    /// A serving session stops reading from its client while this many bytes wait to be written to it.
     pub outgoing_bytes_soft_max: usize,
     /// A lossless session left without a socket (waiting for its peer to come back) this long is closed
     /// (Ceph's ms_connection_idle_timeout, 900 s).

@@ -349,9 +349,12 @@ impl Session {
         Some(frame_rest.max(READ_AHEAD_BYTES))
     }
 
-    /// So much waits to be written to the peer that we stop reading from it (Ceph's outgoing-bytes soft limit).
+    /// So much waits to be written to a client that we stop reading its requests until it reads our answers.
+    /// Only the serving side of a session holds back: if both sides of a session did (a client with many large
+    /// requests queued, or two OSDs replicating to each other), each would wait for the other to read first, a
+    /// deadlock. A connecting side's own queue is bounded by its send throttle and its upper layer.
     fn backlogged(&self) -> bool {
-        self.tx.queued_bytes() >= self.cfg.outgoing_bytes_soft_max
+        self.cfg.policy.server && self.tx.queued_bytes() >= self.cfg.outgoing_bytes_soft_max
     }
 
     /// We are not reading on purpose (backlog or throttle): the peer's silence is our doing, so the receive idle
