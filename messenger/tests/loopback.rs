@@ -8,12 +8,34 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use messenger::{EntityName, EntityType, Message, MessengerConfig, Policy, SendError, WorkerPool};
+use messenger::{
+    Connection, EntityName, EntityType, Message, MessengerConfig, Policy, SendError, WorkerPool,
+};
 
 const T: Duration = Duration::from_secs(30);
 
 fn seq_msg(i: u64) -> Message {
     Message::encode(MSG_REQUEST, &i).with_tid(i)
+}
+
+/// A stateful server (osd.0, answering requests when `reply`) and a lossless client connected to it, both
+/// failing every ~`inject`th socket operation (ms_inject_socket_failures).
+fn lossless_pair_with_faults(
+    pool: &Arc<WorkerPool>,
+    inject: u64,
+    reply: bool,
+) -> (Endpoint, Endpoint, Connection) {
+    let faulty = MessengerConfig { inject_socket_failures: inject, ..test_config() };
+    let policies = vec![(EntityType::Client, Policy::stateful_server())];
+    let server = endpoint(
+        pool,
+        EntityName::osd(0),
+        Opts { bind: true, reply, cfg: faulty.clone(), policies, ..Opts::default() },
+    );
+    let policies = vec![(EntityType::Osd, Policy::lossless_client())];
+    let client = endpoint(pool, EntityName::client(1), Opts { cfg: faulty, policies, ..Opts::default() });
+    let conn = client.msgr.connect(EntityName::osd(0), addr(&server)).unwrap();
+    (server, client, conn)
 }
 
 // Goal: a request gets its reply over a fresh connection. Method: one server, one client, fast dispatch.
@@ -45,24 +67,7 @@ fn lossless_delivery_is_exactly_once_and_in_order_across_injected_faults() {
     const N: u64 = 100_000;
     const WINDOW: u64 = 8;
     let pool = WorkerPool::new(3).unwrap();
-    let faulty = MessengerConfig { inject_socket_failures: 500, ..test_config() };
-    let server = endpoint(
-        &pool,
-        EntityName::osd(0),
-        Opts {
-            bind: true,
-            reply: true,
-            cfg: faulty.clone(),
-            policies: vec![(EntityType::Client, Policy::stateful_server())],
-            ..Opts::default()
-        },
-    );
-    let client = endpoint(
-        &pool,
-        EntityName::client(1),
-        Opts { cfg: faulty, policies: vec![(EntityType::Osd, Policy::lossless_client())], ..Opts::default() },
-    );
-    let conn = client.msgr.connect(EntityName::osd(0), addr(&server)).unwrap();
+    let (server, client, conn) = lossless_pair_with_faults(&pool, 500, true);
     let replies = client.msgs.clone();
     let sender = std::thread::spawn(move || {
         let mut answered = 0u64;
@@ -120,23 +125,7 @@ fn large_messages_arrive_whole_and_in_order_across_injected_faults() {
         pattern.slice(at..at + len)
     };
     let pool = WorkerPool::new(2).unwrap();
-    let faulty = MessengerConfig { inject_socket_failures: 200, ..test_config() };
-    let server = endpoint(
-        &pool,
-        EntityName::osd(0),
-        Opts {
-            bind: true,
-            cfg: faulty.clone(),
-            policies: vec![(EntityType::Client, Policy::stateful_server())],
-            ..Opts::default()
-        },
-    );
-    let client = endpoint(
-        &pool,
-        EntityName::client(1),
-        Opts { cfg: faulty, policies: vec![(EntityType::Osd, Policy::lossless_client())], ..Opts::default() },
-    );
-    let conn = client.msgr.connect(EntityName::osd(0), addr(&server)).unwrap();
+    let (server, client, conn) = lossless_pair_with_faults(&pool, 200, false);
     let with_piece = |m: Message, i: u64| match i % 2 {
         0 => m.with_crc_data(CrcBytes::computed(piece(i))),
         _ => m.with_data(piece(i)),
