@@ -143,6 +143,11 @@ impl CrcBytes {
         &self.crcs
     }
 
+    /// The bytes and the block crcs as stored (empty when unknown).
+    pub(crate) fn into_parts(self) -> (Bytes, Vec<u32>) {
+        (self.bytes, self.crcs)
+    }
+
     /// The crcs of the blocks, if known (an empty buffer has none and they are known).
     pub fn block_crcs(&self) -> Option<&[u32]> {
         (self.bytes.is_empty() || !self.crcs.is_empty()).then_some(&self.crcs[..])

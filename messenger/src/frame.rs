@@ -247,16 +247,13 @@ const RECYCLED_BYTES_MAX: usize = 64 << 20;
 /// outlive the receive (an OSD keeps written chunks as they arrived), so its buffer cannot be the session's
 /// ongoing receive buffer; a fresh allocation for each would be zeroed first and fault in its pages (the
 /// allocator maps and unmaps buffers this large): together 14 % of an OSD's CPU on 4 MiB rewrites.
-static RECYCLED: Mutex<Recycled> = Mutex::new(Recycled { free: Vec::new(), bytes: 0 });
-
-struct Recycled {
-    free: Vec<Vec<u8>>,
-    bytes: usize,
-}
+static RECYCLED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A large frame's buffer; back to [`RECYCLED`] when the last `Bytes` over it is dropped.
 struct LargeBuf {
     buf: Vec<u8>,
+    /// The frame's length (`buf` may be longer: sizes are rounded up to a class).
+    len: usize,
     /// Bytes received so far, at the front.
     got: usize,
     /// Where the frame's data segment lies in `buf`.
@@ -273,14 +270,16 @@ impl LargeBuf {
     fn take(len: usize) -> LargeBuf {
         let class = len.next_multiple_of(LARGE_CLASS_BYTES);
         let recycled = {
-            let mut r = RECYCLED.lock().unwrap_or_else(|e| e.into_inner());
-            let found = r.free.iter().position(|b| b.len() == class);
-            found.map(|i| {
-                r.bytes -= class;
-                r.free.swap_remove(i)
-            })
+            let mut free = RECYCLED.lock().unwrap_or_else(|e| e.into_inner());
+            free.iter().position(|b| b.len() == class).map(|i| free.swap_remove(i))
         };
-        LargeBuf { buf: recycled.unwrap_or_else(|| vec![0; class]), got: 0, data: 0..0, crcs: Vec::new() }
+        LargeBuf {
+            buf: recycled.unwrap_or_else(|| vec![0; class]),
+            len,
+            got: 0,
+            data: 0..0,
+            crcs: Vec::new(),
+        }
     }
 
     /// Starts the frame with its first `prefix` bytes: when they hold its preamble, the data segment's block
@@ -320,10 +319,10 @@ impl AsRef<[u8]> for LargeBuf {
 impl Drop for LargeBuf {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        let mut r = RECYCLED.lock().unwrap_or_else(|e| e.into_inner());
-        if r.bytes + buf.len() <= RECYCLED_BYTES_MAX {
-            r.bytes += buf.len();
-            r.free.push(buf);
+        let mut free = RECYCLED.lock().unwrap_or_else(|e| e.into_inner());
+        // A few dozen buffers at most: summing them is cheaper than keeping a count in step.
+        if free.iter().map(Vec::len).sum::<usize>() + buf.len() <= RECYCLED_BYTES_MAX {
+            free.push(buf);
         }
     }
 }
@@ -343,8 +342,8 @@ pub struct RxBuf {
     /// Initialised bytes; `[..filled]` holds data received and not yet consumed.
     buf: BytesMut,
     filled: usize,
-    /// The large frame being received, and how long it is; `buf` holds nothing received meanwhile.
-    large: Option<(LargeBuf, usize)>,
+    /// The large frame being received; `buf` holds nothing received meanwhile.
+    large: Option<LargeBuf>,
 }
 
 impl RxBuf {
@@ -362,7 +361,7 @@ impl RxBuf {
 
     pub fn data(&self) -> &[u8] {
         match &self.large {
-            Some((l, _)) => l.as_ref(),
+            Some(l) => l.as_ref(),
             None => &self.buf[..self.filled],
         }
     }
@@ -374,15 +373,14 @@ impl RxBuf {
     /// [`Session::read_hint`]: crate::session::Session::read_hint
     pub fn read_from(&mut self, r: &mut impl std::io::Read, want: usize) -> std::io::Result<(usize, usize)> {
         if self.large.is_none() && want >= LARGE_FRAME_BYTES {
-            let total = self.filled + want;
-            let mut l = LargeBuf::take(total);
+            let mut l = LargeBuf::take(self.filled + want);
             l.start(&self.buf[..self.filled]);
             self.filled = 0;
-            self.large = Some((l, total));
+            self.large = Some(l);
         }
         match &mut self.large {
-            Some((l, total)) => {
-                let end = (*total).min(l.got + LARGE_READ_BYTES);
+            Some(l) => {
+                let end = l.len.min(l.got + LARGE_READ_BYTES);
                 let room = &mut l.buf[l.got..end];
                 let offered = room.len();
                 let n = r.read(room)?;
@@ -431,15 +429,15 @@ impl RxBuf {
 
     /// The crcs of the data blocks of a large frame computed while it arrived (see `LargeBuf::crcs`).
     fn take_data_crcs(&mut self) -> Vec<u32> {
-        self.large.as_mut().map(|(l, _)| std::mem::take(&mut l.crcs)).unwrap_or_default()
+        self.large.as_mut().map(|l| std::mem::take(&mut l.crcs)).unwrap_or_default()
     }
 
     /// The first `n` received bytes. A large frame is split off whole.
     pub fn split_to(&mut self, n: usize) -> Bytes {
         assert!(n <= self.len(), "split past the received data");
         match self.large.take() {
-            Some((l, total)) => {
-                assert!(n == l.got && n == total, "a large frame is consumed whole");
+            Some(l) => {
+                assert!(n == l.got && n == l.len, "a large frame is consumed whole");
                 Bytes::from_owner(l)
             }
             None => {

@@ -72,18 +72,18 @@ impl Message {
 
     /// The data segment with the crcs of its blocks where known: sending it combines them instead of
     /// computing the segment's crc from the bytes.
-    pub fn with_crc_data(self, data: CrcBytes) -> Message {
-        self.with_data_parts(vec![data])
+    pub fn with_crc_data(mut self, data: CrcBytes) -> Message {
+        (self.data, self.data_crcs) = data.into_parts();
+        self.data_more = Vec::new();
+        self
     }
 
     /// The data segment as a sequence of buffers, written out back to back without copying them together.
-    pub fn with_data_parts(mut self, parts: Vec<CrcBytes>) -> Message {
+    pub fn with_data_parts(self, parts: Vec<CrcBytes>) -> Message {
         let mut parts = parts.into_iter().filter(|p| !p.is_empty());
-        let first = parts.next().unwrap_or_default();
-        self.data_crcs = first.raw_crcs().to_vec();
-        self.data = first.into_bytes();
-        self.data_more = parts.collect();
-        self
+        let mut m = self.with_crc_data(parts.next().unwrap_or_default());
+        m.data_more = parts.collect();
+        m
     }
 
     /// The (received) data segment with the crcs of its blocks, when the receiver computed them.

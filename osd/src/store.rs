@@ -620,37 +620,36 @@ fn write_chunks(o: &mut MemObject, offset: u64, data: &CrcBytes) {
         // (the receive buffer a rewrite releases is recycled by malloc for the next one). Only whole chunks
         // are kept this way, so a small write never pins a receive buffer much larger than itself; a buffer
         // stays alive while any chunk taken from it does (like Ceph's MemStore keeping its bufferptrs).
-        if n == CHUNK_BYTES as usize {
-            let crc = block_crc(n);
-            o.chunks.insert(idx, Chunk { bytes: data.bytes().slice(at..at + n), crc });
-            pos += n as u64;
-            at += n;
-            continue;
-        }
-        let src = &data[at..at + n];
-        let in_place = |mut b: BytesMut| {
-            if b.len() < within {
-                b.resize(within, 0);
-            }
-            let overlap = b.len().min(within + n) - within;
-            b[within..within + overlap].copy_from_slice(&src[..overlap]);
-            b.extend_from_slice(&src[overlap..]);
-            b.freeze()
+        let chunk = if n == CHUNK_BYTES as usize {
+            Chunk { bytes: data.bytes().slice(at..at + n), crc: block_crc(n) }
+        } else {
+            // A part of a chunk is copied into memory the store already has (no allocation, no fresh pages to
+            // fault in), and the received frame is released at once, so the messenger reuses its receive
+            // buffer.
+            let src = &data[at..at + n];
+            let in_place = |mut b: BytesMut| {
+                if b.len() < within {
+                    b.resize(within, 0);
+                }
+                let overlap = b.len().min(within + n) - within;
+                b[within..within + overlap].copy_from_slice(&src[..overlap]);
+                b.extend_from_slice(&src[overlap..]);
+                b.freeze()
+            };
+            let bytes = match o.chunks.remove(&idx).map(|c| c.bytes.try_into_mut()) {
+                Some(Ok(mine)) => in_place(mine),
+                // A read of this chunk is in flight and keeps the old bytes; the chunk moves to a new buffer.
+                Some(Err(shared)) => {
+                    let mut b = BytesMut::with_capacity(CHUNK_BYTES as usize);
+                    b.extend_from_slice(&shared);
+                    in_place(b)
+                }
+                None => in_place(BytesMut::with_capacity(within + n)),
+            };
+            let crc = block_crc(bytes.len());
+            Chunk { bytes, crc }
         };
-        // A part of a chunk is copied into memory the store already has (no allocation, no fresh pages to
-        // fault in), and the received frame is released at once, so the messenger reuses its receive buffer.
-        let bytes = match o.chunks.remove(&idx).map(|c| c.bytes.try_into_mut()) {
-            Some(Ok(mine)) => in_place(mine),
-            // A read of this chunk is in flight and keeps the old bytes; the chunk moves to a new buffer.
-            Some(Err(shared)) => {
-                let mut b = BytesMut::with_capacity(CHUNK_BYTES as usize);
-                b.extend_from_slice(&shared);
-                in_place(b)
-            }
-            None => in_place(BytesMut::with_capacity(within + n)),
-        };
-        let crc = block_crc(bytes.len());
-        o.chunks.insert(idx, Chunk { bytes, crc });
+        o.chunks.insert(idx, chunk);
         pos += n as u64;
         at += n;
     }
