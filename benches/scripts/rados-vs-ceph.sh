@@ -12,7 +12,8 @@ work="$(mktemp -d /tmp/rados-vs-ceph.XXXXXX)"
 cp "$root/../shared/bench/ceph-baseline.sh" "$root/../shared/bench/radosping.c" "$work/"
 cd "$root" && cargo build --release -q -p tools
 bin="$root/target/release"
-# Neither system pays the VM's first-touch cost for never-used guest pages (see prefault.sh).
+# Neither system pays the VM's first-touch cost for guest pages the host does not back (see prefault.sh): it
+# runs before each system, because the host takes idle guest memory back within minutes.
 "$root/benches/scripts/prefault.sh"
 ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 out="$work/results"; : > "$out"
@@ -47,6 +48,7 @@ phase ceph-rand-4K $cpids -- "${R[@]}" bench "$s4k" rand -t 16
 bash ceph-baseline.sh down >/dev/null 2>&1 || true
 
 # --- cuttle ---
+"$root/benches/scripts/prefault.sh"
 "$bin/cuttle" up --dir "$work/cuttle" >/dev/null
 kpids=$(cat "$work"/cuttle/*.pid)
 R=("$bin/rados" --conf "$work/cuttle/cuttle.toml" -p rbd)

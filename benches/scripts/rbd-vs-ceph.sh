@@ -11,7 +11,8 @@ work="$(mktemp -d /tmp/rbd-vs-ceph.XXXXXX)"
 cp "$root/../shared/bench/ceph-baseline.sh" "$root/../shared/bench/radosping.c" "$work/"
 cd "$root" && cargo build --release -q -p tools
 bin="$root/target/release"
-# Neither system pays the VM's first-touch cost for never-used guest pages (see prefault.sh).
+# Neither system pays the VM's first-touch cost for guest pages the host does not back (see prefault.sh): it
+# runs before each system, because the host takes idle guest memory back within minutes.
 "$root/benches/scripts/prefault.sh"
 out="$work/results"; : > "$out"
 rbdbench() { # NAME CMD...: keeps ops/sec and bytes/sec from the summary line
@@ -55,6 +56,7 @@ CEPH_CONF="$work/ceph/ceph.conf" fiobench ceph-fio-randread-4K randread --ioengi
 bash ceph-baseline.sh down >/dev/null 2>&1 || true
 
 # --- cuttle ---
+"$root/benches/scripts/prefault.sh"
 "$bin/cuttle" up --dir "$work/cuttle" >/dev/null
 export CUTTLE_CONF="$work/cuttle/cuttle.toml" CUTTLE_RBD_RUN_DIR="$work/run"
 "$bin/rbd" create --size 1G rbd/bench
