@@ -10,6 +10,14 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+/// Every cuttle program allocates through mimalloc: the OSDs' many short-lived small allocations (op
+/// messages, transactions, object names) cost them 13 % less CPU per 4 KiB write than with glibc's malloc
+/// (`rados bench` 4 KiB writes, alternating runs: 24.9-25.4 against 28.7-29.5 us per op and OSD). Built with
+/// `no_thp`: mimalloc's default of asking for transparent huge pages made the same runs cost 38-40 us, since
+/// this kind of VM charges a huge page's first touch far more than 512 small ones.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A program's connection to the cluster: a messenger on its own worker pool, a MonClient that already has
 /// the map, and an Objecter. Shut down on drop.
 pub struct ClusterClient {
