@@ -54,6 +54,8 @@ const CLIENT_MESSAGES_DEFAULT: u64 = 1024;
 const SHARD_QUEUE_SLACK: usize = 256;
 /// Most op shards.
 pub const SHARDS_MAX: usize = 64;
+/// The longest `ms_async_spin_us` accepted: 10 ms of polling is already far past any round trip worth waiting for.
+pub const SPIN_US_MAX: u64 = 10_000;
 /// Shutdown waits this long for writes in flight to be acknowledged.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 /// Shutdown waits this long for the monitor to acknowledge the mark-down.
@@ -228,6 +230,12 @@ impl Osd {
                 cfg.ms_async_op_threads
             )));
         }
+        if cfg.ms_async_spin_us > SPIN_US_MAX {
+            return Err(OsdStartError::Config(format!(
+                "ms_async_spin_us = {} is above {SPIN_US_MAX}",
+                cfg.ms_async_spin_us
+            )));
+        }
         if !(1..=SHARDS_MAX).contains(&cfg.osd_op_num_shards) {
             return Err(OsdStartError::Config(format!(
                 "osd_op_num_shards = {} is outside 1..={SHARDS_MAX}",
@@ -241,8 +249,9 @@ impl Osd {
         let timeout = secs(cfg.rados_mon_op_timeout).max(Duration::from_secs(1));
         std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
         let uuid = load_uuid(data_dir)?;
-        let pool = WorkerPool::new(cfg.ms_async_op_threads)
-            .map_err(|e| OsdStartError::Io { path: PathBuf::from("(worker pool)"), source: e })?;
+        let pool =
+            WorkerPool::with_spin(cfg.ms_async_op_threads, Duration::from_micros(cfg.ms_async_spin_us))
+                .map_err(|e| OsdStartError::Io { path: PathBuf::from("(worker pool)"), source: e })?;
         let id = match load_whoami(data_dir)? {
             Some(id) => id,
             None => {

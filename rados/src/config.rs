@@ -81,6 +81,8 @@ options! {
     public_addr: std::net::IpAddr = std::net::IpAddr::from([127, 0, 0, 1]);
     /// Messenger worker threads per process.
     ms_async_op_threads: usize = 3;
+    /// Microseconds an OSD's messenger worker polls without sleeping (yielding between polls) after handling events while a peer OSD owes it an answer; on VMs a sleep and wake-up cost more than the wait (0 = always sleep; at most 10000).
+    ms_async_spin_us: u64 = 30;
     /// Fail every Nth socket read or write (fault injection; 0 = off).
     ms_inject_socket_failures: u64 = 0;
     /// Bytes of received messages held by dispatch, per messenger.
