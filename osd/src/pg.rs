@@ -55,7 +55,9 @@
 //! acting set, which is sound while acting sets of one PG keep overlapping (an OSD keeps its place while it is
 //! down, until it is marked out); a PG whose data lives only on OSDs outside its acting set is not found.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

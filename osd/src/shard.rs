@@ -18,7 +18,9 @@
 //! (SIGSTOP, a long stall), client ops wait briefly for a map newer than the one it had: while it slept the
 //! monitor may have given its PGs to others, and it must not answer from a stale copy.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

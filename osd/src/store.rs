@@ -14,9 +14,12 @@
 //! [`MemStore`] keeps everything in memory, in PG-sharded maps. What it deliberately is not: durable. A
 //! restarted OSD with a MemStore comes back empty and recovers its PGs from its peers.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
+
+// foldhash rather than std's SipHash: hashing object names (and rehashing a PG's growing object table) was
+// 3.5 % of an OSD's CPU on 4 KiB writes of new objects.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::hash::Hash;
 use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
@@ -422,9 +425,8 @@ impl MemStore {
     }
 
     fn shard_of(pg: PgId) -> usize {
-        let mut h = DefaultHasher::new();
-        pg.hash(&mut h);
-        (h.finish() % MEMSTORE_SHARDS as u64) as usize
+        use std::hash::BuildHasher;
+        (foldhash::fast::FixedState::default().hash_one(pg) % MEMSTORE_SHARDS as u64) as usize
     }
 
     fn with_object<T>(
