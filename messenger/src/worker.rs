@@ -379,6 +379,9 @@ struct Worker {
     stopping: bool,
     /// How long to poll without sleeping while a peer owes us an answer ([`Worker::spin`]).
     spin: Duration,
+    /// Tokens of the lossless sessions among `entries` (daemon peers: few, while clients may be many), which
+    /// [`Worker::awaiting_peer`] looks at.
+    lossless: Vec<usize>,
 }
 
 impl Worker {
@@ -388,6 +391,7 @@ impl Worker {
             poll,
             rx,
             spin,
+            lossless: Vec::new(),
             entries: Slab::new(),
             guests: Slab::new(),
             timers: BTreeSet::new(),
@@ -399,9 +403,9 @@ impl Worker {
     /// Whether a lossless peer owes this worker an acknowledgement (and likely a reply): then the next event
     /// is probably a few microseconds away.
     fn awaiting_peer(&self) -> bool {
-        self.entries.iter().any(|(_, e)| match &e.role {
-            Role::Session(se) => !se.sess.policy().lossy && se.sess.unacked_messages() > 0,
-            _ => false,
+        self.lossless.iter().any(|&t| match &self.entries[t].role {
+            Role::Session(se) => se.sess.unacked_messages() > 0,
+            _ => unreachable!("only sessions are listed as lossless"),
         })
     }
 
@@ -467,6 +471,7 @@ impl Worker {
             busy = self.drain_tasks() || !events.is_empty();
             self.run_timers();
         }
+        self.lossless.clear();
         for e in self.entries.drain() {
             close_entry_quietly(e);
         }
@@ -615,11 +620,17 @@ impl Worker {
 
     /// Inserts an entry whose load was charged by `pick_worker`.
     fn insert_precharged(&mut self, role: Role, msgr: Arc<MsgrInner>) -> usize {
-        self.entries.insert(Entry { role, msgr, deadline: None })
+        let lossless = matches!(&role, Role::Session(se) if !se.sess.policy().lossy);
+        let token = self.entries.insert(Entry { role, msgr, deadline: None });
+        if lossless {
+            self.lossless.push(token);
+        }
+        token
     }
 
     fn remove(&mut self, token: usize, why: &str) {
         let e = self.entries.remove(token);
+        self.lossless.retain(|&t| t != token);
         self.shared.load.fetch_sub(1, Ordering::Relaxed);
         if let Some(d) = e.deadline {
             self.timers.remove(&(d, token));
