@@ -357,7 +357,7 @@ impl AsRef<[u8]> for LargeBuf {
 
 impl std::fmt::Debug for LargeBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LargeBuf").field("got", &self.got).field("len", &self.buf.len()).finish()
+        f.debug_struct("LargeBuf").field("len", &self.len).field("got", &self.got).finish_non_exhaustive()
     }
 }
 
@@ -438,8 +438,9 @@ impl RxBuf {
                 let cap = self.buf.capacity();
                 self.buf.resize(cap, 0);
             } else {
-                // Frames still hold the old allocation. A zeroed allocation comes from the OS already zero
-                // (calloc), so no pass writes the new room before the kernel copies data into it.
+                // Frames still hold the old allocation. A zeroed allocation of fresh memory is not written
+                // again (the allocator knows the OS zeroed it), so no pass touches the new room before the
+                // kernel copies data into it.
                 let mut fresh = vec![0u8; self.filled + room];
                 fresh[..self.filled].copy_from_slice(&self.buf);
                 self.buf = BytesMut::from(Bytes::from(fresh));
@@ -510,9 +511,10 @@ pub fn decode_frame(rx: &mut RxBuf, limits: &FrameLimits) -> Result<Option<Frame
         // A large data segment is verified block by block, and the block crcs are kept for whoever sends or
         // stores these bytes next (crate::crc); the combining costs a few ns per 64 KiB.
         let computed = if index == SEGMENTS - 1 && seg.len() >= CRC_BLOCK_BYTES {
-            data_crcs = match early_crcs.len() == seg.len().div_ceil(CRC_BLOCK_BYTES) {
-                true => std::mem::take(&mut early_crcs),
-                false => crc::block_crcs(&seg),
+            data_crcs = if early_crcs.len() == seg.len().div_ceil(CRC_BLOCK_BYTES) {
+                std::mem::take(&mut early_crcs)
+            } else {
+                crc::block_crcs(&seg)
             };
             crc::crc_of_blocks(&data_crcs, seg.len())
         } else {
@@ -610,10 +612,8 @@ impl TxQueue {
             let mut crc = 0;
             for (part, crcs) in data.clone().filter(|(p, _)| !p.is_empty()) {
                 self.push_bytes(part);
-                let part_crc = match crcs.is_empty() {
-                    true => crc::crc32c(part),
-                    false => crc::crc_of_blocks(crcs, part.len()),
-                };
+                let part_crc =
+                    if crcs.is_empty() { crc::crc32c(part) } else { crc::crc_of_blocks(crcs, part.len()) };
                 crc = crc::crc32c_combine(crc, part_crc, part.len());
             }
             // A known crc that does not match its bytes would make the receiver drop the connection on every

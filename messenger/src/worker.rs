@@ -471,7 +471,6 @@ impl Worker {
             busy = self.drain_tasks() || !events.is_empty();
             self.run_timers();
         }
-        self.lossless.clear();
         for e in self.entries.drain() {
             close_entry_quietly(e);
         }

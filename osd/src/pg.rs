@@ -56,13 +56,12 @@
 //! down, until it is marked out); a PG whose data lives only on OSDs outside its acting set is not found.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-
-use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt};
 use messenger::crc::CrcBytes;
 
 use rados::ids::{Epoch, OsdId, PgId};

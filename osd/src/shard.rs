@@ -19,14 +19,13 @@
 //! monitor may have given its PGs to others, and it must not answer from a stale copy.
 
 use std::collections::{BTreeMap, VecDeque};
-
-use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
+use foldhash::{HashMap, HashMapExt};
 use messenger::{Connection, EntityName, Message, Messenger};
 use parking_lot::Mutex;
 

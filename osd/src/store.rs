@@ -15,14 +15,13 @@
 //! restarted OSD with a MemStore comes back empty and recovers its PGs from its peers.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-// foldhash rather than std's SipHash: hashing object names (and rehashing a PG's growing object table) was
-// 3.5 % of an OSD's CPU on 4 KiB writes of new objects.
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::hash::Hash;
 use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
+// foldhash rather than std's SipHash: hashing object names (and rehashing a PG's growing object table) was
+// 3.5 % of an OSD's CPU on 4 KiB writes of new objects.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use messenger::crc::{CrcBytes, CRC_BLOCK_BYTES};
 use parking_lot::{RwLock, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
@@ -619,7 +618,7 @@ fn write_chunks(o: &mut MemObject, offset: u64, data: &CrcBytes) {
         // A whole chunk keeps the received bytes: they are already in memory the kernel faulted in for them,
         // and a copy costs a pass over them plus, on a first write, as many page faults again. Measured on
         // 4 MiB writes: `rados bench` OSD CPU per op -7 %, `rbd bench` sequential rewrites 865 -> 910 MB/s
-        // (the receive buffer a rewrite releases is recycled by malloc for the next one). Only whole chunks
+        // (the receive buffer a rewrite releases goes back to the messenger's pool for the next one). Only whole chunks
         // are kept this way, so a small write never pins a receive buffer much larger than itself; a buffer
         // stays alive while any chunk taken from it does (like Ceph's MemStore keeping its bufferptrs).
         let chunk = if n == CHUNK_BYTES as usize {
