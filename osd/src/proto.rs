@@ -90,7 +90,7 @@ pub struct PgInfo {
     pub last_update: Eversion,
     /// First page only: the peer's remembered replies.
     pub dups: Vec<DupEntry>,
-    /// Objects and their versions, in name order.
+    /// Objects and their versions, in the store's listing order ([`crate::store::ListKey`]).
     pub objects: Vec<(String, Eversion)>,
     /// Where the next page starts, if there is one.
     pub next: Option<String>,

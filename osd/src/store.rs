@@ -2,7 +2,8 @@
 //!
 //! An object is addressed by its PG and its name ([`ObjectId`]): PGs are the unit of peering and recovery, so a
 //! store keeps each PG's objects together (a durable store will give each PG its own key range), and listing
-//! one PG's objects in name order is cheap. An object has a size and data (sparse: holes read as zeros), a
+//! one PG's objects in order is cheap. That order is Ceph's: by the name's placement hash, then by the name
+//! ([`ListKey`]). An object has a size and data (sparse: holes read as zeros), a
 //! version ([`Eversion`], the PG version of its last write), attributes (small named values) and an omap
 //! (ordered key/value pairs).
 //!
@@ -337,8 +338,8 @@ pub trait ObjectStore: Send + Sync {
         after: Option<&str>,
         max: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Up to `max` objects of `pg` with names after `after` (from the first with `None`), in name order. An
-    /// unknown PG lists as empty.
+    /// Up to `max` objects of `pg` that come after the one named `after` (from the first with `None`), in
+    /// [`ListKey`] order. `after` need not exist. An unknown PG lists as empty.
     fn list(&self, pg: PgId, after: Option<&str>, max: usize) -> Vec<ListEntry>;
     /// Every PG that holds at least one object.
     fn list_pgs(&self) -> Vec<PgId>;
@@ -369,12 +370,29 @@ struct Chunk {
 
 const _: () = assert!(CHUNK_BYTES as usize == CRC_BLOCK_BYTES, "chunks inherit the crcs of received blocks");
 
-/// One PG's objects: found by hash (every op looks its object up, and benchmark-style names share long
-/// prefixes that make ordered comparisons cost), listed in name order from a separate index kept in step.
+/// Where an object sits in its PG's listing: by the placement hash of its name, then by its name, as Ceph
+/// orders a PG's objects (`hobject_t`). Every store lists in this order, so a listing cursor (the last name
+/// seen) means the same on any replica. Comparing hashes first also spares an index the byte-by-byte
+/// comparison of long shared prefixes (`benchmark_data_<host>_<pid>_object<N>`, `rbd_data.<id>.<N>`): with
+/// the index in name order, those `memcmp`s were 1.3 % of an OSD's CPU on 4 KiB writes of new objects.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListKey {
+    pub hash: u32,
+    pub name: String,
+}
+
+impl ListKey {
+    pub fn new(name: &str) -> ListKey {
+        ListKey { hash: rados::placement::object_hash(name.as_bytes()), name: name.to_owned() }
+    }
+}
+
+/// One PG's objects: found by name (every op looks its object up), listed from a separate index kept in
+/// step.
 #[derive(Debug, Default)]
 struct MemPg {
     objects: HashMap<String, MemObject>,
-    names: BTreeSet<String>,
+    index: BTreeSet<ListKey>,
     bytes: u64,
 }
 
@@ -382,15 +400,16 @@ impl MemPg {
     /// The object, created empty if it does not exist.
     fn entry(&mut self, name: &str) -> &mut MemObject {
         if !self.objects.contains_key(name) {
-            self.names.insert(name.to_owned());
+            self.index.insert(ListKey::new(name));
             self.objects.insert(name.to_owned(), MemObject::default());
         }
         self.objects.get_mut(name).expect("just made sure it exists")
     }
 
     fn remove(&mut self, name: &str) -> Option<MemObject> {
-        self.names.remove(name);
-        self.objects.remove(name)
+        let removed = self.objects.remove(name)?;
+        self.index.remove(&ListKey::new(name));
+        Some(removed)
     }
 }
 
@@ -844,15 +863,15 @@ impl ObjectStore for MemStore {
         let shard = self.shards[Self::shard_of(pg)].read();
         let Some(mpg) = shard.get(&pg) else { return Vec::new() };
         let lower = match after {
-            Some(a) => Bound::Excluded(a.to_string()),
+            Some(a) => Bound::Excluded(ListKey::new(a)),
             None => Bound::Unbounded,
         };
-        mpg.names
+        mpg.index
             .range((lower, Bound::Unbounded))
             .take(max)
-            .map(|n| {
-                let version = mpg.objects.get(n).and_then(|o| o.version).unwrap_or(Eversion::ZERO);
-                ListEntry { name: n.clone(), version }
+            .map(|k| {
+                let version = mpg.objects.get(&k.name).and_then(|o| o.version).unwrap_or(Eversion::ZERO);
+                ListEntry { name: k.name.clone(), version }
             })
             .collect()
     }
@@ -1071,9 +1090,13 @@ mod tests {
         let names = |after: Option<&str>, max| -> Vec<String> {
             s.list(pg(), after, max).into_iter().map(|e| e.name).collect()
         };
-        assert_eq!(names(None, 3), ["a", "b", "c"]);
-        assert_eq!(names(Some("c"), 3), ["d"]);
-        assert!(names(Some("d"), 3).is_empty());
+        // Listed by name hash, then name: rjenkins gives "a" 0x29eec818, "d" 0x322f4a94, "c" 0x4fa4bedb,
+        // "b" 0x54aca597.
+        assert_eq!(names(None, 3), ["a", "d", "c"]);
+        assert_eq!(names(Some("c"), 3), ["b"]);
+        assert!(names(Some("b"), 3).is_empty());
+        // A cursor need not exist: "z" (0x433ac680) sits between "d" and "c".
+        assert_eq!(names(Some("z"), 10), ["c", "b"]);
         assert!(s.list(PgId::new(PoolId(9), 0), None, 10).is_empty());
         assert_eq!(s.list_pgs(), vec![pg()]);
 
