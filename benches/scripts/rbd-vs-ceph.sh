@@ -2,7 +2,8 @@
 # `rbd bench` and fio on cuttle and on real Ceph 16 (memstore, 1 mon, 3 OSDs, pool rbd size 3, 32 PGs), side by
 # side in one run: 4 KiB random write and read with 16 threads, 4 MiB sequential write with 16 threads; fio
 # 4 KiB random write/read at iodepth 16 through Ceph's librbd engine (ioengine=rbd) and through cuttle's
-# `rbd map` NBD export (ioengine=nbd). Ceph comes from ../shared/bench/ceph-baseline.sh (installed if missing).
+# `rbd map` NBD export (ioengine=nbd), over TCP (`--port`) and over the default unix socket. Ceph comes from
+# ../shared/bench/ceph-baseline.sh (installed if missing).
 # Usage: benches/scripts/rbd-vs-ceph.sh [IO_TOTAL_4K] [IO_TOTAL_4M] [FIO_SECONDS]  (default 256M 2G 10)
 set -euo pipefail
 t4k="${1:-256M}"; t4m="${2:-2G}"; fsec="${3:-10}"
@@ -68,6 +69,11 @@ uri=$("$bin/rbd" map rbd/bench --port "$port")
 fiobench cuttle-fio-randwrite-4K randwrite --ioengine=nbd --uri="$uri"
 fiobench cuttle-fio-randread-4K randread --ioengine=nbd --uri="$uri"
 "$bin/rbd" unmap rbd/bench >/dev/null
+# `rbd map` without --port exports on a unix socket (the default): the same fio jobs through it.
+uri=$("$bin/rbd" map rbd/bench)
+fiobench cuttle-fio-randwrite-4K-unix randwrite --ioengine=nbd --uri="$uri"
+fiobench cuttle-fio-randread-4K-unix randread --ioengine=nbd --uri="$uri"
+"$bin/rbd" unmap rbd/bench >/dev/null
 "$bin/cuttle" down --dir "$work/cuttle" >/dev/null
 
 python3 - "$out" <<'PY'
@@ -88,8 +94,10 @@ for name, unit, idx, target in [("write-4K-rand", "rbd bench 4K randwrite, 16 th
     else:
         c, k = r["ceph-" + name][idx], r["cuttle-" + name][idx]
     print(f"| {unit} | {c:.0f} | {k:.0f} | {k/c:.2f} | {target} |")
-for a, b in [("fio-randwrite-4K", "write-4K-rand"), ("fio-randread-4K", "read-4K-rand")]:
+for a, b in [("fio-randwrite-4K", "write-4K-rand"), ("fio-randread-4K", "read-4K-rand"),
+             ("fio-randwrite-4K-unix", "write-4K-rand"), ("fio-randread-4K-unix", "read-4K-rand")]:
     f, o = r["cuttle-" + a][0], r["cuttle-" + b][0]
-    print(f"| cuttle NBD path ({a}) vs cuttle rbd bench ({b}) | | {f:.0f} vs {o:.0f} | {f/o:.2f} | >= 0.80 |")
+    via = "unix socket" if a.endswith("-unix") else "TCP"
+    print(f"| cuttle NBD path over {via} ({a}) vs cuttle rbd bench ({b}) | | {f:.0f} vs {o:.0f} | {f/o:.2f} | >= 0.80 |")
 PY
 rm -rf "$work"
