@@ -126,7 +126,19 @@ pub struct ServerSession {
 impl ServerSession {
     /// A new connection. The greeting (NBDMAGIC, IHAVEOPT, handshake flags) is queued for transmit at once.
     pub fn new(catalog: Arc<ExportCatalog>) -> Self {
-        let mut session = ServerSession {
+        let mut session = ServerSession::blank(catalog);
+        let mut greeting = [0u8; GREETING_BYTES];
+        let mut w = &mut greeting[..];
+        w.put_u64(NBDMAGIC);
+        w.put_u64(IHAVEOPT);
+        w.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        assert!(w.is_empty());
+        session.push_small(&greeting);
+        session
+    }
+
+    fn blank(catalog: Arc<ExportCatalog>) -> Self {
+        ServerSession {
             catalog,
             phase: Phase::ClientFlags,
             input: BytesMut::new(),
@@ -140,15 +152,24 @@ impl ServerSession {
             out: VecDeque::new(),
             out_small: BytesMut::new(),
             out_bytes: 0,
-        };
-        let mut greeting = [0u8; GREETING_BYTES];
-        let mut w = &mut greeting[..];
-        w.put_u64(NBDMAGIC);
-        w.put_u64(IHAVEOPT);
-        w.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        assert!(w.is_empty());
-        session.push_small(&greeting);
-        session
+        }
+    }
+
+    /// A connection whose handshake happened elsewhere: the kernel's NBD driver, handed one end of a socket
+    /// pair (`rbd map --device`), speaks the transmission phase from its first byte, with simple replies and
+    /// the flags it was given at connect ([`ServerSession::transmission_flags`]). Starts in transmission on
+    /// `export`, which must be in `catalog`.
+    pub fn preconnected(catalog: Arc<ExportCatalog>, export: &str) -> Option<Self> {
+        let export = catalog.find(export.as_bytes())?.clone();
+        let mut session = ServerSession::blank(catalog);
+        session.enter_transmission(export);
+        Some(session)
+    }
+
+    /// The transmission flags (`NBD_FLAG_*`) this session offers for its export, `None` before one is
+    /// selected: what a client that skipped the handshake must be told another way.
+    pub fn transmission_flags(&self) -> Option<u16> {
+        self.selected.as_ref().map(|e| self.flags_for(e))
     }
 
     /// Bytes read from the socket. Parses as far as the limits allow; input after the session closed or
@@ -409,7 +430,7 @@ impl ServerSession {
         let mut reply = [0u8; EXPORT_NAME_REPLY_BYTES + EXPORT_NAME_ZEROES_BYTES];
         let mut w = &mut reply[..];
         w.put_u64(export.size_bytes);
-        w.put_u16(self.transmission_flags(&export));
+        w.put_u16(self.flags_for(&export));
         let len = if self.no_zeroes { EXPORT_NAME_REPLY_BYTES } else { reply.len() };
         self.push_small(&reply[..len]);
         self.enter_transmission(export);
@@ -450,7 +471,7 @@ impl ServerSession {
         let mut w = &mut info[..];
         w.put_u16(INFO_EXPORT);
         w.put_u64(export.size_bytes);
-        w.put_u16(self.transmission_flags(&export));
+        w.put_u16(self.flags_for(&export));
         self.send_option_reply(option, REP_INFO, &info);
         if wants(INFO_NAME) {
             self.send_option_reply(option, REP_INFO, &info_string(INFO_NAME, &export.name));
@@ -473,7 +494,7 @@ impl ServerSession {
         }
     }
 
-    fn transmission_flags(&self, export: &ExportInfo) -> u16 {
+    fn flags_for(&self, export: &ExportInfo) -> u16 {
         let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
         if export.read_only {
             flags |= FLAG_READ_ONLY;
@@ -1165,6 +1186,43 @@ mod tests {
         input[3] = 0;
         s.received(&input);
         assert_eq!(close_reason(&mut s), ProtocolError::BadRequestMagic { magic: 0x2560_9500 }.into());
+    }
+
+    #[test]
+    fn a_preconnected_session_serves_from_its_first_byte_with_simple_replies() {
+        // Goal: the kernel's dialect (`rbd map --device`): no greeting, no options, requests at once, simple
+        // replies, and the flags the kernel must be given at connect. Method: a write and a read on "disk" and
+        // a write refused on "ro", checked byte by byte; an unknown export has no such session.
+        let mut s = ServerSession::preconnected(catalog(), "disk").unwrap();
+        assert!(matches!(&events(&mut s)[..], [Event::ExportSelected { export }] if export.name == "disk"));
+        assert!(drain(&mut s).is_empty(), "no greeting");
+        let flags = s.transmission_flags().unwrap();
+        assert_eq!(flags & (FLAG_SEND_FLUSH | FLAG_SEND_TRIM), FLAG_SEND_FLUSH | FLAG_SEND_TRIM);
+        assert_eq!(flags & (FLAG_READ_ONLY | FLAG_SEND_DF), 0, "writable, and no DF without structured replies");
+        let mut input = request(0, CMD_WRITE, 7, 512, 4);
+        input.extend_from_slice(b"wxyz");
+        input.extend(request(0, CMD_READ, 8, 0, 4));
+        s.received(&input);
+        let reqs = requests(&mut s);
+        assert_eq!(reqs.len(), 2);
+        s.reply(reqs[1].0, Ok(Some(Bytes::from_static(b"abcd")))).unwrap();
+        s.reply(reqs[0].0, Ok(None)).unwrap();
+        let out = drain(&mut s);
+        let mut r = &out[..];
+        assert_eq!(simple_reply(&mut r), (0, 8));
+        assert_eq!(&r[..4], b"abcd");
+        r = &r[4..];
+        assert_eq!(simple_reply(&mut r), (0, 7));
+        assert!(r.is_empty());
+
+        let mut ro = ServerSession::preconnected(catalog(), "ro").unwrap();
+        assert_ne!(ro.transmission_flags().unwrap() & FLAG_READ_ONLY, 0);
+        let mut input = request(0, CMD_WRITE, 9, 0, 1);
+        input.push(0);
+        ro.received(&input);
+        let _ = events(&mut ro);
+        assert_eq!(simple_reply(&mut &drain(&mut ro)[..]), (1, 9), "EPERM");
+        assert!(ServerSession::preconnected(catalog(), "nope").is_none());
     }
 
     #[test]
