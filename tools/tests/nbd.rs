@@ -483,3 +483,54 @@ fn nbd_pipelines_past_its_limits_before_and_after_a_flush() {
     drop(cl);
     rbd_ok(&c, &["unmap", &uri]);
 }
+
+// Goal: the server side of `rbd map --device`, which this host cannot run with a kernel (no nbd module): a
+// socket attached to the server is served from its first byte in the kernel's dialect (no handshake, simple
+// replies), reads back what librbd wrote and the other way round, and closes on NBD_CMD_DISC.
+// Method: an in-process image and server on a 3-OSD cluster; one end of a socket pair attached, the other
+// driven with raw NBD requests.
+#[test]
+fn an_attached_socket_is_served_as_the_kernel_speaks() {
+    use rbd::image::CreateOptions;
+    use rbd::nbd::server::{ListenAddr, Server};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::up("nbd-attach", 3, &[]);
+    let lib = lib_open(&c.conf());
+    let rbd = Rbd::new(&lib.objecter, "rbd").unwrap();
+    rbd.create("k", 16 << 20, CreateOptions::default()).unwrap();
+    let img = Arc::new(rbd.open("k").unwrap());
+    img.write(8192, pattern(1, 4096)).unwrap();
+    let dir = scratch_dir("nbd-attach-sock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("k.sock");
+    let server =
+        Server::bind(Arc::clone(&img), "k", &ListenAddr::Unix(sock), false, Arc::clone(&lib.pool)).unwrap();
+    let flags = server.transmission_flags();
+    assert_eq!(flags & 0x1, 0x1, "NBD_FLAG_HAS_FLAGS");
+    assert_eq!(flags & 0x2, 0, "not read-only");
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let attached = server.attach(theirs).unwrap();
+    assert!(attached.is_open());
+    let mut cl = Nbd { s: mine, size: img.size(), flags };
+    cl.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(cl.read(8192, 4096), pattern(1, 4096), "librbd's bytes, over the attached socket");
+    cl.write(0, &pattern(2, 4096));
+    cl.send(CMD_FLUSH, 9, 0, 0, &[]).unwrap();
+    assert_eq!(cl.reply(None).unwrap(), (9, 0, vec![]));
+    assert_eq!(img.read(0, 4096).unwrap(), pattern(2, 4096), "the socket's bytes, through librbd");
+    cl.send(2, 10, 0, 0, &[]).unwrap(); // NBD_CMD_DISC
+    let t = Instant::now();
+    while attached.is_open() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the connection did not close after NBD_CMD_DISC");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut rest = Vec::new();
+    assert_eq!(cl.s.read_to_end(&mut rest).unwrap(), 0, "closed, with nothing more sent");
+    let stop = AtomicBool::new(true);
+    server.run(&stop).unwrap();
+    img.close();
+    let _ = std::fs::remove_dir_all(dir);
+}

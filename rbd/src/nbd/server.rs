@@ -731,26 +731,8 @@ impl Guest for ListenerGuest {
                 tracing::warn!("{CONNECTIONS_MAX} connections open; refusing one");
                 continue;
             }
-            let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-            let shared = Arc::clone(&self.shared);
-            let session = ServerSession::new(Arc::clone(&shared.catalog));
-            let h = self.pool.add_guest(move |guest| {
-                let st = ConnState {
-                    stream: Some(stream),
-                    session,
-                    out: VecDeque::new(),
-                    out_pos: 0,
-                    closing: false,
-                    no_read: false,
-                    read: ReadReadiness::default(),
-                    read_held: false,
-                    to_submit: VecDeque::new(),
-                    submitting: false,
-                };
-                let conn = Arc::new(Conn { id, shared: Arc::clone(&shared), guest, st: Mutex::new(st) });
-                shared.conns.lock().insert(id, Arc::clone(&conn));
-                Box::new(ConnGuest { conn, closed: None })
-            });
+            let session = ServerSession::new(Arc::clone(&self.shared.catalog));
+            let (id, h) = add_conn(&self.shared, &self.pool, stream, session);
             tracing::debug!(conn = id, worker = h.worker(), "connection accepted");
             // The greeting is queued in the session. Registering the socket raises its writable edge, which
             // sends it; the kick (queued behind the registration) only makes that independent of epoll.
@@ -769,6 +751,54 @@ impl Guest for ListenerGuest {
             }
             None => {}
         }
+    }
+}
+
+/// Serves `stream` as a new connection on one of `pool`'s workers, starting from `session`.
+fn add_conn(
+    shared: &Arc<Shared>,
+    pool: &WorkerPool,
+    stream: Stream,
+    session: ServerSession,
+) -> (u64, GuestHandle) {
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let shared = Arc::clone(shared);
+    let h = pool.add_guest(move |guest| {
+        let st = ConnState {
+            stream: Some(stream),
+            session,
+            out: VecDeque::new(),
+            out_pos: 0,
+            closing: false,
+            no_read: false,
+            read: ReadReadiness::default(),
+            read_held: false,
+            to_submit: VecDeque::new(),
+            submitting: false,
+        };
+        let conn = Arc::new(Conn { id, shared: Arc::clone(&shared), guest, st: Mutex::new(st) });
+        shared.conns.lock().insert(id, Arc::clone(&conn));
+        Box::new(ConnGuest { conn, closed: None })
+    });
+    (id, h)
+}
+
+/// A connection made with [`Server::attach`].
+pub struct Attached {
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl Attached {
+    /// False once the connection closed (the client disconnected, the socket failed, or the server stopped).
+    pub fn is_open(&self) -> bool {
+        self.shared.conns.lock().contains_key(&self.id)
+    }
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Attached(conn {}, open {})", self.id, self.is_open())
     }
 }
 
@@ -895,6 +925,29 @@ impl Server {
 
     pub fn local_addr(&self) -> &BoundAddr {
         &self.bound
+    }
+
+    /// Serves the export on `stream`, one end of a socket pair whose other end went to a client that did
+    /// its handshake another way: the kernel's NBD driver, which speaks the transmission phase at once with
+    /// the flags [`Server::transmission_flags`] gives (see `nbd::kernel`). Served from now on, before
+    /// [`Server::run`], and drained by its stop like any connection.
+    pub fn attach(&self, stream: std::os::unix::net::UnixStream) -> Result<Attached, ServerError> {
+        stream.set_nonblocking(true)?;
+        let export = &self.shared.catalog.exports()[0].name;
+        let session = ServerSession::preconnected(Arc::clone(&self.shared.catalog), export)
+            .expect("the catalog holds its own first export");
+        let (id, h) = add_conn(&self.shared, &self.pool, Stream::Unix(UnixStream::from_std(stream)), session);
+        tracing::debug!(conn = id, worker = h.worker(), "connection attached");
+        h.kick();
+        Ok(Attached { id, shared: Arc::clone(&self.shared) })
+    }
+
+    /// The `NBD_FLAG_*` transmission flags of the export, as a handshake would have told a client.
+    pub fn transmission_flags(&self) -> u16 {
+        let export = &self.shared.catalog.exports()[0].name;
+        ServerSession::preconnected(Arc::clone(&self.shared.catalog), export)
+            .and_then(|s| s.transmission_flags())
+            .expect("the catalog holds its own first export")
     }
 
     pub fn read_only(&self) -> bool {

@@ -1198,7 +1198,11 @@ mod tests {
         assert!(drain(&mut s).is_empty(), "no greeting");
         let flags = s.transmission_flags().unwrap();
         assert_eq!(flags & (FLAG_SEND_FLUSH | FLAG_SEND_TRIM), FLAG_SEND_FLUSH | FLAG_SEND_TRIM);
-        assert_eq!(flags & (FLAG_READ_ONLY | FLAG_SEND_DF), 0, "writable, and no DF without structured replies");
+        assert_eq!(
+            flags & (FLAG_READ_ONLY | FLAG_SEND_DF),
+            0,
+            "writable, and no DF without structured replies"
+        );
         let mut input = request(0, CMD_WRITE, 7, 512, 4);
         input.extend_from_slice(b"wxyz");
         input.extend(request(0, CMD_READ, 8, 0, 4));
