@@ -12,6 +12,7 @@
 
 mod error;
 mod export;
+pub mod kernel;
 mod session;
 pub mod wire;
 

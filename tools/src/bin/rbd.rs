@@ -123,13 +123,14 @@ enum Cmd {
         port: Option<u16>,
         #[arg(long)]
         read_only: bool,
-        /// Attach a kernel /dev/nbdN device (needs the nbd kernel module).
-        #[arg(long)]
+        /// Also attach a kernel NBD device: /dev/nbdN, or `auto` for the first free one (needs the nbd
+        /// kernel module and root); prints the device instead of the URI.
+        #[arg(long, value_name = "DEVICE")]
         device: Option<String>,
     },
     /// List mapped images.
     Showmapped,
-    /// Stop the NBD server of a mapped image (by POOL/IMAGE or URI).
+    /// Stop the NBD server of a mapped image (by POOL/IMAGE, URI or /dev/nbdN), detaching its device.
     Unmap { target: String },
     /// The background NBD server `map` starts.
     #[command(hide = true)]
@@ -141,6 +142,8 @@ enum Cmd {
         port: Option<u16>,
         #[arg(long)]
         read_only: bool,
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -204,12 +207,8 @@ fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Showmapped => return showmapped(cli.tool.format),
         Cmd::Unmap { target } => return unmap(target),
-        Cmd::Map { device: Some(d), .. } => bail!(
-            "--device {d}: kernel NBD devices need the nbd kernel module, which this host does not have \
-             (no /dev/nbd0); map without --device to get an NBD socket URI instead"
-        ),
-        Cmd::Map { spec, socket, port, read_only, device: None } => {
-            return map(&cli, spec, socket.as_deref(), *port, *read_only)
+        Cmd::Map { spec, socket, port, read_only, device } => {
+            return map(&cli, spec, socket.as_deref(), *port, *read_only, device.as_deref())
         }
         _ => {}
     }
@@ -375,9 +374,10 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
             img.close();
             r?;
         }
-        Cmd::NbdServe { spec, socket, port, read_only } => {
+        Cmd::NbdServe { spec, socket, port, read_only, device } => {
             let (pool, image) = parse_spec(spec)?;
-            nbd_serve(client, &pool, &image, socket.clone(), *port, *read_only)?;
+            let device = device.as_deref().map(device_index).transpose()?;
+            nbd_serve(client, &pool, &image, socket.clone(), *port, *read_only, device)?;
         }
         Cmd::Map { .. } | Cmd::Showmapped | Cmd::Unmap { .. } => unreachable!("handled before connecting"),
     }
@@ -802,6 +802,9 @@ struct Mapping {
     pid: u32,
     uri: String,
     read_only: bool,
+    /// The kernel device attached, `/dev/nbdN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
 }
 
 fn run_dir() -> PathBuf {
@@ -849,8 +852,37 @@ fn mappings() -> Result<Vec<Mapping>> {
     Ok(out)
 }
 
-fn map(cli: &Cli, spec: &str, socket: Option<&Path>, port: Option<u16>, read_only: bool) -> Result<()> {
+/// `--device`'s value: `auto` for the first free device, else `/dev/nbdN`.
+fn device_index(arg: &str) -> Result<Option<u32>> {
+    if arg == "auto" {
+        return Ok(None);
+    }
+    match rbd::nbd::kernel::parse_device(arg) {
+        Some(n) => Ok(Some(n)),
+        None => bail!("--device {arg}: expected /dev/nbdN, or auto for the first free device"),
+    }
+}
+
+fn map(
+    cli: &Cli,
+    spec: &str,
+    socket: Option<&Path>,
+    port: Option<u16>,
+    read_only: bool,
+    device: Option<&str>,
+) -> Result<()> {
     let (pool, image) = parse_spec(spec)?;
+    if let Some(d) = device {
+        let index = device_index(d)?;
+        // Before anything starts: a host without the driver (or a user without the right) hears it at once.
+        rbd::nbd::kernel::check_driver().map_err(|e| anyhow!("--device: {e}"))?;
+        if let Some(n) = index {
+            let path = rbd::nbd::kernel::device_path(n).display().to_string();
+            if let Some(m) = mappings()?.into_iter().find(|m| m.device.as_deref() == Some(path.as_str())) {
+                bail!("{path} is already attached to {}/{} (pid {})", m.pool, m.image, m.pid);
+            }
+        }
+    }
     let (_, conf_path) = cli.tool.config()?;
     let conf_path = std::fs::canonicalize(&conf_path).unwrap_or(conf_path);
     let dir = run_dir();
@@ -876,6 +908,9 @@ fn map(cli: &Cli, spec: &str, socket: Option<&Path>, port: Option<u16>, read_onl
     if read_only {
         cmd.arg("--read-only");
     }
+    if let Some(d) = device {
+        cmd.arg("--device").arg(d);
+    }
     let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
     use std::os::unix::process::CommandExt;
     let mut child = cmd
@@ -891,7 +926,7 @@ fn map(cli: &Cli, spec: &str, socket: Option<&Path>, port: Option<u16>, read_onl
     let t = Instant::now();
     loop {
         if let Some(m) = mappings()?.into_iter().find(|m| m.pid == pid) {
-            println!("{}", m.uri);
+            println!("{}", m.device.as_ref().unwrap_or(&m.uri));
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {
@@ -918,6 +953,7 @@ fn nbd_serve(
     socket: Option<PathBuf>,
     port: Option<u16>,
     read_only: bool,
+    device: Option<Option<u32>>,
 ) -> Result<()> {
     let stop = tools::termination_flag()?;
     // The pidfile is the lock on the mapping: a second server for the same image refuses to start.
@@ -932,25 +968,80 @@ fn nbd_serve(
     // Served on the client's messenger workers: requests and the OSD traffic they cause share threads.
     let server = Server::bind(Arc::clone(&img), image, &addr, read_only, Arc::clone(&client.pool))
         .map_err(|e| anyhow!("{e}"))?;
+    let attached = match device {
+        Some(index) => Some(attach_device(&server, &img, index)?),
+        None => None,
+    };
     let m = Mapping {
         pool: pool.into(),
         image: image.into(),
         pid: std::process::id(),
         uri: server.local_addr().uri(image),
         read_only,
+        device: attached.as_ref().map(|(n, _)| rbd::nbd::kernel::device_path(*n).display().to_string()),
     };
     // Written whole then renamed, so a reader never sees half a record.
     let rec = file_for(pool, image, "json");
     let tmp = rec.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&m)?)?;
     std::fs::rename(&tmp, &rec)?;
-    tracing::info!(uri = %m.uri, "serving");
-    let r = server.run(&stop);
+    tracing::info!(uri = %m.uri, device = ?m.device, "serving");
+    let r = match attached {
+        None => server.run(&stop),
+        Some((index, conn)) => {
+            // The device goes first: the driver sends NBD_CMD_DISC after what it has in flight, then the
+            // server drains as for any stop. A device detached from elsewhere ends the mapping too.
+            let server_stop = Arc::new(AtomicBool::new(false));
+            let (stop, server_stop2) = (Arc::clone(&stop), Arc::clone(&server_stop));
+            let watcher = std::thread::Builder::new().name("nbd-device".into()).spawn(move || {
+                while !stop.load(Ordering::Acquire) && conn.is_open() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if conn.is_open() {
+                    if let Err(e) = rbd::nbd::kernel::disconnect(index) {
+                        tracing::error!("detaching /dev/nbd{index}: {e}");
+                    }
+                    let t = Instant::now();
+                    while conn.is_open() && t.elapsed() < UNMAP_TIMEOUT {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                } else {
+                    tracing::info!("/dev/nbd{index} was detached; stopping");
+                }
+                server_stop2.store(true, Ordering::Release);
+            })?;
+            let r = server.run(&server_stop);
+            let _ = watcher.join();
+            r
+        }
+    };
     let _ = std::fs::remove_file(&rec);
     img.flush().map_err(|e| anyhow!("final flush: {e}"))?;
     img.close();
     tracing::info!("stopped");
     r.map_err(|e| anyhow!("{e}"))
+}
+
+/// Hands one end of a socket pair to a kernel NBD device and serves the other: `index`'s device, or the
+/// first free one. Returns the device's index and the connection.
+fn attach_device(
+    server: &Server,
+    img: &Image,
+    index: Option<u32>,
+) -> Result<(u32, rbd::nbd::server::Attached)> {
+    use std::os::fd::AsFd;
+    let (ours, kernels) = std::os::unix::net::UnixStream::pair().context("creating a socket pair")?;
+    let conn = server.attach(ours).map_err(|e| anyhow!("{e}"))?;
+    let spec = rbd::nbd::kernel::ConnectSpec {
+        index,
+        size_bytes: img.size(),
+        block_size: 512,
+        flags: server.transmission_flags(),
+        timeout: None,
+    };
+    let n =
+        rbd::nbd::kernel::connect(&spec, kernels.as_fd()).map_err(|e| anyhow!("attaching a device: {e}"))?;
+    Ok((n, conn))
 }
 
 fn showmapped(format: Format) -> Result<()> {
@@ -959,14 +1050,15 @@ fn showmapped(format: Format) -> Result<()> {
         println!("{}", serde_json::to_string(&ms)?);
         return Ok(());
     }
-    println!("{:<8} {:<10} {:<20} {:<4} URI", "PID", "POOL", "IMAGE", "RO");
+    println!("{:<8} {:<10} {:<20} {:<4} {:<11} URI", "PID", "POOL", "IMAGE", "RO", "DEVICE");
     for m in ms {
         println!(
-            "{:<8} {:<10} {:<20} {:<4} {}",
+            "{:<8} {:<10} {:<20} {:<4} {:<11} {}",
             m.pid,
             m.pool,
             m.image,
             if m.read_only { "yes" } else { "no" },
+            m.device.as_deref().unwrap_or("-"),
             m.uri
         );
     }
@@ -977,6 +1069,8 @@ fn unmap(target: &str) -> Result<()> {
     let ms = mappings()?;
     let m = if target.starts_with("nbd") {
         ms.into_iter().find(|m| m.uri == target)
+    } else if target.starts_with("/dev/") {
+        ms.into_iter().find(|m| m.device.as_deref() == Some(target))
     } else {
         let (pool, image) = parse_spec(target)?;
         ms.into_iter().find(|m| m.pool == pool && m.image == image)
