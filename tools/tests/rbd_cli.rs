@@ -91,6 +91,7 @@ fn rbd_cli_manages_images_on_a_real_cluster() {
         fails(&c, &["map", "--device", "/dev/nbd0", "rbd/big"], "modprobe nbd");
         fails(&c, &["map", "--device", "auto", "rbd/big"], "no generic netlink family \"nbd\"");
         assert_eq!(json(&c, &["showmapped"]), serde_json::json!([]));
+        fails(&c, &["unmap", "/dev/nbd3"], "modprobe nbd");
     }
 
     // --- resize / rename / rm

@@ -1075,7 +1075,13 @@ fn unmap(target: &str) -> Result<()> {
         let (pool, image) = parse_spec(target)?;
         ms.into_iter().find(|m| m.pool == pool && m.image == image)
     };
-    let Some(m) = m else { bail!("{target} is not mapped") };
+    let Some(m) = m else {
+        // A device whose server died (kill -9) stays attached to a dead socket until it is disconnected.
+        if let Some(n) = rbd::nbd::kernel::parse_device(target) {
+            return rbd::nbd::kernel::disconnect(n).map_err(|e| anyhow!("{target} is not mapped here: {e}"));
+        }
+        bail!("{target} is not mapped")
+    };
     let kill = |sig: &str| std::process::Command::new("kill").args([sig, &m.pid.to_string()]).status();
     kill("-TERM").context("running kill")?;
     let t = Instant::now();
