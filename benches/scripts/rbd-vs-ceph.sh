@@ -64,6 +64,10 @@ export CUTTLE_CONF="$work/cuttle/cuttle.toml" CUTTLE_RBD_RUN_DIR="$work/run"
 rbdbench cuttle-write-4K-rand "$bin/rbd" bench --io-type write --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
 rbdbench cuttle-read-4K-rand "$bin/rbd" bench --io-type read --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
 rbdbench cuttle-write-4M-seq "$bin/rbd" bench --io-type write --io-size 4M --io-threads 16 --io-total "$t4m" --io-pattern seq rbd/bench
+# The NBD path's baseline: `rbd bench` on the image as fio finds it (written whole by the 4 MiB phase), not on
+# the fresh image of the first phases, where a write costs the store differently.
+rbdbench cuttle-write-4K-rand-written "$bin/rbd" bench --io-type write --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
+rbdbench cuttle-read-4K-rand-written "$bin/rbd" bench --io-type read --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 uri=$("$bin/rbd" map rbd/bench --port "$port")
 fiobench cuttle-fio-randwrite-4K randwrite --ioengine=nbd --uri="$uri"
@@ -94,10 +98,10 @@ for name, unit, idx, target in [("write-4K-rand", "rbd bench 4K randwrite, 16 th
     else:
         c, k = r["ceph-" + name][idx], r["cuttle-" + name][idx]
     print(f"| {unit} | {c:.0f} | {k:.0f} | {k/c:.2f} | {target} |")
-for a, b in [("fio-randwrite-4K", "write-4K-rand"), ("fio-randread-4K", "read-4K-rand"),
-             ("fio-randwrite-4K-unix", "write-4K-rand"), ("fio-randread-4K-unix", "read-4K-rand")]:
+for a, b in [("fio-randwrite-4K", "write-4K-rand-written"), ("fio-randread-4K", "read-4K-rand-written"),
+             ("fio-randwrite-4K-unix", "write-4K-rand-written"), ("fio-randread-4K-unix", "read-4K-rand-written")]:
     f, o = r["cuttle-" + a][0], r["cuttle-" + b][0]
     via = "unix socket" if a.endswith("-unix") else "TCP"
-    print(f"| cuttle NBD path over {via} ({a}) vs cuttle rbd bench ({b}) | | {f:.0f} vs {o:.0f} | {f/o:.2f} | >= 0.80 |")
+    print(f"| cuttle NBD path over {via} ({a}) vs cuttle rbd bench on the same image ({b}) | | {f:.0f} vs {o:.0f} | {f/o:.2f} | >= 0.80 |")
 PY
 rm -rf "$work"
