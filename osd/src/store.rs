@@ -667,13 +667,9 @@ fn write_chunks(o: &mut MemObject, offset: u64, data: &CrcBytes) {
                 punch(o, pos, stop);
                 let mut b = BytesMut::with_capacity(n);
                 b.extend_from_slice(src);
-                // The block's crc holds for a piece that is all of a short last block, alone in its chunk.
-                let alone =
-                    o.pieces.range(chunk..chunk + CHUNK_BYTES).next().is_none() && at + n == data.len();
-                o.pieces.insert(pos, Piece { bytes: b.freeze(), crc: block_crc.filter(|_| alone) });
-                if o.pieces.range(chunk..chunk + CHUNK_BYTES).count() > PIECES_PER_CHUNK_MAX {
-                    consolidate(o, chunk);
-                }
+                // A piece that starts a chunk and is shorter than one is `data`'s last block, whose crc it is.
+                o.pieces.insert(pos, Piece { bytes: b.freeze(), crc: block_crc });
+                bound_pieces(o, chunk);
             }
         }
         pos = stop;
@@ -712,6 +708,9 @@ fn write_in_place(o: &mut MemObject, pos: u64, src: &[u8]) -> bool {
 /// Makes `[from, to)` a hole: pieces within it go, pieces across its ends keep what lies outside (slices,
 /// no copy).
 fn punch(o: &mut MemObject, from: u64, to: u64) {
+    if from >= to {
+        return;
+    }
     if let Some((&start, p)) = o.pieces.range_mut(..from).next_back() {
         let end = p.end(start);
         if end > from {
@@ -734,6 +733,13 @@ fn punch(o: &mut MemObject, from: u64, to: u64) {
     }
 }
 
+/// Copies the pieces of the chunk at `chunk` into one buffer if it has more than [`PIECES_PER_CHUNK_MAX`].
+fn bound_pieces(o: &mut MemObject, chunk: u64) {
+    if o.pieces.range(chunk..chunk + CHUNK_BYTES).count() > PIECES_PER_CHUNK_MAX {
+        consolidate(o, chunk);
+    }
+}
+
 /// Copies the pieces of the chunk at `chunk` into one buffer (holes between them as zeros).
 fn consolidate(o: &mut MemObject, chunk: u64) {
     let pieces: Vec<(u64, Piece)> = {
@@ -751,6 +757,12 @@ fn consolidate(o: &mut MemObject, chunk: u64) {
 
 fn zero_chunks(o: &mut MemObject, offset: u64, len: u64) {
     punch(o, offset, offset + len);
+    // A hole inside a piece splits it in two: bound the chunks at the hole's ends.
+    if len > 0 {
+        bound_pieces(o, offset - offset % CHUNK_BYTES);
+        let last = offset + len - 1;
+        bound_pieces(o, last - last % CHUNK_BYTES);
+    }
 }
 
 fn truncate_chunks(o: &mut MemObject, size: u64) {
@@ -1315,6 +1327,17 @@ mod tests {
         }
         assert_eq!(s.read(pg(), "img", 0, u64::MAX).unwrap(), model);
         assert!(held.concat().iter().all(|&b| b != 3), "the held read is unchanged");
+
+        // Holes punched inside pieces split them too: bounded the same way.
+        for k in 0..40u64 {
+            let off = 3 * c as u64 + 7 + k * 1500;
+            let mut t = Transaction::new();
+            t.zero(oid("img"), off, 10);
+            s.apply(&t).unwrap();
+            model[off as usize..off as usize + 10].fill(0);
+            check_pieces(&s, "img");
+        }
+        assert_eq!(s.read(pg(), "img", 0, u64::MAX).unwrap(), model);
     }
 
     #[test]
