@@ -689,11 +689,11 @@ fn write_in_place(o: &mut MemObject, pos: u64, src: &[u8]) -> bool {
     if o.pieces.range(pos + 1..stop).next().is_some() {
         return false;
     }
-    let p = o.pieces.remove(&start).expect("just found");
-    let mut b = match p.bytes.try_into_mut() {
+    let p = o.pieces.get_mut(&start).expect("just found");
+    let mut b = match std::mem::take(&mut p.bytes).try_into_mut() {
         Ok(b) => b,
         Err(shared) => {
-            o.pieces.insert(start, Piece { bytes: shared, crc: p.crc });
+            p.bytes = shared;
             return false;
         }
     };
@@ -701,7 +701,7 @@ fn write_in_place(o: &mut MemObject, pos: u64, src: &[u8]) -> bool {
     let overlap = b.len().min(within + src.len()) - within;
     b[within..within + overlap].copy_from_slice(&src[..overlap]);
     b.extend_from_slice(&src[overlap..]);
-    o.pieces.insert(start, Piece::new(b.freeze()));
+    *p = Piece::new(b.freeze());
     true
 }
 
@@ -723,9 +723,8 @@ fn punch(o: &mut MemObject, from: u64, to: u64) {
             p.crc = None;
         }
     }
-    let inside: Vec<u64> = o.pieces.range(from..to).map(|(&k, _)| k).collect();
-    for start in inside {
-        let p = o.pieces.remove(&start).expect("just listed");
+    while let Some((&start, _)) = o.pieces.range(from..to).next() {
+        let p = o.pieces.remove(&start).expect("just found");
         let end = p.end(start);
         if end > to {
             o.pieces.insert(to, Piece::new(p.bytes.slice((to - start) as usize..)));

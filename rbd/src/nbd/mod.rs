@@ -18,6 +18,7 @@ pub mod wire;
 
 pub use error::{CatalogError, CloseReason, NbdError, ProtocolError, ReplyError};
 pub use export::{ExportCatalog, ExportInfo, STRING_BYTES_MAX};
+pub use session::transmission_flags;
 pub use session::{
     Event, RequestId, RequestKind, ServerSession, BLOCK_SIZE_MIN_BYTES, BLOCK_SIZE_PREFERRED_BYTES,
     INPUT_BUFFER_BYTES_MAX, OPTIONS_MAX, OPTION_DATA_BYTES_MAX, PAYLOAD_BYTES_MAX, REQUESTS_IN_FLIGHT_MAX,

@@ -944,10 +944,8 @@ impl Server {
 
     /// The `NBD_FLAG_*` transmission flags of the export, as a handshake would have told a client.
     pub fn transmission_flags(&self) -> u16 {
-        let export = &self.shared.catalog.exports()[0].name;
-        ServerSession::preconnected(Arc::clone(&self.shared.catalog), export)
-            .and_then(|s| s.transmission_flags())
-            .expect("the catalog holds its own first export")
+        // Without structured replies: the kernel's driver speaks only simple ones.
+        super::transmission_flags(&self.shared.catalog.exports()[0], false)
     }
 
     pub fn read_only(&self) -> bool {

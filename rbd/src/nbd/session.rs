@@ -91,6 +91,26 @@ struct Pending {
     read: Option<(u64, u32)>,
 }
 
+/// The transmission flags (`NBD_FLAG_*`) a server offers for `export`, to a client that negotiated structured
+/// replies or not.
+pub fn transmission_flags(export: &ExportInfo, structured: bool) -> u16 {
+    let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+    if export.read_only {
+        flags |= FLAG_READ_ONLY;
+    } else {
+        flags |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+    }
+    if export.can_multi_conn {
+        flags |= FLAG_CAN_MULTI_CONN;
+    }
+    // Every read is answered with a single chunk, so "don't fragment" is honoured for free; the spec forbids
+    // advertising it without structured replies.
+    if structured {
+        flags |= FLAG_SEND_DF;
+    }
+    flags
+}
+
 /// One NBD connection, server side, fixed newstyle handshake.
 ///
 /// Sans-IO (STYLE.md §2): the shell feeds socket bytes to [`received`](Self::received), performs the I/O
@@ -169,7 +189,7 @@ impl ServerSession {
     /// The transmission flags (`NBD_FLAG_*`) this session offers for its export, `None` before one is
     /// selected: what a client that skipped the handshake must be told another way.
     pub fn transmission_flags(&self) -> Option<u16> {
-        self.selected.as_ref().map(|e| self.flags_for(e))
+        self.selected.as_ref().map(|e| transmission_flags(e, self.structured))
     }
 
     /// Bytes read from the socket. Parses as far as the limits allow; input after the session closed or
@@ -430,7 +450,7 @@ impl ServerSession {
         let mut reply = [0u8; EXPORT_NAME_REPLY_BYTES + EXPORT_NAME_ZEROES_BYTES];
         let mut w = &mut reply[..];
         w.put_u64(export.size_bytes);
-        w.put_u16(self.flags_for(&export));
+        w.put_u16(transmission_flags(&export, self.structured));
         let len = if self.no_zeroes { EXPORT_NAME_REPLY_BYTES } else { reply.len() };
         self.push_small(&reply[..len]);
         self.enter_transmission(export);
@@ -471,7 +491,7 @@ impl ServerSession {
         let mut w = &mut info[..];
         w.put_u16(INFO_EXPORT);
         w.put_u64(export.size_bytes);
-        w.put_u16(self.flags_for(&export));
+        w.put_u16(transmission_flags(&export, self.structured));
         self.send_option_reply(option, REP_INFO, &info);
         if wants(INFO_NAME) {
             self.send_option_reply(option, REP_INFO, &info_string(INFO_NAME, &export.name));
@@ -492,24 +512,6 @@ impl ServerSession {
         if option == OPT_GO {
             self.enter_transmission(export);
         }
-    }
-
-    fn flags_for(&self, export: &ExportInfo) -> u16 {
-        let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
-        if export.read_only {
-            flags |= FLAG_READ_ONLY;
-        } else {
-            flags |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
-        }
-        if export.can_multi_conn {
-            flags |= FLAG_CAN_MULTI_CONN;
-        }
-        // Every read is answered with a single chunk, so "don't fragment" is honoured for free; the spec
-        // forbids advertising it without structured replies.
-        if self.structured {
-            flags |= FLAG_SEND_DF;
-        }
-        flags
     }
 
     fn enter_transmission(&mut self, export: ExportInfo) {
