@@ -7,10 +7,13 @@
 //! `batch` events, so that a messenger worker gets back to its sockets. On the common path an event costs
 //! no thread hand-off at all.
 //!
-//! Two properties, tested below: no event is stranded (an event is queued before `try_lock`, so either the
-//! submitting thread gets the lock and runs it, or the thread holding the lock at that moment finds it when
-//! it looks at the queue again after unlocking), and the events of one submitting thread run in the order it
-//! submitted them (one FIFO, popped only by the lock holder).
+//! Two properties, tested below: no event is stranded, and the events of one submitting thread run in the
+//! order it submitted them (one FIFO, popped only by the runner's holder). The first holds by one rule that
+//! every path follows: an event is queued before `try_lock`, and *whoever lets go of the runner looks at the
+//! queue again afterwards* (the inline submitter, the runner's own thread, [`InlineQueue::with`]) and, if it
+//! is not empty, takes the runner again or hands it to the runner's thread. So a submitter that found the
+//! runner busy may leave: the holder at that moment will find its event. A full queue is only ever
+//! transient for the same reason; a submitter that finds it full first tries to run it itself.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,12 +78,20 @@ impl<R: Runner> InlineQueue<R> {
         if self.stopped.load(Ordering::Acquire) {
             return Err(SubmitError::Stopped);
         }
-        {
-            let mut q = self.queue.lock();
-            if q.len() >= self.cap {
-                return Err(SubmitError::Full(Box::new(ev)));
+        for attempt in 0..2 {
+            {
+                let mut q = self.queue.lock();
+                if q.len() < self.cap {
+                    q.push_back(ev);
+                    break;
+                }
+                if attempt == 1 {
+                    return Err(SubmitError::Full(Box::new(ev)));
+                }
             }
-            q.push_back(ev);
+            // Full: make room by running the queue if no other thread is inside the runner; if one is, it
+            // looks at the queue again when it lets go, so the queue drains either way.
+            self.run_inline();
         }
         self.run_inline();
         Ok(())
@@ -100,19 +111,28 @@ impl<R: Runner> InlineQueue<R> {
         }
     }
 
+    /// Runs the queue on this thread if no other thread is inside the runner: at most `batch` events, then the
+    /// runner's thread takes over the rest.
     fn run_inline(&self) {
         loop {
             let Some(mut runner) = self.runner.try_lock() else { return };
             let empty = self.drain(&mut runner, self.batch);
             drop(runner);
             if !empty {
-                let _ = self.wake.try_send(());
+                self.hand_over();
                 return;
             }
+            // Let go, then look again: an event queued while we held the runner was left for us.
             if self.queue.lock().is_empty() {
                 return;
             }
         }
+    }
+
+    /// Wakes the runner's thread to run the queue. Its wake channel holds one token: if one is already there,
+    /// the thread has yet to look at the queue, and will.
+    fn hand_over(&self) {
+        let _ = self.wake.try_send(());
     }
 
     /// Runs queued events, at most `budget`; returns whether the queue was left empty.
@@ -145,23 +165,36 @@ impl<R: Runner> InlineQueue<R> {
             if let Err(RecvTimeoutError::Disconnected) = self.wake_rx.recv_timeout(wait) {
                 break;
             }
-            if self.stopped.load(Ordering::Acquire) {
-                break;
+            loop {
+                if self.stopped.load(Ordering::Acquire) {
+                    return;
+                }
+                let mut runner = self.runner.lock();
+                let now = Instant::now();
+                self.drain(&mut runner, usize::MAX);
+                let due = now >= next_tick;
+                if due {
+                    next_tick = now + tick;
+                }
+                runner.turn(now, due);
+                drop(runner);
+                // Let go, then look again: a submitter that found the runner busy (during `turn`, say) left its
+                // event for us, and nobody else may come to run it.
+                if self.queue.lock().is_empty() {
+                    break;
+                }
             }
-            let mut runner = self.runner.lock();
-            let now = Instant::now();
-            self.drain(&mut runner, usize::MAX);
-            let due = now >= next_tick;
-            if due {
-                next_tick = now + tick;
-            }
-            runner.turn(now, due);
         }
     }
 
     /// Runs `f` on the runner, waiting for it to be free (not for the hot path).
     pub fn with<T>(&self, f: impl FnOnce(&mut R) -> T) -> T {
-        f(&mut self.runner.lock())
+        let out = f(&mut self.runner.lock());
+        // Let go, then look again (see the module's rule): events queued meanwhile go to the runner's thread.
+        if !self.queue.lock().is_empty() {
+            self.hand_over();
+        }
+        out
     }
 }
 
@@ -177,6 +210,14 @@ mod tests {
         runner_thread: Option<std::thread::ThreadId>,
         slow_every: u64,
         slow_end: bool,
+        /// When set, `turn` says it has begun and waits to be let go (see [`Gate`]).
+        turn_gate: Option<Gate>,
+    }
+
+    /// Holds the runner's thread inside `turn` until the test lets it go.
+    struct Gate {
+        entered: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
     }
 
     impl Runner for Recorder {
@@ -199,7 +240,13 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
-        fn turn(&mut self, _now: Instant, _tick: bool) {}
+        fn turn(&mut self, _now: Instant, _tick: bool) {
+            if let Some(g) = self.turn_gate.take() {
+                g.entered.send(()).unwrap();
+                // Bounded: a test that never lets go fails on its own deadline, not here.
+                let _ = g.release.recv_timeout(Duration::from_secs(10));
+            }
+        }
     }
 
     /// A queue around a [`Recorder`] and its runner thread (tick an hour away), started and ready.
@@ -209,8 +256,14 @@ mod tests {
         slow_every: u64,
         slow_end: bool,
     ) -> (Arc<InlineQueue<Recorder>>, std::thread::JoinHandle<()>) {
-        let r =
-            Recorder { seen: Vec::new(), ran_on_runner_thread: 0, runner_thread: None, slow_every, slow_end };
+        let r = Recorder {
+            seen: Vec::new(),
+            ran_on_runner_thread: 0,
+            runner_thread: None,
+            slow_every,
+            slow_end,
+            turn_gate: None,
+        };
         let q = Arc::new(InlineQueue::new(r, cap, batch));
         let t = {
             let q = Arc::clone(&q);
@@ -225,7 +278,10 @@ mod tests {
         (q, t)
     }
 
-    fn run_producers(q: &Arc<InlineQueue<Recorder>>, producers: usize, per: u64) {
+    /// Each producer submits `per` events, retrying while the queue is full; fails the test if they are not all
+    /// taken within `deadline` (a queue that stays full is a stranded queue).
+    fn run_producers(q: &Arc<InlineQueue<Recorder>>, producers: usize, per: u64, deadline: Duration) {
+        let give_up = Instant::now() + deadline;
         std::thread::scope(|s| {
             for p in 0..producers {
                 let q = Arc::clone(q);
@@ -236,6 +292,10 @@ mod tests {
                             match q.try_submit(ev) {
                                 Ok(()) => break,
                                 Err(SubmitError::Full(back)) => {
+                                    assert!(
+                                        Instant::now() < give_up,
+                                        "producer {p}: the queue stayed full for {deadline:?} at event {i}"
+                                    );
                                     ev = *back;
                                     std::thread::yield_now();
                                 }
@@ -248,6 +308,21 @@ mod tests {
         });
     }
 
+    /// Waits up to `deadline` for `n` events to have run.
+    fn wait_seen(q: &InlineQueue<Recorder>, n: usize, deadline: Duration) -> Result<(), String> {
+        let give_up = Instant::now() + deadline;
+        loop {
+            let seen = q.with(|r| r.seen.len());
+            if seen >= n {
+                return Ok(());
+            }
+            if Instant::now() > give_up {
+                return Err(format!("events stranded: {seen} of {n} ran within {deadline:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn nothing_is_stranded_and_each_submitter_keeps_its_order() {
         // Goal: with many threads submitting at once, every event runs without waiting for a tick, and the
@@ -256,17 +331,8 @@ mod tests {
         // producers finish, everything must have run within a second.
         let (q, t) = start(64, 8, 997, false);
         let (producers, per) = (4, 20_000u64);
-        run_producers(&q, producers, per);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while q.with(|r| r.seen.len()) < producers * per as usize {
-            assert!(
-                Instant::now() < deadline,
-                "events stranded: {} of {} ran",
-                q.with(|r| r.seen.len()),
-                producers * per as usize
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        run_producers(&q, producers, per, Duration::from_secs(30));
+        wait_seen(&q, producers * per as usize, Duration::from_secs(1)).unwrap();
         q.stop();
         t.join().unwrap();
         q.with(|r| {
@@ -320,6 +386,49 @@ mod tests {
     }
 
     #[test]
+    fn an_event_queued_while_the_runner_thread_takes_its_turn_is_run_when_it_lets_go() {
+        // Goal: the runner's own thread looks at the queue again after it lets go of the runner (the hang of
+        // the old code: it went back to sleep towards a tick an hour away). Method: with batch 1, a backlog
+        // goes to the runner's thread; hold that thread inside `turn`, submit one event (the submitter finds
+        // the runner busy and leaves), let the thread go: the event must run within a second.
+        let (q, t) = start(16, 1, 0, false);
+        let (entered_tx, entered) = crossbeam_channel::bounded(1);
+        let (release, release_rx) = crossbeam_channel::bounded(1);
+        q.with(|r| r.turn_gate = Some(Gate { entered: entered_tx, release: release_rx }));
+        q.with(|_| {
+            q.try_submit((0, 0)).unwrap();
+            q.try_submit((0, 1)).unwrap();
+        });
+        q.try_submit((0, 2)).unwrap();
+        entered.recv_timeout(Duration::from_secs(5)).expect("the runner's thread never took its turn");
+        q.try_submit((1, 0)).unwrap();
+        release.send(()).unwrap();
+        let result = wait_seen(&q, 4, Duration::from_secs(1));
+        q.stop();
+        t.join().unwrap();
+        result.unwrap();
+    }
+
+    #[test]
+    fn events_queued_while_with_holds_the_runner_run_after_it_lets_go() {
+        // Goal: `with` follows the same rule as every holder. Method: queue events (up to a full queue) while
+        // `with` holds the runner; with no later submission and the tick an hour away, they must all run
+        // within a second of `with` returning, and the queue must take events again.
+        let (q, t) = start(4, 8, 0, false);
+        q.with(|_| {
+            for i in 0..4 {
+                q.try_submit((0, i)).unwrap();
+            }
+            assert!(matches!(q.try_submit((0, 4)), Err(SubmitError::Full(_))), "a cap of 4 holds 4");
+        });
+        let result = wait_seen(&q, 4, Duration::from_secs(1));
+        q.try_submit((0, 4)).unwrap();
+        q.stop();
+        t.join().unwrap();
+        result.unwrap();
+    }
+
+    #[test]
     fn an_idle_runner_runs_the_event_on_the_submitting_thread() {
         // Goal: the common path costs no hand-off. Method: submit one event at a time with no contention and
         // check none of them ran on the runner's thread.
@@ -337,8 +446,8 @@ mod tests {
     #[test]
     fn a_backlog_beyond_the_batch_is_taken_over_by_the_runner_thread() {
         // Goal: a submitting thread runs at most `batch` events, the runner thread the rest. Method: hold the
-        // runner, queue 50 events, release it and submit one more: the submitter runs 2 (batch), the runner
-        // thread the remaining 49.
+        // runner, queue 50 events, release it and submit one more: the submitter runs at most 2 (batch), the
+        // runner thread the rest.
         let (q, t) = start(100, 2, 0, false);
         q.with(|_| {
             for i in 0..50 {
@@ -351,7 +460,8 @@ mod tests {
             assert!(Instant::now() < deadline, "backlog not taken over");
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(q.with(|r| r.ran_on_runner_thread), 49);
+        // `with` itself hands its backlog to the runner's thread, which may take the 51st too.
+        assert!(q.with(|r| r.ran_on_runner_thread) >= 49, "the submitter ran more than its batch");
         q.stop();
         t.join().unwrap();
     }
