@@ -309,6 +309,8 @@ pub struct Stats {
     pub inflight_ops: usize,
     pub inflight_bytes: u64,
     pub parked: usize,
+    /// Submitters (and `close`) waiting for room.
+    pub waiting: usize,
 }
 
 /// One image's object-op budget and FIFO over a sink.
@@ -353,7 +355,12 @@ impl<S: ObjectSink> Dispatch<S> {
     #[cfg(test)]
     pub fn stats(&self) -> Stats {
         let q = self.q.lock();
-        Stats { inflight_ops: q.inflight_ops, inflight_bytes: q.inflight_bytes, parked: q.parked.len() }
+        Stats {
+            inflight_ops: q.inflight_ops,
+            inflight_bytes: q.inflight_bytes,
+            parked: q.parked.len(),
+            waiting: q.waiting,
+        }
     }
 
     /// Submits the object ops of one image request; `done` gets the read's bytes (`buf_len` of them) or
@@ -752,7 +759,7 @@ mod tests {
         for i in 0..40 {
             assert_eq!(outcome(&out, i), Some(Ok(Bytes::new())), "request {i}");
         }
-        assert_eq!(d.stats(), Stats { inflight_ops: 0, inflight_bytes: 0, parked: 0 });
+        assert_eq!(d.stats(), Stats { inflight_ops: 0, inflight_bytes: 0, parked: 0, waiting: 0 });
     }
 
     #[test]
@@ -939,6 +946,16 @@ mod tests {
         }
     }
 
+    /// Waits (at most 5 s, else fails) until `n` threads wait for room: what a test observes instead of
+    /// sleeping and hoping the other thread got there.
+    fn wait_until_waiting<S: ObjectSink>(d: &Dispatch<S>, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while d.stats().waiting < n {
+            assert!(Instant::now() < deadline, "{n} threads never waited for room");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn an_ordinary_submitter_waits_for_room_and_gives_up_with_queue_full() {
         // Goal: backpressure blocks a plain submitter until a parked op starts, and never forever. Method:
@@ -950,7 +967,7 @@ mod tests {
         d.submit(vec![wop("B", 1)], 0, into(&out, 1));
         let (d2, out2) = (Arc::clone(&d), Arc::clone(&out));
         let t = std::thread::spawn(move || d2.submit(vec![wop("C", 1)], 0, into(&out2, 2)));
-        std::thread::sleep(Duration::from_millis(50));
+        wait_until_waiting(&d, 1);
         assert!(!t.is_finished(), "C waits for room");
         d.sink().release(0);
         t.join().unwrap();
@@ -1003,7 +1020,7 @@ mod tests {
         assert_eq!(outcome(&out, 5), Some(Err(RbdError::Rados(RadosError::Io("boom".into())))));
         assert!(matches!(outcome(&out, 6), Some(Err(RbdError::Rados(RadosError::Protocol(_))))));
         assert!(matches!(outcome(&out, 7), Some(Err(RbdError::Rados(RadosError::Protocol(_))))));
-        assert_eq!(d.stats(), Stats { inflight_ops: 0, inflight_bytes: 0, parked: 0 });
+        assert_eq!(d.stats(), Stats { inflight_ops: 0, inflight_bytes: 0, parked: 0, waiting: 0 });
     }
 
     #[test]
@@ -1057,7 +1074,7 @@ mod tests {
         }
         let d2 = Arc::clone(&d);
         let closing = std::thread::spawn(move || d2.close());
-        std::thread::sleep(Duration::from_millis(20));
+        wait_until_waiting(&d, 1);
         assert!(!closing.is_finished(), "close waits for parked ops to start");
         d.sink().release(0);
         d.sink().release(0);
