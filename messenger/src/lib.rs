@@ -25,6 +25,7 @@ mod messenger;
 pub mod policy;
 pub mod session;
 pub mod throttle;
+pub mod util;
 mod worker;
 
 pub use config::MessengerConfig;

@@ -358,10 +358,8 @@ impl MsgrInner {
 
     /// A fresh, non-zero session cookie (splitmix64 over a per-messenger seed: unique, not secret).
     pub fn new_cookie(&self) -> u64 {
-        let mut z = self.cookie_state.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)).max(1)
+        let z = self.cookie_state.fetch_add(crate::util::GOLDEN_GAMMA, Ordering::Relaxed);
+        crate::util::mix64(z).max(1)
     }
 
     fn new_conn(

@@ -984,10 +984,7 @@ impl Session {
 
 /// The cookie after `c` (splitmix64): deterministic, never 0.
 fn next_cookie(c: u64) -> u64 {
-    let mut z = c.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)).max(1)
+    crate::util::splitmix64(c).max(1)
 }
 
 /// Runs on an accepted socket until the peer has identified itself.

@@ -441,7 +441,9 @@ impl Worker {
             let timeout = if !self.rx.is_empty() {
                 Some(Duration::ZERO) // tasks this thread posted to itself while handling the last batch
             } else {
-                self.timers.first().map(|&(t, _)| round_up_ms(t.saturating_duration_since(Instant::now())))
+                self.timers
+                    .first()
+                    .map(|&(t, _)| crate::util::round_up_ms(t.saturating_duration_since(Instant::now())))
             };
             if busy && timeout != Some(Duration::ZERO) && self.awaiting_peer() && self.spin(&mut events) {
                 // something arrived while spinning: handle it below without having slept
@@ -1091,13 +1093,6 @@ fn open_socket(addr: SocketAddr, nodelay: bool) -> io::Result<TcpStream> {
     Ok(TcpStream::from_std(s.into()))
 }
 
-/// Rounds a poll timeout up to the next whole millisecond: epoll waits in ms, and rounding down turns a 0.4 ms
-/// wait into a busy loop (Ceph tracker 62512).
-fn round_up_ms(d: Duration) -> Duration {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    Duration::from_millis(ms.min(u64::MAX as u128) as u64)
-}
-
 fn injected(op_count: &mut u64, every: u64, counters: &Counters) -> bool {
     if every == 0 {
         return false;
@@ -1260,14 +1255,5 @@ mod tests {
         assert!(r.may_read(), "after the FIN, reads go on until they return the end");
         r.would_block();
         assert!(!r.may_read());
-    }
-
-    #[test]
-    fn poll_timeouts_round_up_to_the_next_millisecond() {
-        assert_eq!(round_up_ms(Duration::from_micros(1)), Duration::from_millis(1));
-        assert_eq!(round_up_ms(Duration::from_micros(400)), Duration::from_millis(1));
-        assert_eq!(round_up_ms(Duration::from_millis(2)), Duration::from_millis(2));
-        assert_eq!(round_up_ms(Duration::from_micros(2001)), Duration::from_millis(3));
-        assert_eq!(round_up_ms(Duration::ZERO), Duration::ZERO);
     }
 }

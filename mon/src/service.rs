@@ -360,9 +360,5 @@ impl Dispatcher for MonDispatcher {
 
 /// A messenger nonce that differs between monitor instances (a restarted monitor is a new peer instance).
 fn nonce() -> u64 {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mut z = t ^ ((std::process::id() as u64) << 32) ^ 0x6d6f_6e30;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    messenger::util::entropy()
 }

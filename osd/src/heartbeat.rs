@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use messenger::util::{round_up_ms, SplitMix64};
 use messenger::{
     Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
 };
@@ -763,14 +764,14 @@ impl Runner {
                 self.publish_ping_times();
             }
             self.hb.set_local_stall(self.stall_until.is_some_and(|u| now < u));
-            self.hb.handle_timeout(now, self.rng.next());
+            self.hb.handle_timeout(now, self.rng.next_u64());
             self.drain_outputs();
 
             let mut deadline = self.hb.poll_timeout().map_or(now + WAIT_MAX, |t| t.min(now + WAIT_MAX));
             if let Some(u) = self.stall_until.filter(|&u| u > now) {
                 deadline = deadline.min(u); // so the stall ends on time
             }
-            let wait = ceil_ms(deadline.saturating_duration_since(now));
+            let wait = round_up_ms(deadline.saturating_duration_since(now));
             match self.rx.recv_timeout(wait) {
                 Ok(ev) => {
                     let mut replies = self.handle_event(ev);
@@ -886,26 +887,6 @@ impl Runner {
     }
 }
 
-/// Rounds up to the next millisecond: timers are in nanoseconds but waits sleep in milliseconds, and rounding
-/// down turns a sub-millisecond deadline into a busy loop (Ceph tracker 62512).
-fn ceil_ms(d: Duration) -> Duration {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
-}
-
-/// Jitter for the heartbeat rounds (splitmix64): seeded from the messenger nonce, so no two OSDs march in step.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1010,7 +991,7 @@ mod tests {
         let mut last = None;
         for _ in 0..1000 {
             let now = hb.poll_timeout().expect("peers present");
-            hb.handle_timeout(now, rng.next());
+            hb.handle_timeout(now, rng.next_u64());
             let out = drain(&mut hb);
             let p = pings(&out);
             assert_eq!(p.len(), 2, "both networks each round: {out:?}");
@@ -1312,10 +1293,10 @@ mod tests {
                 t0,
                 t0 + Duration::from_secs(30),
                 Duration::from_millis(3),
-                &mut || rng.next(),
+                &mut || rng.next_u64(),
                 &mut |p, _, now| {
                     // Peer 5 dies at 10 s; the others lose 30% of pings.
-                    !(p == OsdId(5) && now - t0 > Duration::from_secs(10)) && drops.next() % 10 >= 3
+                    !(p == OsdId(5) && now - t0 > Duration::from_secs(10)) && drops.next_u64() % 10 >= 3
                 },
             );
             seen.into_iter().map(|(t, o)| (t - t0, o)).collect::<Vec<_>>()
@@ -1335,13 +1316,5 @@ mod tests {
         assert_eq!(m.msg_type, OSD_PING);
         assert_eq!(m.payload_bytes(), OSD_PING_MIN_BYTES);
         assert_eq!(m.decode::<OsdPing>().expect("decodes"), p);
-    }
-
-    #[test]
-    fn ceil_ms_rounds_up() {
-        // Goal: waits never round a pending deadline down to zero (busy loop). Method: table of cases.
-        for (ns, ms) in [(0, 0), (1, 1), (999_999, 1), (1_000_000, 1), (1_000_001, 2)] {
-            assert_eq!(ceil_ms(Duration::from_nanos(ns)), Duration::from_millis(ms), "{ns} ns");
-        }
     }
 }

@@ -502,12 +502,7 @@ mod tests {
     /// host names and the weights.
     const SEEDS: u64 = 6;
 
-    fn splitmix(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+    use messenger::util::splitmix64 as splitmix;
 
     /// A map of OSDs `(host, weight)` with ids 0.., one pool of 128 PGs of size 3.
     fn cluster(seed: u64, osds: &[(String, u32)]) -> OsdMap {

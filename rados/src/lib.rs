@@ -46,6 +46,7 @@
 //! ```
 
 pub mod balancer;
+pub mod completion;
 pub mod config;
 pub mod ids;
 pub mod map;

@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -808,60 +808,7 @@ fn pool_label(t: &Target) -> String {
     }
 }
 
-/// Where a completion's result lands.
-struct Slot<R> {
-    state: Mutex<SlotState<R>>,
-    done: Condvar,
-}
-
-type Callback<R> = Box<dyn FnOnce(Result<R, RadosError>) + Send>;
-
-struct SlotState<R> {
-    result: Option<Result<R, RadosError>>,
-    callback: Option<Callback<R>>,
-}
-
-impl<R: Clone> Slot<R> {
-    fn new() -> Arc<Slot<R>> {
-        Arc::new(Slot { state: Mutex::new(SlotState { result: None, callback: None }), done: Condvar::new() })
-    }
-
-    fn complete(&self, r: Result<R, RadosError>) {
-        let cb = {
-            let mut s = self.state.lock();
-            assert!(s.result.is_none(), "an op completes once");
-            let cb = s.callback.take();
-            if cb.is_some() {
-                s.result = Some(r.clone());
-                cb.map(|cb| (cb, r))
-            } else {
-                s.result = Some(r);
-                None
-            }
-        };
-        self.done.notify_all();
-        if let Some((cb, r)) = cb {
-            cb(r);
-        }
-    }
-
-    fn wait_until(&self, deadline: Option<Instant>) -> Option<Result<R, RadosError>> {
-        let mut s = self.state.lock();
-        loop {
-            if let Some(r) = &s.result {
-                return Some(r.clone());
-            }
-            match deadline {
-                Some(d) => {
-                    if self.done.wait_until(&mut s, d).timed_out() {
-                        return s.result.clone();
-                    }
-                }
-                None => self.done.wait(&mut s),
-            }
-        }
-    }
-}
+type Slot<R> = crate::completion::Slot<Result<R, RadosError>>;
 
 /// The shell's token for an op: where to deliver its outcome.
 enum Waiter {
@@ -895,38 +842,28 @@ impl std::fmt::Debug for Completion {
 
 impl Completion {
     pub fn is_done(&self) -> bool {
-        self.0.state.lock().result.is_some()
+        self.0.is_done()
     }
 
     /// Waits for the outcome. The op's own timeout (`rados_osd_op_timeout`) bounds the wait when it is set;
     /// an Objecter shutdown ends it with [`RadosError::ShutDown`].
-    pub fn wait(&self) -> Result<OpReply, RadosError> {
-        self.0.wait_until(None).expect("waiting without a deadline ends with a result")
+    pub fn wait(self) -> Result<OpReply, RadosError> {
+        self.0.take_until(None).expect("waiting without a deadline ends with a result")
     }
 
-    /// Waits at most `timeout`; `None` if the op is still in flight (it stays in flight).
-    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<OpReply, RadosError>> {
-        self.0.wait_until(Some(Instant::now() + timeout))
-    }
-
-    /// Calls `f` with the outcome: at once if the op is done, otherwise on the thread that completes it (a
-    /// messenger worker or the timer: `f` must be quick, must not block, and must not submit ops that could
-    /// wait for room in the in-flight budget).
-    pub fn on_complete(&self, f: impl FnOnce(Result<OpReply, RadosError>) + Send + 'static) {
-        let done = {
-            let mut s = self.0.state.lock();
-            assert!(s.callback.is_none(), "one callback per completion");
-            match &s.result {
-                Some(r) => Some(r.clone()),
-                None => {
-                    s.callback = Some(Box::new(f));
-                    return;
-                }
-            }
-        };
-        if let Some(r) = done {
-            f(r);
+    /// Waits at most `timeout`; gives the completion back if the op is still in flight (it stays in flight).
+    pub fn wait_timeout(self, timeout: Duration) -> Result<Result<OpReply, RadosError>, Completion> {
+        match self.0.take_until(Some(Instant::now() + timeout)) {
+            Some(r) => Ok(r),
+            None => Err(self),
         }
+    }
+
+    /// Hands the outcome to `f` instead of a waiter: at once if the op is done, otherwise on the thread that
+    /// completes it (a messenger worker or the timer: `f` must be quick, must not block, and must not submit
+    /// ops that could wait for room in the in-flight budget).
+    pub fn on_complete(self, f: impl FnOnce(Result<OpReply, RadosError>) + Send + 'static) {
+        self.0.on_complete(f)
     }
 }
 
@@ -1096,7 +1033,7 @@ impl Objecter {
     }
 
     fn command(&self, target: Target, cmd: OsdCommand) -> Result<OsdCommandReply, RadosError> {
-        let slot = Slot::new();
+        let slot: Arc<Slot<_>> = Arc::new(Slot::default());
         let timeout = self.limits.op_timeout.unwrap_or(COMMAND_TIMEOUT);
         self.submit(NewOp {
             token: Waiter::Command(Arc::clone(&slot)),
@@ -1105,7 +1042,7 @@ impl Objecter {
             bytes: 0,
             timeout: Some(timeout),
         })?;
-        slot.wait_until(None).expect("waiting without a deadline ends with a result")
+        slot.take_until(None).expect("waiting without a deadline ends with a result")
     }
 
     /// Waits for room in the budget, then hands the op to the tracker.
@@ -1318,15 +1255,7 @@ impl Drop for Objecter {
 
 /// Distinguishes this Objecter instance in its `ReqId`s from an earlier one of the same client id.
 fn instance_nonce() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mut z =
-        t ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(48);
-    // splitmix64 finaliser: spreads the bits so that close start times give unrelated nonces.
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    messenger::util::entropy()
 }
 
 /// The dispatcher half, holding the Objecter weakly so that dropping the Objecter ends it.
@@ -1411,7 +1340,7 @@ impl IoCtx {
     pub fn aio_operate(&self, oid: &str, op: ObjectOperation) -> Result<Completion, RadosError> {
         self.check_name(oid)?;
         self.check_op(&op)?;
-        let slot = Slot::new();
+        let slot: Arc<Slot<_>> = Arc::new(Slot::default());
         let data = op.data();
         let bytes = op.budget_bytes;
         self.objecter.submit(NewOp {

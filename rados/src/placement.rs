@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 
+use messenger::util::mix64;
+
 use crate::ids::{OsdId, PgId, PoolId};
 use crate::map::{OsdMap, Pool};
 
@@ -378,14 +380,6 @@ fn draw_hash(pg_key: u64, level: Level, item: u32, rank: u16) -> u32 {
     // `mix64` is a bijection, so distinct (item, level, rank) of one PG never collide before the
     // truncation; the high half is its best-mixed half.
     (mix64(pg_key ^ word) >> 32) as u32
-}
-
-/// The splitmix64 finaliser (Stafford's "Mix13"): a bijection on u64 in which every input bit flips every
-/// output bit with probability close to 1/2.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Fractional bits of the fixed-point logarithms below.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use rados::config::{secs, Config};
 use rados::objecter::{IoCtx, ObjectOperation, Objecter, OpReply, RadosError};
 use serde::{Deserialize, Serialize};
@@ -586,95 +586,36 @@ impl<T> std::fmt::Debug for AioCompletion<T> {
     }
 }
 
-/// Called with the outcome of an image request, on the thread that completes it.
-type AioCallback<T> = Box<dyn FnOnce(Result<T>) + Send>;
-
-struct SlotState<T> {
-    /// Set once the request has completed, whether its result waits here or went to the callback.
-    done: bool,
-    result: Option<Result<T>>,
-    callback: Option<AioCallback<T>>,
-}
-
-struct CompletionSlot<T> {
-    state: Mutex<SlotState<T>>,
-    cv: Condvar,
-}
-
-impl<T> CompletionSlot<T> {
-    fn complete(&self, r: Result<T>) {
-        let cb = {
-            let mut g = self.state.lock();
-            assert!(!g.done, "an image request completes once");
-            g.done = true;
-            match g.callback.take() {
-                Some(cb) => cb,
-                None => {
-                    g.result = Some(r);
-                    self.cv.notify_all();
-                    return;
-                }
-            }
-        };
-        // Outside the lock: the callback may do anything that does not block.
-        cb(r);
-    }
-}
+type CompletionSlot<T> = rados::completion::Slot<Result<T>>;
 
 impl<T> AioCompletion<T> {
     fn new() -> (AioCompletion<T>, Arc<CompletionSlot<T>>) {
-        let s = Arc::new(CompletionSlot {
-            state: Mutex::new(SlotState { done: false, result: None, callback: None }),
-            cv: Condvar::new(),
-        });
+        let s = Arc::new(CompletionSlot::default());
         (AioCompletion(Arc::clone(&s)), s)
     }
 
     pub fn is_done(&self) -> bool {
-        self.0.state.lock().done
+        self.0.is_done()
     }
 
     /// Hands the outcome to `f` instead of a waiter: at once (on this thread) if the request is already
     /// done, else on the thread that completes it (an Objecter callback thread), so `f` must not block.
     pub fn on_complete(self, f: impl FnOnce(Result<T>) + Send + 'static) {
-        let r = {
-            let mut g = self.0.state.lock();
-            if !g.done {
-                g.callback = Some(Box::new(f));
-                return;
-            }
-            g.result.take().expect("a done completion keeps its result until taken")
-        };
-        f(r);
+        self.0.on_complete(f)
     }
 
     /// Waits for the outcome. Every object op ends (answer, its own timeout, or Objecter shutdown), so
     /// this ends too.
     pub fn wait(self) -> Result<T> {
-        let mut g = self.0.state.lock();
-        loop {
-            if let Some(r) = g.result.take() {
-                return r;
-            }
-            self.0.cv.wait(&mut g);
-        }
+        self.0.take_until(None).expect("waiting without a deadline ends with a result")
     }
 
     /// Waits at most `timeout`; gives the completion back if the request is still in flight.
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Result<T>, AioCompletion<T>> {
-        let deadline = Instant::now() + timeout;
-        {
-            let mut g = self.0.state.lock();
-            loop {
-                if let Some(r) = g.result.take() {
-                    return Ok(r);
-                }
-                if self.0.cv.wait_until(&mut g, deadline).timed_out() {
-                    break;
-                }
-            }
+        match self.0.take_until(Some(Instant::now() + timeout)) {
+            Some(r) => Ok(r),
+            None => Err(self),
         }
-        Err(self)
     }
 }
 

@@ -306,12 +306,7 @@ pub fn wait_for(flag: &AtomicBool) {
 
 /// A random-enough 64-bit value for messenger nonces and uuids, from the clock and the pid (no RNG crate).
 pub fn entropy() -> u64 {
-    let t =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mut z = t ^ ((std::process::id() as u64) << 40) ^ 0x9e37_79b9_7f4a_7c15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    messenger::util::entropy()
 }
 
 /// Parses sizes with K/M/G/T suffixes (powers of 1024; a trailing "B" or "iB" is accepted).

@@ -646,10 +646,7 @@ impl BenchRun {
             return;
         }
         // splitmix64 of the op number: every op gets its own random slot, whichever thread starts it.
-        let mut r = self.seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        r = (r ^ (r >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        r = (r ^ (r >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        r ^= r >> 31;
+        let r = messenger::util::mix64(self.seed.wrapping_add(i.wrapping_mul(messenger::util::GOLDEN_GAMMA)));
         let slot = match self.pattern {
             IoPattern::Seq => i % self.slots,
             IoPattern::Rand => r % self.slots,
