@@ -172,11 +172,9 @@ fn load_uuid(data_dir: &Path) -> Result<[u8; 16], OsdStartError> {
     }
 }
 
-/// Writes a small file atomically (temporary file, then rename).
+/// Replaces a small file durably (see [`rados::fsutil::write_durably`]).
 fn write_file(path: &Path, text: &str) -> Result<(), OsdStartError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    rados::fsutil::write_durably(path, text.as_bytes()).map_err(io_err(path))
 }
 
 fn load_whoami(data_dir: &Path) -> Result<Option<OsdId>, OsdStartError> {

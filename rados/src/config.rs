@@ -255,9 +255,8 @@ impl Config {
         // Validate the whole file before replacing it.
         toml::from_str::<Config>(&text)
             .map_err(|e| ConfigError::Parse { path: path.into(), why: e.to_string() })?;
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).map_err(|source| ConfigError::Write { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, path).map_err(|source| ConfigError::Write { path: path.into(), source })
+        crate::fsutil::write_durably(path, text.as_bytes())
+            .map_err(|source| ConfigError::Write { path: path.into(), source })
     }
 
     /// min_size for a new pool of `size` replicas: the configured one, or size - size/2.

@@ -48,6 +48,7 @@
 pub mod balancer;
 pub mod completion;
 pub mod config;
+pub mod fsutil;
 pub mod ids;
 pub mod map;
 pub mod monclient;

@@ -48,7 +48,9 @@ fn a_closed_stdout_ends_the_tool_quietly() {
 }
 
 // Goal: `cuttle up` on a fresh directory reaches HEALTH_OK with 3 OSDs up and in within 10 s, says so when run
-// again, and `cuttle down` stops everything. Method: run the commands; read `cuttle status --format json`.
+// again, and `cuttle down` stops everything; the monitor's address is the one it bound itself (port 0, then
+// published), and stays the cluster's across a restart. Method: run the commands; read `cuttle status
+// --format json`, the config and the monitor's published address.
 #[test]
 fn cuttle_up_reaches_health_ok_and_down_stops_it() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -56,6 +58,10 @@ fn cuttle_up_reaches_health_ok_and_down_stops_it() {
     assert!(c.up_took < Duration::from_secs(10), "cuttle up took {:?}", c.up_took);
     let st = c.json(&["status"]);
     assert_eq!(st["health"]["status"], "HEALTH_OK", "{st}");
+    let mon_host = rados::config::Config::load(&c.conf()).unwrap().mon_host.expect("mon_host is set");
+    assert_ne!(mon_host.port(), 0);
+    let published = std::fs::read_to_string(c.dir.join("mon.0").join("addr")).unwrap();
+    assert_eq!(published.trim(), mon_host.to_string(), "the config names the address the monitor bound");
     assert_eq!(st["osdmap"]["num_osds"], 3);
     assert_eq!(st["osdmap"]["num_up_osds"], 3);
     assert_eq!(st["osdmap"]["num_in_osds"], 3);
@@ -74,6 +80,11 @@ fn cuttle_up_reaches_health_ok_and_down_stops_it() {
     for d in ["mon.0", "osd.0", "osd.1", "osd.2"] {
         assert!(!c.dir.join(format!("{d}.pid")).exists(), "{d} removed its pidfile on exit");
     }
+    let up = std::process::Command::new(cuttle_bin()).args(["up", "--dir"]).arg(&c.dir).output().unwrap();
+    assert!(up.status.success(), "{}", stderr(&up));
+    let again = rados::config::Config::load(&c.conf()).unwrap().mon_host;
+    assert_eq!(again, Some(mon_host), "a restarted cluster keeps its monitor address");
+    assert_eq!(c.json(&["status"])["osdmap"]["num_up_osds"], 3);
 }
 
 // Goal: mistakes give clear errors and non-zero exits, never a crash. Method: bad commands against a live

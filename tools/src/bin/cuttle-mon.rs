@@ -12,6 +12,8 @@ use clap::Parser;
 
 use mon::Monitor;
 
+/// The file in the data directory that holds the address the monitor is bound to, once it serves.
+const ADDR_FILE: &str = "addr";
 /// How often the main thread looks at the termination flag and the monitor's health.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -32,6 +34,11 @@ fn run(args: &Args) -> Result<()> {
     let mon = Monitor::start(&cfg, &args.daemon.data).with_context(|| {
         format!("starting the monitor (config {}, data {})", conf_path.display(), args.daemon.data.display())
     })?;
+    // Published for whoever started us with port 0 in mon_host (`cuttle up` on a new cluster): the address
+    // the monitor bound, not one a probe guessed was free.
+    let addr_file = args.daemon.data.join(ADDR_FILE);
+    rados::fsutil::write_durably(&addr_file, format!("{}\n", mon.addr()).as_bytes())
+        .with_context(|| format!("writing {}", addr_file.display()))?;
     tracing::info!(addr = %mon.addr(), epoch = %mon.epoch(), conf = %conf_path.display(), "cuttle-mon running");
     let failed = loop {
         if term.load(Ordering::Acquire) {

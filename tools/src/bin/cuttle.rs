@@ -474,9 +474,24 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+/// Waits (10 s at most) for the monitor to publish the address it bound.
+fn wait_mon_addr(dir: &Path, addr_file: &Path) -> Result<std::net::SocketAddr> {
+    let t = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(addr_file) {
+            if let Ok(a) = text.trim().parse() {
+                return Ok(a);
+            }
+        }
+        let log = dir.join("mon.0.log");
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the monitor did not start serving within 10 s; see {}", log.display());
+        }
+        if t.elapsed() > Duration::from_secs(1) && live_pid(dir, "mon.0").is_none() {
+            bail!("the monitor exited; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn daemon_names(dir: &Path) -> Vec<String> {
@@ -553,8 +568,10 @@ fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
     if existing.as_ref().is_none_or(|c| c.fsid.is_empty()) {
         base.push(("fsid".to_string(), new_fsid()));
     }
+    // A new cluster's monitor binds port 0 itself and publishes what it got (no probe socket that something
+    // else could take before the monitor binds); that address then stays the cluster's.
     if existing.as_ref().is_none_or(|c| c.mon_host.is_none()) {
-        base.push(("mon_host".to_string(), format!("127.0.0.1:{}", free_port()?)));
+        base.push(("mon_host".to_string(), "127.0.0.1:0".to_string()));
     }
     if existing.is_none() {
         // All OSDs of a local cluster share this host: count each OSD as its own reporter.
@@ -570,11 +587,23 @@ fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
     }
     base.extend(pairs);
     Config::write_options(&conf, &base)?;
-    let cfg = Config::load(&conf)?;
+    let mut cfg = Config::load(&conf)?;
     let mon_bin = sibling_binary("cuttle-mon")?;
     let osd_bin = sibling_binary("cuttle-osd")?;
     let started = Instant::now();
+    let addr_file = dir.join("mon.0").join("addr");
+    match std::fs::remove_file(&addr_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the stale {}", addr_file.display()))
+        }
+        _ => {}
+    }
     spawn_daemon(&mon_bin, dir, "mon.0", &[])?;
+    let mon_addr = wait_mon_addr(dir, &addr_file)?;
+    if cfg.mon_host.is_none_or(|a| a.port() == 0) {
+        Config::write_options(&conf, &[("mon_host".to_string(), mon_addr.to_string())])?;
+        cfg = Config::load(&conf)?;
+    }
     let client = Client::with_config(cfg.clone())?;
     if client.monc.wait_for_map(None, Duration::from_secs(10)).is_err() {
         bail!(
