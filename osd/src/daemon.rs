@@ -330,6 +330,14 @@ impl Osd {
                 Arc::new(ShardHandle::new(shard, queue, INLINE_BATCH_MAX))
             })
             .collect();
+        // Each group commit rings every shard's doorbell (a flag: it needs no queue room and is never lost);
+        // the shards' PGs then send what waited for durability. Weak: the store must not keep the shards alive.
+        let weak: Vec<std::sync::Weak<ShardHandle>> = shards.iter().map(Arc::downgrade).collect();
+        store.set_commit_notifier(Box::new(move |_| {
+            for s in weak.iter().filter_map(std::sync::Weak::upgrade) {
+                s.ring();
+            }
+        }));
 
         cluster.set_default_policy(Policy::stateless_server());
         cluster.set_policy(EntityType::Client, Policy::stateless_server());

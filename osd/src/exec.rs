@@ -317,10 +317,12 @@ fn check_omap_count(n: usize) -> Result<(), OsdError> {
     Ok(())
 }
 
-fn store_err(e: StoreError) -> OsdError {
+/// How a store's refusal reaches the client.
+pub fn store_err(e: StoreError) -> OsdError {
     match e {
         StoreError::NotFound(_) => OsdError::NotFound,
         StoreError::NoAttr { .. } => OsdError::NoAttr,
+        StoreError::NoSpace(s) => OsdError::NoSpace(s),
         other => OsdError::Io(other.to_string()),
     }
 }

@@ -30,6 +30,9 @@ pub trait Runner: Send {
     fn handle(&mut self, now: Instant, ev: Self::Event);
     /// Ends a run of events (the runner is still held).
     fn end(&mut self) {}
+    /// Someone rang the doorbell ([`InlineQueue::ring`]) since the last call: a notice that carries no event
+    /// and needs no room in the queue (an object store's commits, say).
+    fn doorbell(&mut self, _now: Instant) {}
     /// The runner's own thread had a turn at `now` (after running any backlog); `tick` says whether its
     /// periodic tick is due.
     fn turn(&mut self, now: Instant, tick: bool);
@@ -53,6 +56,8 @@ pub struct InlineQueue<R: Runner> {
     /// Wakes the runner's thread: to take over a backlog, or to stop.
     wake: Sender<()>,
     wake_rx: Receiver<()>,
+    /// The doorbell: set by [`InlineQueue::ring`], cleared by whoever answers it.
+    rung: AtomicBool,
     stopped: AtomicBool,
 }
 
@@ -68,6 +73,7 @@ impl<R: Runner> InlineQueue<R> {
             runner: Mutex::new(runner),
             wake,
             wake_rx,
+            rung: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         }
     }
@@ -111,6 +117,23 @@ impl<R: Runner> InlineQueue<R> {
         }
     }
 
+    /// Rings the doorbell: the runner's [`Runner::doorbell`] runs soon, on this thread if no other is inside
+    /// the runner, else on the thread that is (it looks again when it lets go). Never fails and never waits:
+    /// however often it rings before it is answered, it is one flag.
+    pub fn ring(&self) {
+        self.rung.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `has_work`: either the holder letting go sees the flag, or we see the
+        // runner free.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.run_inline();
+    }
+
+    /// Whether there is anything to run: queued events or the doorbell.
+    fn has_work(&self) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.rung.load(Ordering::SeqCst) || !self.queue.lock().is_empty()
+    }
+
     /// Runs the queue on this thread if no other thread is inside the runner: at most `batch` events, then the
     /// runner's thread takes over the rest.
     fn run_inline(&self) {
@@ -123,7 +146,7 @@ impl<R: Runner> InlineQueue<R> {
                 return;
             }
             // Let go, then look again: an event queued while we held the runner was left for us.
-            if self.queue.lock().is_empty() {
+            if !self.has_work() {
                 return;
             }
         }
@@ -139,6 +162,9 @@ impl<R: Runner> InlineQueue<R> {
     fn drain(&self, runner: &mut R, budget: usize) -> bool {
         let now = Instant::now();
         runner.begin(now);
+        if self.rung.swap(false, Ordering::SeqCst) {
+            runner.doorbell(now);
+        }
         let mut ran = 0;
         while ran < budget {
             let Some(ev) = self.queue.lock().pop_front() else { break };
@@ -180,7 +206,7 @@ impl<R: Runner> InlineQueue<R> {
                 drop(runner);
                 // Let go, then look again: a submitter that found the runner busy (during `turn`, say) left its
                 // event for us, and nobody else may come to run it.
-                if self.queue.lock().is_empty() {
+                if !self.has_work() {
                     break;
                 }
             }
@@ -191,7 +217,7 @@ impl<R: Runner> InlineQueue<R> {
     pub fn with<T>(&self, f: impl FnOnce(&mut R) -> T) -> T {
         let out = f(&mut self.runner.lock());
         // Let go, then look again (see the module's rule): events queued meanwhile go to the runner's thread.
-        if !self.queue.lock().is_empty() {
+        if self.has_work() {
             self.hand_over();
         }
         out
@@ -212,6 +238,7 @@ mod tests {
         slow_end: bool,
         /// When set, `turn` says it has begun and waits to be let go (see [`Gate`]).
         turn_gate: Option<Gate>,
+        doorbells: u64,
     }
 
     /// Holds the runner's thread inside `turn` until the test lets it go.
@@ -240,6 +267,9 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
+        fn doorbell(&mut self, _now: Instant) {
+            self.doorbells += 1;
+        }
         fn turn(&mut self, _now: Instant, _tick: bool) {
             if let Some(g) = self.turn_gate.take() {
                 g.entered.send(()).unwrap();
@@ -263,6 +293,7 @@ mod tests {
             slow_every,
             slow_end,
             turn_gate: None,
+            doorbells: 0,
         };
         let q = Arc::new(InlineQueue::new(r, cap, batch));
         let t = {
@@ -426,6 +457,36 @@ mod tests {
         q.stop();
         t.join().unwrap();
         result.unwrap();
+    }
+
+    #[test]
+    fn a_doorbell_rung_while_the_runner_is_busy_is_answered_when_it_lets_go() {
+        // Goal: a ring is never lost, whoever holds the runner, and costs no queue room. Method: ring with the
+        // runner idle (answered on the ringing thread before `ring` returns); hold the runner's thread inside
+        // `turn` and ring twice (one flag), with a full queue behind it: answered once, within a second, after
+        // the thread lets go.
+        let (q, t) = start(2, 1, 0, false);
+        q.ring();
+        assert_eq!(q.with(|r| r.doorbells), 1, "an idle runner answers on the ringing thread");
+        let (entered_tx, entered) = crossbeam_channel::bounded(1);
+        let (release, release_rx) = crossbeam_channel::bounded(1);
+        q.with(|r| r.turn_gate = Some(Gate { entered: entered_tx, release: release_rx }));
+        q.with(|_| {
+            q.try_submit((0, 0)).unwrap();
+            q.try_submit((0, 1)).unwrap();
+        });
+        entered.recv_timeout(Duration::from_secs(5)).expect("the runner's thread never took its turn");
+        q.ring();
+        q.ring();
+        release.send(()).unwrap();
+        let give_up = Instant::now() + Duration::from_secs(1);
+        while q.with(|r| r.doorbells) < 2 {
+            assert!(Instant::now() < give_up, "the doorbell rung during `turn` was not answered");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        q.stop();
+        t.join().unwrap();
+        assert_eq!(q.with(|r| r.doorbells), 2, "two rings before an answer are one");
     }
 
     #[test]

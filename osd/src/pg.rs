@@ -72,7 +72,7 @@ use crate::proto::{
     DupEntry, ObjectCopy, PeerMsg, PgActivate, PgInfo, PgNewInterval, PgPull, PgPush, PgPushReply, PgQuery,
     RepOp, RepOpReply,
 };
-use crate::store::{Eversion, ObjectId, ObjectStore, StoreError, Transaction};
+use crate::store::{CommitSeq, Eversion, ObjectId, ObjectStore, StoreError, Transaction};
 
 /// Remembered replies per PG (Ceph's `osd_pg_log_dups_tracked` is 3000).
 pub const DUPS_MAX: u64 = 1024;
@@ -197,6 +197,9 @@ struct InFlight<C> {
     reqid: ReqId,
     sent_at: Instant,
     name: String,
+    /// The local transaction's place in the store's commit order.
+    commit: CommitSeq,
+    /// Replicas yet to answer, and this OSD itself until its own commit is durable.
     waiting_on: BTreeSet<OsdId>,
     reply: OsdOpReply,
     data: Vec<CrcBytes>,
@@ -296,6 +299,11 @@ pub struct Pg<C> {
     /// Replica: the stale epoch we last told our primary about (once is enough).
     stale_told: Option<Epoch>,
     outputs: VecDeque<PgOutput<C>>,
+    /// Outputs that report or acknowledge what this PG queued to the store, each held until the store has made
+    /// durable everything the PG had queued when it was emitted (see [`Pg::emit_durable`]).
+    after_commit: VecDeque<(CommitSeq, PgOutput<C>)>,
+    /// The newest commit sequence of a transaction this PG queued.
+    last_queued: CommitSeq,
     last_slow_log: Option<Instant>,
 }
 
@@ -452,6 +460,8 @@ impl<C> Pg<C> {
             activated: None,
             stale_told: None,
             outputs: VecDeque::new(),
+            after_commit: VecDeque::new(),
+            last_queued: CommitSeq(0),
             last_slow_log: None,
         }
     }
@@ -483,6 +493,56 @@ impl<C> Pg<C> {
 
     pub fn poll_output(&mut self) -> Option<PgOutput<C>> {
         self.outputs.pop_front()
+    }
+
+    /// Whether the PG waits for the store to commit something: call [`Pg::handle_commit`] when it has.
+    pub fn awaits_commit(&self) -> bool {
+        // Local commits come in queue order, which is version order: if any write waits for ours, the newest does.
+        !self.after_commit.is_empty()
+            || self.in_flight.values().next_back().is_some_and(|f| f.waiting_on.contains(&self.whoami))
+    }
+
+    /// The store committed more: releases held outputs and completes writes that waited for their local commit.
+    pub fn handle_commit(&mut self, now: Instant) {
+        let committed = self.store.committed();
+        while self.after_commit.front().is_some_and(|(seq, _)| *seq <= committed) {
+            let (_, out) = self.after_commit.pop_front().expect("just looked");
+            self.outputs.push_back(out);
+        }
+        let me = self.whoami;
+        let mut any = false;
+        for f in self.in_flight.values_mut() {
+            if f.commit > committed {
+                break;
+            }
+            any |= f.waiting_on.remove(&me);
+        }
+        if any {
+            self.complete_ready(now);
+        }
+    }
+
+    /// Queues a transaction to the store (see [`ObjectStore::queue`]).
+    fn queue(&mut self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
+        let seq = self.store.queue(txn)?;
+        self.last_queued = self.last_queued.max(seq);
+        Ok(seq)
+    }
+
+    /// Emits an output that reports or acknowledges this PG's stored state (a replica's answer, a peering
+    /// summary, a remembered reply): it leaves once everything the PG has queued so far is durable, so nobody
+    /// is ever told of a change that a crash could take back. Held outputs leave in order.
+    fn emit_durable(&mut self, out: PgOutput<C>) {
+        if self.after_commit.is_empty() && self.store.committed() >= self.last_queued {
+            self.outputs.push_back(out);
+        } else {
+            self.after_commit.push_back((self.last_queued, out));
+        }
+    }
+
+    fn send_durable(&mut self, to: OsdId, msg: PeerMsg) {
+        assert_ne!(to, self.whoami, "a PG never messages its own OSD");
+        self.emit_durable(PgOutput::Send { to, msg });
     }
 
     /// The PG's stats for the monitor, when this OSD is its primary.
@@ -682,7 +742,9 @@ impl<C> Pg<C> {
                 version: d.version,
                 outs: d.outs.clone(),
             };
-            self.outputs.push_back(PgOutput::Reply { ctx: op.ctx, reply, data: Vec::new() });
+            // The write it remembers may have been queued by this PG (a write re-run after peering) and not be
+            // durable yet.
+            self.emit_durable(PgOutput::Reply { ctx: op.ctx, reply, data: Vec::new() });
             return;
         }
         let name = &op.req.oid;
@@ -730,10 +792,13 @@ impl<C> Pg<C> {
         if next.v > DUPS_MAX {
             txn.omap_rm(meta, vec![dup_key(next.v - DUPS_MAX)]);
         }
-        if let Err(e) = self.store.apply(&txn) {
-            tracing::error!(pg = %self.pgid, oid = %op.req.oid, "local apply failed: {e}");
-            return self.reply_err(op.ctx, &op.req, OsdError::Io(e.to_string()), ex.version_before);
-        }
+        let commit = match self.queue(&txn) {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::error!(pg = %self.pgid, oid = %op.req.oid, "local apply failed: {e}");
+                return self.reply_err(op.ctx, &op.req, exec::store_err(e), ex.version_before);
+            }
+        };
         assert!(next > self.last_update, "PG versions only grow");
         self.last_update = next;
         self.dups.insert(dup);
@@ -747,16 +812,12 @@ impl<C> Pg<C> {
         let replicas = self.replicas();
         let name = op.req.oid.clone();
         let waiters = vec![Waiting { seq, since, item: Item::Op(op) }];
-        let f = InFlight {
-            reqid,
-            sent_at: now,
-            name,
-            waiting_on: replicas.iter().copied().collect(),
-            reply,
-            data: ex.data,
-            waiters,
-        };
-        if replicas.is_empty() {
+        let mut waiting_on: BTreeSet<OsdId> = replicas.iter().copied().collect();
+        if self.store.committed() < commit {
+            waiting_on.insert(self.whoami);
+        }
+        let f = InFlight { reqid, sent_at: now, name, commit, waiting_on, reply, data: ex.data, waiters };
+        if f.waiting_on.is_empty() {
             return self.complete(f);
         }
         let (ops, payload) = txn.to_wire();
@@ -913,14 +974,16 @@ impl<C> Pg<C> {
                 if t.ops().iter().any(|op| !op_in_pg(op, self.pgid)) {
                     return Err(StoreError::Invalid("transaction touches another PG".into()));
                 }
-                self.store.apply(&t)
+                self.queue(&t)
             })
+            .map(|_| ())
             .map_err(|e| {
                 tracing::error!(pg = %self.pgid, %from, version = %m.version, "cannot apply rep_op: {e}");
                 e.to_string()
             });
         let reply = RepOpReply { pgid: self.pgid, epoch: m.epoch, version: m.version, result };
-        self.send(from, PeerMsg::RepOpReply(reply));
+        // The primary counts this as our copy: it leaves once the write is durable here.
+        self.send_durable(from, PeerMsg::RepOpReply(reply));
     }
 
     fn handle_rep_op_reply(&mut self, now: Instant, from: OsdId, m: RepOpReply) {
@@ -947,7 +1010,8 @@ impl<C> Pg<C> {
             return;
         }
         let info = self.summary_page(m.epoch, m.round, m.after.as_deref());
-        self.send(from, PeerMsg::Info(info));
+        // Peering decides from summaries: they describe only what a crash here cannot take back.
+        self.send_durable(from, PeerMsg::Info(info));
     }
 
     /// One page of this OSD's summary of the PG.
@@ -1006,7 +1070,7 @@ impl<C> Pg<C> {
         let exists = self.store.stat(self.pgid, &m.name).is_ok();
         match copy_txn(self.pgid, &m.name, exists, m.copy.as_ref(), data) {
             Ok(t) => {
-                if let Err(e) = self.store.apply(&t) {
+                if let Err(e) = self.queue(&t) {
                     tracing::error!(pg = %self.pgid, name = %m.name, "cannot apply pushed copy: {e}");
                     return;
                 }
@@ -1017,14 +1081,14 @@ impl<C> Pg<C> {
             }
         }
         let reply = PgPushReply { pgid: self.pgid, epoch: m.epoch, round: m.round, name: m.name };
-        self.send(from, PeerMsg::PushReply(reply));
+        self.send_durable(from, PeerMsg::PushReply(reply));
     }
 
     fn handle_activate(&mut self, from: OsdId, m: PgActivate) {
         if !self.is_from_my_primary(from, m.epoch, "pg_activate") {
             return;
         }
-        if let Err(e) = self.store.apply(&meta_replace_txn(self.pgid, m.last_update, &m.dups)) {
+        if let Err(e) = self.queue(&meta_replace_txn(self.pgid, m.last_update, &m.dups)) {
             tracing::error!(pg = %self.pgid, "cannot store PG metadata: {e}");
             return;
         }
@@ -1118,7 +1182,7 @@ impl<C> Pg<C> {
         let exists = self.store.stat(self.pgid, &m.name).is_ok();
         let applied = copy_txn(self.pgid, &m.name, exists, m.copy.as_ref(), data)
             .map_err(|e| e.to_string())
-            .and_then(|t| self.store.apply(&t).map_err(|e| e.to_string()));
+            .and_then(|t| self.queue(&t).map(|_| ()).map_err(|e| e.to_string()));
         if let Err(e) = applied {
             tracing::error!(pg = %self.pgid, name = %m.name, "cannot apply pulled copy: {e}; peering again");
             return self.restart_peering(now);
@@ -1179,8 +1243,11 @@ impl<C> Pg<C> {
                             for n in chunk {
                                 t.remove(ObjectId::new(self.pgid, n.clone()));
                             }
-                            if let Err(e) = self.store.apply(&t) {
-                                tracing::error!(pg = %self.pgid, "cannot remove stale objects: {e}");
+                            match self.store.queue(&t) {
+                                Ok(seq) => self.last_queued = self.last_queued.max(seq),
+                                Err(e) => {
+                                    tracing::error!(pg = %self.pgid, "cannot remove stale objects: {e}")
+                                }
                             }
                         }
                     }
@@ -1199,10 +1266,9 @@ impl<C> Pg<C> {
                     let me = self.whoami;
                     if auth != me {
                         let best = p.infos[&auth].clone();
-                        if let Err(e) =
-                            self.store.apply(&meta_replace_txn(self.pgid, best.last_update, &best.dups))
-                        {
-                            tracing::error!(pg = %self.pgid, "cannot store PG metadata: {e}");
+                        match self.store.queue(&meta_replace_txn(self.pgid, best.last_update, &best.dups)) {
+                            Ok(seq) => self.last_queued = self.last_queued.max(seq),
+                            Err(e) => tracing::error!(pg = %self.pgid, "cannot store PG metadata: {e}"),
                         }
                         p.infos.insert(me, best);
                     }
@@ -1369,7 +1435,77 @@ mod tests {
     use rados::ids::PoolId;
     use rados::msg::OsdOp;
 
-    use crate::store::MemStore;
+    use crate::store::{ListEntry, MemStore, ObjectStat, PgUsage};
+
+    /// A MemStore whose commits can be held back, as a slow disk holds them: while `hold` is set, what is queued
+    /// is visible but not committed until [`TestStore::commit_all`].
+    #[derive(Default)]
+    struct TestStore {
+        mem: MemStore,
+        hold: std::sync::atomic::AtomicBool,
+        queued: std::sync::atomic::AtomicU64,
+        durable: std::sync::atomic::AtomicU64,
+    }
+
+    impl TestStore {
+        fn commit_all(&self) {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.durable.store(self.queued.load(SeqCst), SeqCst);
+        }
+    }
+
+    impl ObjectStore for TestStore {
+        fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.mem.queue(txn)?;
+            let seq = self.queued.fetch_add(1, SeqCst) + 1;
+            if !self.hold.load(SeqCst) {
+                self.durable.store(seq, SeqCst);
+            }
+            Ok(CommitSeq(seq))
+        }
+        fn committed(&self) -> CommitSeq {
+            CommitSeq(self.durable.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        fn stat(&self, pg: PgId, name: &str) -> Result<ObjectStat, StoreError> {
+            self.mem.stat(pg, name)
+        }
+        fn read(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+            self.mem.read(pg, name, offset, len)
+        }
+        fn getattr(&self, pg: PgId, name: &str, attr: &str) -> Result<Bytes, StoreError> {
+            self.mem.getattr(pg, name, attr)
+        }
+        fn getattrs(&self, pg: PgId, name: &str) -> Result<Vec<(String, Bytes)>, StoreError> {
+            self.mem.getattrs(pg, name)
+        }
+        fn omap_get(
+            &self,
+            pg: PgId,
+            name: &str,
+            keys: &[String],
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.mem.omap_get(pg, name, keys)
+        }
+        fn omap_list(
+            &self,
+            pg: PgId,
+            name: &str,
+            after: Option<&str>,
+            max: usize,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.mem.omap_list(pg, name, after, max)
+        }
+        fn list(&self, pg: PgId, after: Option<&str>, max: usize) -> Vec<ListEntry> {
+            self.mem.list(pg, after, max)
+        }
+        fn list_pgs(&self) -> Vec<PgId> {
+            self.mem.list_pgs()
+        }
+        fn pg_usage(&self, pg: PgId) -> PgUsage {
+            self.mem.pg_usage(pg)
+        }
+    }
 
     const LIMITS: OpLimits =
         OpLimits { max_object_size: 1 << 20, max_write_size: 1 << 20, max_object_name_len: 64 };
@@ -1379,7 +1515,7 @@ mod tests {
     }
 
     struct Node {
-        store: Arc<MemStore>,
+        store: Arc<TestStore>,
         pg: Pg<u64>,
         /// Frozen (SIGSTOP): receives nothing, sends nothing, sees no maps, until thawed.
         frozen: bool,
@@ -1415,7 +1551,7 @@ mod tests {
         fn new(n: u32) -> Sim {
             let mut nodes = BTreeMap::new();
             for i in 0..n {
-                let store = Arc::new(MemStore::new());
+                let store = Arc::new(TestStore::default());
                 let pg = Pg::new(pgid(), osd(i), Arc::clone(&store) as Arc<dyn ObjectStore>, LIMITS);
                 nodes.insert(osd(i), Node { store, pg, frozen: false, parked: Vec::new(), generation: 0 });
             }
@@ -1546,6 +1682,20 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// Holds (or stops holding) node `i`'s commits.
+        fn hold_commits(&mut self, i: u32, hold: bool) {
+            self.nodes[&osd(i)].store.hold.store(hold, std::sync::atomic::Ordering::SeqCst);
+        }
+
+        /// Node `i`'s store makes everything durable and tells the PG, as the store's notifier would.
+        fn commit(&mut self, i: u32) {
+            let now = self.now;
+            let node = self.nodes.get_mut(&osd(i)).unwrap();
+            node.store.commit_all();
+            node.pg.handle_commit(now);
+            self.run();
         }
 
         fn freeze(&mut self, i: u32) {
@@ -1900,7 +2050,7 @@ mod tests {
         sim.map(&[0, 1, 2], 3, 2);
         assert_eq!(sim.objects(2).len(), 2100);
         // osd.1 restarts empty (MemStore) and becomes primary: it pulls everything in pages.
-        let fresh = Arc::new(MemStore::new());
+        let fresh = Arc::new(TestStore::default());
         let node = sim.nodes.get_mut(&osd(1)).unwrap();
         node.store = Arc::clone(&fresh);
         node.pg = Pg::new(pgid(), osd(1), fresh as Arc<dyn ObjectStore>, LIMITS);
@@ -1911,6 +2061,48 @@ mod tests {
         assert_eq!(sim.read(1, "o02099").unwrap(), 2099u64.to_le_bytes());
         let w = sim.write(1, 5000, "new", b"n");
         assert_eq!(sim.reply(w).unwrap().version, 2101);
+    }
+
+    #[test]
+    fn a_write_is_answered_only_once_it_is_durable_on_every_acting_osd() {
+        // Goal: never acknowledge what a crash could take back: the client hears of a write only after the
+        // primary's own commit and every replica's, and a read of the object waits as long. Method: three OSDs
+        // whose stores hold their commits; a write, then a read of it; let the commits go one OSD at a time
+        // (replicas first, then the primary) and look at the replies after each.
+        let mut sim = three();
+        for i in 0..3 {
+            sim.hold_commits(i, true);
+        }
+        let w = sim.write(0, 1, "a", b"v1");
+        let r = sim.op(0, 2, "a", vec![OsdOp::Read { offset: 0, len: 0 }], b"");
+        assert!(sim.reply(w).is_none() && sim.reply(r).is_none(), "nothing is durable yet");
+        assert!(sim.nodes[&osd(0)].pg.awaits_commit());
+        sim.commit(1);
+        assert!(sim.reply(w).is_none(), "osd.2 and the primary have not committed");
+        sim.commit(2);
+        assert!(sim.reply(w).is_none() && sim.reply(r).is_none(), "the primary has not committed");
+        sim.commit(0);
+        assert_eq!(sim.reply(w).unwrap().result, Ok(()));
+        assert_eq!(sim.reply(r).unwrap().result, Ok(()), "the read went once the write was durable");
+        assert!(sim.replies.iter().position(|x| x.1 == w) < sim.replies.iter().position(|x| x.1 == r));
+        assert!(!sim.nodes[&osd(0)].pg.awaits_commit());
+    }
+
+    #[test]
+    fn a_replica_answers_its_primary_only_after_its_own_commit() {
+        // Goal: the primary counts a replica's copy only once it is durable there, whatever the primary's own
+        // disk does. Method: hold only osd.1's commits; the write waits for it alone, and a resend of the
+        // same request is answered once, after osd.1 commits.
+        let mut sim = three();
+        sim.hold_commits(1, true);
+        let w = sim.write(0, 1, "a", b"v1");
+        assert!(sim.reply(w).is_none());
+        let again = sim.write(0, 1, "a", b"v1");
+        assert!(sim.reply(again).is_none(), "a resend waits for the first copy");
+        sim.commit(1);
+        assert_eq!(sim.replies_for(w), 1);
+        assert_eq!(sim.replies_for(again), 1);
+        assert_eq!(sim.reply(w).unwrap().version, sim.reply(again).unwrap().version);
     }
 
     #[test]

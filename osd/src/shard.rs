@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use messenger::{Connection, EntityName, Message, Messenger};
 use parking_lot::Mutex;
 
@@ -165,12 +165,21 @@ pub struct Shard {
     map: Option<Arc<OsdMap>>,
     pgs: HashMap<PgId, Pg<ClientCtx>>,
     waiting_map: VecDeque<ShardEvent>,
+    /// PGs waiting for the store to commit (answered when the store rings the shard's doorbell).
+    committing: HashSet<PgId>,
     last_beat: Instant,
 }
 
 impl Shard {
     pub fn new(sh: ShardShared) -> Shard {
-        Shard { sh, map: None, pgs: HashMap::new(), waiting_map: VecDeque::new(), last_beat: Instant::now() }
+        Shard {
+            sh,
+            map: None,
+            pgs: HashMap::new(),
+            waiting_map: VecDeque::new(),
+            committing: HashSet::new(),
+            last_beat: Instant::now(),
+        }
     }
 
     fn epoch(&self) -> Epoch {
@@ -340,11 +349,9 @@ impl Shard {
         let touched: Vec<PgId> = self.pgs.keys().copied().collect();
         for pgid in touched {
             self.flush(pgid);
-            if self
-                .pgs
-                .get(&pgid)
-                .is_some_and(|p| p.state() == crate::pg::PgState::Stray && p.ops_held() == 0)
-            {
+            if self.pgs.get(&pgid).is_some_and(|p| {
+                p.state() == crate::pg::PgState::Stray && p.ops_held() == 0 && !p.awaits_commit()
+            }) {
                 self.pgs.remove(&pgid);
             }
         }
@@ -361,8 +368,8 @@ impl Shard {
             }
             let mut t = Transaction::new();
             t.remove_pg(pgid);
-            match self.sh.store.apply(&t) {
-                Ok(()) => tracing::info!(%pgid, "removed the data of a deleted pool's PG"),
+            match self.sh.store.queue(&t) {
+                Ok(_) => tracing::info!(%pgid, "removed the data of a deleted pool's PG"),
                 Err(e) => tracing::error!(%pgid, "cannot remove a deleted pool's PG: {e}"),
             }
         }
@@ -392,12 +399,25 @@ impl Shard {
         self.sh.writes_in_flight.store(n, Ordering::Relaxed);
     }
 
+    /// The store committed more: every PG that waited for it moves on.
+    fn handle_commit(&mut self, now: Instant) {
+        for pgid in std::mem::take(&mut self.committing) {
+            if let Some(pg) = self.pgs.get_mut(&pgid) {
+                pg.handle_commit(now);
+            }
+            self.flush(pgid);
+        }
+    }
+
     /// Carries out what a PG asked for.
     fn flush(&mut self, pgid: PgId) {
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let mut outs = Vec::new();
         while let Some(o) = pg.poll_output() {
             outs.push(o);
+        }
+        if pg.awaits_commit() {
+            self.committing.insert(pgid);
         }
         for o in outs {
             match o {
@@ -464,6 +484,11 @@ impl Runner for Shard {
 
     fn handle(&mut self, now: Instant, ev: ShardEvent) {
         Shard::handle(self, now, ev);
+    }
+
+    /// The store rang: it committed a group of transactions.
+    fn doorbell(&mut self, now: Instant) {
+        self.handle_commit(now);
     }
 
     /// Once per run of events rather than per event: shutdown only needs the count to reach 0 eventually.

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
@@ -38,6 +39,8 @@ const PIECES_PER_CHUNK_MAX: usize = 16;
 const MEMSTORE_SHARDS: usize = 16;
 /// Most ops in one transaction: a client op is at most a few dozen, a recovery copy a few per attribute.
 pub const TX_OPS_MAX: usize = 65_536;
+/// How long [`ObjectStore::apply`] waits for its commit.
+pub const APPLY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An object's address: its PG and its name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -291,6 +294,9 @@ pub enum StoreError {
     /// A durable store's device failed (never from MemStore).
     #[error("i/o error: {0}")]
     Io(String),
+    /// The device has no room for the change (nothing was changed; deletes still work).
+    #[error("no space left on the device: {0}")]
+    NoSpace(String),
 }
 
 /// Size and version of one object.
@@ -314,10 +320,56 @@ pub struct PgUsage {
     pub bytes: u64,
 }
 
+/// Where a transaction stands in a store's commit order: transactions are numbered as they are queued, from 1
+/// (0 is before any), and a store makes them durable in that order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommitSeq(pub u64);
+
+/// Called by a store after each group commit with the newest committed sequence; it runs on the store's commit
+/// thread and must not block.
+pub type CommitNotifier = Box<dyn Fn(CommitSeq) + Send + Sync>;
+
 /// Where an OSD keeps its objects. Implementations are shared by the op threads: every method takes `&self`.
+///
+/// Changes are asynchronous, as BlueStore's `queue_transactions`: [`ObjectStore::queue`] applies a transaction
+/// to what reads see at once and returns its [`CommitSeq`]; it is durable once [`ObjectStore::committed`] has
+/// reached that number. Whoever acknowledges a change to anyone else (a client reply, a replica's answer to its
+/// primary) waits for that, so an acknowledged write survives a crash; readers of changes not yet durable are
+/// the caller's to hold back (a PG holds reads of objects with writes in flight).
 pub trait ObjectStore: Send + Sync {
-    /// Applies every op of `txn` in order, or none of them.
-    fn apply(&self, txn: &Transaction) -> Result<(), StoreError>;
+    /// Applies every op of `txn` in order, or none of them (an error changes nothing), to what reads see, and
+    /// queues it to be made durable. Never waits for the disk: messenger threads call it.
+    fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError>;
+    /// Every transaction queued up to and including this one is durable.
+    fn committed(&self) -> CommitSeq;
+    /// Sets who hears of each group commit. A store that is durable as soon as it is queued (MemStore, whose
+    /// durability is the process's life) never calls it.
+    fn set_commit_notifier(&self, _f: CommitNotifier) {}
+    /// Why the store stopped committing (a device error: nothing queued since may be acknowledged), if it did.
+    fn failed(&self) -> Option<StoreError> {
+        None
+    }
+    /// Waits up to `timeout` for `seq` to be durable. For tools, tests and start-up; never on a messenger
+    /// thread.
+    fn wait_committed(&self, seq: CommitSeq, timeout: std::time::Duration) -> Result<(), StoreError> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.committed() < seq {
+            if let Some(e) = self.failed() {
+                return Err(e);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Io(format!("commit {} not durable within {timeout:?}", seq.0)));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+    /// Queues `txn` and waits until it is durable: [`ObjectStore::queue`] plus [`ObjectStore::wait_committed`],
+    /// for tools and tests. The OSD's op path never calls it.
+    fn apply(&self, txn: &Transaction) -> Result<(), StoreError> {
+        let seq = self.queue(txn)?;
+        self.wait_committed(seq, APPLY_WAIT_MAX)
+    }
     fn stat(&self, pg: PgId, name: &str) -> Result<ObjectStat, StoreError>;
     /// The bytes of `[offset, offset + len)` that lie within the object (fewer at its end; holes read as
     /// zeros).
@@ -431,6 +483,8 @@ type Shard = HashMap<PgId, MemPg>;
 #[derive(Debug)]
 pub struct MemStore {
     shards: Vec<RwLock<Shard>>,
+    /// Transactions applied so far (each is committed as soon as it is numbered).
+    seq: AtomicU64,
 }
 
 impl Default for MemStore {
@@ -451,7 +505,31 @@ struct Shadow {
 
 impl MemStore {
     pub fn new() -> MemStore {
-        MemStore { shards: (0..MEMSTORE_SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
+        MemStore {
+            shards: (0..MEMSTORE_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Applies every op of `txn` in order, or none of them.
+    fn apply_now(&self, txn: &Transaction) -> Result<(), StoreError> {
+        if txn.ops.len() > TX_OPS_MAX {
+            return Err(StoreError::Invalid(format!("{} ops in one transaction", txn.ops.len())));
+        }
+        let mut idx: Vec<usize> = txn.ops.iter().map(|op| Self::shard_of(op.pg())).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        // Locks are always taken in shard order, so two transactions never wait on each other in a cycle.
+        let mut guards: HashMap<usize, RwLockWriteGuard<'_, Shard>> =
+            idx.iter().map(|&i| (i, self.shards[i].write())).collect();
+        Self::validate(txn, &guards)?;
+        let mut payload = txn.payload.iter();
+        for op in &txn.ops {
+            let shard = guards.get_mut(&Self::shard_of(op.pg())).expect("locked above");
+            Self::apply_op(shard, op, &mut payload);
+        }
+        assert!(payload.next().is_none(), "every payload piece belongs to an op");
+        Ok(())
     }
 
     fn shard_of(pg: PgId) -> usize {
@@ -832,24 +910,14 @@ fn read_chunk_parts(o: &MemObject, offset: u64, end: u64) -> Vec<CrcBytes> {
 }
 
 impl ObjectStore for MemStore {
-    fn apply(&self, txn: &Transaction) -> Result<(), StoreError> {
-        if txn.ops.len() > TX_OPS_MAX {
-            return Err(StoreError::Invalid(format!("{} ops in one transaction", txn.ops.len())));
-        }
-        let mut idx: Vec<usize> = txn.ops.iter().map(|op| Self::shard_of(op.pg())).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        // Locks are always taken in shard order, so two transactions never wait on each other in a cycle.
-        let mut guards: HashMap<usize, RwLockWriteGuard<'_, Shard>> =
-            idx.iter().map(|&i| (i, self.shards[i].write())).collect();
-        Self::validate(txn, &guards)?;
-        let mut payload = txn.payload.iter();
-        for op in &txn.ops {
-            let shard = guards.get_mut(&Self::shard_of(op.pg())).expect("locked above");
-            Self::apply_op(shard, op, &mut payload);
-        }
-        assert!(payload.next().is_none(), "every payload piece belongs to an op");
-        Ok(())
+    fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
+        self.apply_now(txn)?;
+        // Durable as far as a MemStore ever is: numbered after it applied, so the number is committed at once.
+        Ok(CommitSeq(self.seq.fetch_add(1, Ordering::AcqRel) + 1))
+    }
+
+    fn committed(&self) -> CommitSeq {
+        CommitSeq(self.seq.load(Ordering::Acquire))
     }
 
     fn stat(&self, pg: PgId, name: &str) -> Result<ObjectStat, StoreError> {

@@ -310,6 +310,9 @@ pub enum OsdError {
     NoSuchPool(PoolId),
     #[error("i/o error: {0}")]
     Io(String),
+    /// The OSD's store (or the cluster, past `mon_osd_full_ratio`) has no room for the write (ENOSPC).
+    #[error("no space left: {0}")]
+    NoSpace(String),
 }
 
 /// Admin requests sent straight to an OSD.

@@ -96,6 +96,9 @@ pub enum RadosError {
     ShutDown,
     #[error("i/o error on the OSD: {0}")]
     Io(String),
+    /// A write found no room (ENOSPC): the OSD's device, or the cluster past its full ratio.
+    #[error("no space left on the OSD: {0}")]
+    NoSpace(String),
     /// The OSD's answer does not fit the op that was sent (a bug on one side).
     #[error("malformed reply: {0}")]
     Protocol(String),
@@ -112,6 +115,7 @@ impl RadosError {
             OsdError::TooLarge(s) => RadosError::TooLarge(s),
             OsdError::NoSuchPool(_) => RadosError::NoSuchPool(pool.to_string()),
             OsdError::Io(s) => RadosError::Io(s),
+            OsdError::NoSpace(s) => RadosError::NoSpace(s),
             // Handled by the tracker (the op is sent again); never reaches the application.
             OsdError::Misdirected(e) => RadosError::Protocol(format!("unexpected misdirected answer at {e}")),
         }

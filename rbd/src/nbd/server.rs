@@ -450,6 +450,7 @@ fn to_nbd(e: &RbdError) -> NbdError {
     match e {
         RbdError::OutOfRange { .. } => NbdError::Inval,
         RbdError::Closed => NbdError::Shutdown,
+        RbdError::Rados(rados::objecter::RadosError::NoSpace(_)) => NbdError::NoSpc,
         _ => NbdError::Io,
     }
 }
