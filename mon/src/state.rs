@@ -33,7 +33,7 @@ use rados::map::{
     POOLS_MAX, POOL_NAME_BYTES_MAX, POOL_PG_NUM_MAX, POOL_SIZE_MAX, WEIGHT_ONE,
 };
 use rados::msg::{
-    LogEntry, LogLevel, MapUpdate, MonCommand, MonError, MonReply, MonRequest, PgStat, PingTime,
+    LogEntry, LogLevel, MapUpdate, MonCommand, MonError, MonReply, MonRequest, OsdStatfs, PgStat, PingTime,
 };
 use rados::{Epoch, Fsid, IdParseError, OsdId, PgId, PoolId};
 
@@ -78,6 +78,8 @@ pub enum OptionsError {
     MinDownReporters,
     #[error("{0}")]
     PoolDefaults(String),
+    #[error("mon_osd_nearfull_ratio <= mon_osd_backfillfull_ratio <= mon_osd_full_ratio, each in 0..=1, not {0:?}")]
+    FullRatios([f64; 3]),
 }
 
 /// The options the state machine uses, checked once.
@@ -91,6 +93,8 @@ pub struct MonOptions {
     pub down_out_interval_ms: u64,
     pub pool_default_size: u8,
     pub pool_default_pg_num: u32,
+    /// `mon_osd_nearfull_ratio`, `mon_osd_backfillfull_ratio`, `mon_osd_full_ratio`, in that order.
+    pub full_ratios: [f64; 3],
     /// Kept for `Config::default_min_size`.
     cfg: Config,
 }
@@ -121,8 +125,14 @@ impl MonOptions {
                 cfg.osd_pool_default_pg_num
             )));
         }
+        let full_ratios =
+            [cfg.mon_osd_nearfull_ratio, cfg.mon_osd_backfillfull_ratio, cfg.mon_osd_full_ratio];
+        if !full_ratios.iter().all(|r| (0.0..=1.0).contains(r)) || !full_ratios.is_sorted() {
+            return Err(OptionsError::FullRatios(full_ratios));
+        }
         Ok(MonOptions {
             fsid,
+            full_ratios,
             min_down_reporters: cfg.mon_osd_min_down_reporters,
             reporter_subtree_level,
             heartbeat_grace_ms: secs_to_ms(cfg.osd_heartbeat_grace),
@@ -215,6 +225,7 @@ struct OsdReportState {
     epoch: Epoch,
     pgs: Vec<PgStat>,
     ping_times: Vec<PingTime>,
+    statfs: OsdStatfs,
     received_ms: u64,
 }
 
@@ -429,8 +440,8 @@ impl MonState {
                 self.osd_failure(now_ms, from_osd, reporter, target, failed_for_ms, alive, &mut effects)
             }
             MonRequest::OsdMarkMeDown { osd } => self.osd_mark_me_down(now_ms, from_osd, osd, &mut effects),
-            MonRequest::OsdReport { osd, epoch, pgs, ping_times } => {
-                self.osd_report(now_ms, from_osd, osd, epoch, pgs, ping_times)
+            MonRequest::OsdReport { osd, epoch, pgs, ping_times, statfs } => {
+                self.osd_report(now_ms, from_osd, osd, epoch, pgs, ping_times, statfs)
             }
             MonRequest::Command(cmd) => self.command(now_ms, cmd, &mut effects),
         };
@@ -556,8 +567,150 @@ impl MonState {
                 },
             );
         }
+        // Fullness, as Ceph: each OSD counts under the highest ratio it reached (full beats backfillfull beats
+        // nearfull), named in the message.
+        let mut by_level: [Vec<String>; 3] = Default::default();
+        for (osd, ratio) in self.osd_used_ratios() {
+            if let Some(level) = self.opts.full_ratios.iter().rposition(|&r| ratio >= r) {
+                by_level[level].push(format!("{osd} ({:.0}%)", ratio * 100.0));
+            }
+        }
+        let names = [
+            ("OSD_NEARFULL", HealthStatus::Warn, "nearfull"),
+            ("OSD_BACKFILLFULL", HealthStatus::Warn, "backfillfull"),
+            ("OSD_FULL", HealthStatus::Err, "full"),
+        ];
+        for ((check, severity, what), osds) in names.into_iter().zip(by_level) {
+            if !osds.is_empty() {
+                let message = format!("{} {what} osd(s): {}", osds.len(), osds.join(", "));
+                checks.insert(check, HealthCheck { severity, message, count: osds.len() as u64 });
+            }
+        }
         let status = checks.values().map(|c| c.severity).max().unwrap_or(HealthStatus::Ok);
         Health { status, checks }
+    }
+
+    /// The used share of each up OSD's store, from its last report (stores without a size are left out).
+    fn osd_used_ratios(&self) -> Vec<(OsdId, f64)> {
+        self.osds
+            .iter()
+            .filter(|(o, _)| self.map.is_up(**o))
+            .filter_map(|(o, rt)| rt.report.as_ref().and_then(|r| r.statfs.used_ratio()).map(|x| (*o, x)))
+            .collect()
+    }
+
+    /// `ceph osd df`: per OSD its store's size and use, and how many PGs it serves (from the map).
+    fn osd_df_json(&self) -> Value {
+        let placement = rados::placement::Placement::new(&self.map);
+        let mut pgs: BTreeMap<OsdId, u64> = BTreeMap::new();
+        for pool in self.map.pools.values() {
+            for seed in 0..pool.pg_num {
+                if let Ok(ua) = placement.up_acting(PgId::new(pool.id, seed)) {
+                    for o in ua.acting {
+                        *pgs.entry(o).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let mut total = OsdStatfs::default();
+        let mut nodes = Vec::new();
+        for (&id, info) in &self.map.osds {
+            let st =
+                self.osds.get(&id).and_then(|rt| rt.report.as_ref()).map(|r| r.statfs).unwrap_or_default();
+            total.total += st.total;
+            total.available += st.available;
+            total.allocated += st.allocated;
+            total.data_stored += st.data_stored;
+            total.omap += st.omap;
+            total.meta += st.meta;
+            nodes.push(json!({
+                "id": id.0,
+                "name": id.to_string(),
+                "type": "osd",
+                "crush_weight": info.weight as f64 / WEIGHT_ONE as f64,
+                "reweight": if info.in_ { 1.0 } else { 0.0 },
+                "kb": st.total / 1024,
+                "kb_used": st.used() / 1024,
+                "kb_used_data": st.allocated / 1024,
+                "kb_used_omap": st.omap / 1024,
+                "kb_used_meta": st.meta / 1024,
+                "kb_avail": st.available / 1024,
+                "utilization": st.used_ratio().unwrap_or(0.0) * 100.0,
+                "pgs": pgs.get(&id).copied().unwrap_or(0),
+                "status": if info.up { "up" } else { "down" },
+            }));
+        }
+        json!({
+            "nodes": nodes,
+            "summary": {
+                "total_kb": total.total / 1024,
+                "total_kb_used": total.used() / 1024,
+                "total_kb_used_data": total.allocated / 1024,
+                "total_kb_used_omap": total.omap / 1024,
+                "total_kb_used_meta": total.meta / 1024,
+                "total_kb_avail": total.available / 1024,
+                "average_utilization": total.used_ratio().unwrap_or(0.0) * 100.0,
+            },
+        })
+    }
+
+    /// `ceph df`: raw space over the up OSDs, and per pool what its primaries report it stores. A pool's
+    /// `max_avail` is what its fullest OSD lets it still take (the least available space over its OSDs,
+    /// divided by its replica count), as Ceph estimates it.
+    fn df_json(&self) -> Value {
+        let mut raw = OsdStatfs::default();
+        let mut least_avail: Option<u64> = None;
+        for (o, rt) in &self.osds {
+            let Some(st) = rt.report.as_ref().map(|r| r.statfs).filter(|_| self.map.is_up(*o)) else {
+                continue;
+            };
+            raw.total += st.total;
+            raw.available += st.available;
+            if st.total > 0 {
+                least_avail = Some(least_avail.map_or(st.available, |a| a.min(st.available)));
+            }
+        }
+        let mut by_pool: BTreeMap<PoolId, (u64, u64)> = BTreeMap::new();
+        for rt in self.osds.values() {
+            for pg in rt.report.iter().flat_map(|r| &r.pgs) {
+                let e = by_pool.entry(pg.pgid.pool).or_default();
+                e.0 += pg.bytes;
+                e.1 += pg.objects;
+            }
+        }
+        let up_osds = self.map.osds.values().filter(|i| i.up).count().max(1) as u64;
+        let pools: Vec<Value> = self
+            .map
+            .pools
+            .values()
+            .map(|p| {
+                let (stored, objects) = by_pool.get(&p.id).copied().unwrap_or_default();
+                let used = stored * u64::from(p.size);
+                let max_avail = least_avail.map_or(0, |a| a * up_osds / u64::from(p.size.max(1)));
+                let percent_used =
+                    if used + max_avail == 0 { 0.0 } else { used as f64 / (used + max_avail) as f64 };
+                json!({
+                    "name": p.name,
+                    "id": p.id.0,
+                    "stats": {
+                        "stored": stored,
+                        "objects": objects,
+                        "bytes_used": used,
+                        "percent_used": percent_used,
+                        "max_avail": max_avail,
+                    },
+                })
+            })
+            .collect();
+        json!({
+            "stats": {
+                "total_bytes": raw.total,
+                "total_avail_bytes": raw.available,
+                "total_used_raw_bytes": raw.used(),
+                "total_used_raw_ratio": raw.used_ratio().unwrap_or(0.0),
+            },
+            "pools": pools,
+        })
     }
 
     /// PG states from the reports of up OSDs. Where two OSDs report one PG (a primary change in flight), the
@@ -801,6 +954,7 @@ impl MonState {
         epoch: Epoch,
         pgs: Vec<PgStat>,
         ping_times: Vec<PingTime>,
+        statfs: OsdStatfs,
     ) -> Result<MonReply, MonError> {
         if !self.map.osds.contains_key(&osd) {
             return Err(MonError::NoSuchOsd(osd));
@@ -822,7 +976,7 @@ impl MonState {
         }
         let rt = self.runtime(osd);
         rt.last_heard_ms = Some(now_ms);
-        rt.report = Some(OsdReportState { epoch, pgs, ping_times, received_ms: now_ms });
+        rt.report = Some(OsdReportState { epoch, pgs, ping_times, statfs, received_ms: now_ms });
         Ok(MonReply::Ok)
     }
 
@@ -838,6 +992,8 @@ impl MonState {
             MonCommand::OsdTree => Ok(MonReply::Json(self.osd_tree_json().to_string())),
             MonCommand::OsdDump => Ok(MonReply::Json(self.osd_dump_json().to_string())),
             MonCommand::OsdPingTimes => Ok(MonReply::Json(self.ping_times_json().to_string())),
+            MonCommand::OsdDf => Ok(MonReply::Json(self.osd_df_json().to_string())),
+            MonCommand::Df => Ok(MonReply::Json(self.df_json().to_string())),
             MonCommand::Log { n } => {
                 let n = n.min(LOG_ENTRIES_MAX);
                 let skip = self.log.len().saturating_sub(n);
@@ -1440,6 +1596,16 @@ mod tests {
         /// Every up OSD reports the PGs of `pool` it is primary for, with `acting_up` replicas up.
         fn report_all(&mut self, pool: PoolId, acting_up: u8, objects: u64) {
             let map = self.s.map().clone();
+            for (osd, pgs) in self.primaries_stats(pool, acting_up, objects) {
+                let statfs = OsdStatfs::default();
+                let r = MonRequest::OsdReport { osd, epoch: map.epoch, pgs, ping_times: vec![], statfs };
+                assert_eq!(self.req(Some(osd), r), (MonReply::Ok, vec![]));
+            }
+        }
+
+        /// The PG stats of `pool` by primary, with `acting_up` replicas up and `objects` of 4 KiB each.
+        fn primaries_stats(&self, pool: PoolId, acting_up: u8, objects: u64) -> BTreeMap<OsdId, Vec<PgStat>> {
+            let map = self.s.map().clone();
             let p = &map.pools[&pool];
             let placement = rados::placement::Placement::new(&map);
             let mut per_osd: BTreeMap<OsdId, Vec<PgStat>> = BTreeMap::new();
@@ -1455,10 +1621,7 @@ mod tests {
                     bytes: objects * 4096,
                 });
             }
-            for (osd, pgs) in per_osd {
-                let r = MonRequest::OsdReport { osd, epoch: map.epoch, pgs, ping_times: vec![] };
-                assert_eq!(self.req(Some(osd), r), (MonReply::Ok, vec![]));
-            }
+            per_osd
         }
 
         fn up(&self, i: u32) -> bool {
@@ -1939,6 +2102,57 @@ mod tests {
     }
 
     #[test]
+    fn full_osds_are_named_in_health_and_space_is_reported_per_osd_and_pool() {
+        // Goal: Ceph's fullness checks (nearfull and backfillfull WARN, full ERR, each naming its OSDs) from
+        // the OSDs' reported store use, and `osd df` / `df` from the same reports. Method: three OSDs of 1000
+        // bytes report 50 %, 86 % and 96 % used; then the full one frees space.
+        let mut c = Cluster::new(config("osd", 2), &["h", "h", "h"]);
+        c.cmd(pool_create("rbd", None, None, Some(8)));
+        let stats = c.primaries_stats(PoolId(1), 3, 2);
+        let statfs = |c: &mut Cluster, osd: u32, used: u64| {
+            let st = OsdStatfs {
+                total: 1000,
+                available: 1000 - used,
+                allocated: used,
+                data_stored: used,
+                omap: 0,
+                meta: 0,
+            };
+            let r = MonRequest::OsdReport {
+                osd: OsdId(osd),
+                epoch: c.s.map().epoch,
+                pgs: stats.get(&OsdId(osd)).cloned().unwrap_or_default(),
+                ping_times: vec![],
+                statfs: st,
+            };
+            assert_eq!(c.req(Some(OsdId(osd)), r).0, MonReply::Ok);
+        };
+        statfs(&mut c, 0, 500);
+        statfs(&mut c, 1, 860);
+        statfs(&mut c, 2, 960);
+        let h = c.s.health(c.now);
+        assert_eq!(h.status, HealthStatus::Err);
+        assert_eq!(h.checks["OSD_FULL"].message, "1 full osd(s): osd.2 (96%)");
+        assert_eq!(h.checks["OSD_NEARFULL"].message, "1 nearfull osd(s): osd.1 (86%)");
+        assert!(!h.checks.contains_key("OSD_BACKFILLFULL"));
+        let df = c.json(MonCommand::OsdDf);
+        assert_eq!(df["nodes"].as_array().unwrap().len(), 3);
+        assert_eq!(df["nodes"][2]["utilization"].as_f64().unwrap().round(), 96.0);
+        assert_eq!(df["nodes"][0]["pgs"], 8, "every OSD serves the 8 PGs of a size-3 pool");
+        let df = c.json(MonCommand::Df);
+        assert_eq!(df["stats"]["total_bytes"], 3000);
+        assert_eq!(df["stats"]["total_used_raw_bytes"], 2320);
+        assert_eq!(df["pools"][0]["stats"]["objects"], 16, "2 objects in each of 8 PGs");
+        assert_eq!(
+            df["pools"][0]["stats"]["max_avail"], 40,
+            "the fullest OSD's 40 bytes, x3 OSDs / 3 replicas"
+        );
+        statfs(&mut c, 2, 100);
+        statfs(&mut c, 1, 100);
+        assert_eq!(c.s.health(c.now).status, HealthStatus::Ok, "freed space clears the checks");
+    }
+
+    #[test]
     fn tick_logs_health_changes() {
         // Goal: the cluster log says when a health check starts and stops failing. Method: a down OSD, then
         // its reboot.
@@ -2125,7 +2339,13 @@ mod tests {
         let pings = vec![PingTime { peer: OsdId(2), front_us: Some(250), back_us: None }];
         c.req(
             Some(OsdId(0)),
-            MonRequest::OsdReport { osd: OsdId(0), epoch: Epoch(1), pgs: vec![], ping_times: pings },
+            MonRequest::OsdReport {
+                osd: OsdId(0),
+                epoch: Epoch(1),
+                pgs: vec![],
+                ping_times: pings,
+                statfs: OsdStatfs::default(),
+            },
         );
         let pt = c.json(MonCommand::OsdPingTimes);
         assert_eq!(pt["entries"].as_array().unwrap().len(), 1);
@@ -2145,12 +2365,19 @@ mod tests {
             epoch: Epoch(1),
             pgs: vec![],
             ping_times: vec![],
+            statfs: OsdStatfs::default(),
         };
         assert_eq!(c.req(None, r(9)).0, MonReply::Error(MonError::NoSuchOsd(OsdId(9))));
         assert!(matches!(c.req(Some(OsdId(1)), r(0)).0, MonReply::Error(MonError::Refused(_))));
         let pings =
             vec![PingTime { peer: OsdId(1), front_us: None, back_us: None }; PING_TIMES_PER_REPORT_MAX + 1];
-        let big = MonRequest::OsdReport { osd: OsdId(0), epoch: Epoch(1), pgs: vec![], ping_times: pings };
+        let big = MonRequest::OsdReport {
+            osd: OsdId(0),
+            epoch: Epoch(1),
+            pgs: vec![],
+            ping_times: pings,
+            statfs: OsdStatfs::default(),
+        };
         assert!(matches!(c.req(None, big).0, MonReply::Error(MonError::Invalid(_))));
     }
 
@@ -2161,7 +2388,13 @@ mod tests {
         let mut c = Cluster::new(config("host", 2), &["a"]);
         c.req(
             None,
-            MonRequest::OsdReport { osd: OsdId(0), epoch: Epoch(1), pgs: vec![], ping_times: vec![] },
+            MonRequest::OsdReport {
+                osd: OsdId(0),
+                epoch: Epoch(1),
+                pgs: vec![],
+                ping_times: vec![],
+                statfs: OsdStatfs::default(),
+            },
         );
         c.now += OSD_REPORT_TIMEOUT_MS - 1;
         assert!(commits(&c.s.tick(c.now)).is_empty());

@@ -326,6 +326,7 @@ impl Osd {
                     writes_in_flight: Arc::clone(&in_flight[index]),
                     report_now: report_tx.clone(),
                     guard: Arc::clone(&guard),
+                    full_ratio: cfg.mon_osd_full_ratio,
                 });
                 Arc::new(ShardHandle::new(shard, queue, INLINE_BATCH_MAX))
             })
@@ -594,7 +595,13 @@ fn map_loop(inner: Arc<Inner>, wake: Receiver<()>, report_now: Receiver<()>) {
 fn send_report(inner: &Inner, epoch: Epoch) {
     let pgs: Vec<PgStat> =
         inner.stats.iter().flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>()).collect();
-    let req = MonRequest::OsdReport { osd: inner.id, epoch, pgs, ping_times: inner.hb.ping_times() };
+    let req = MonRequest::OsdReport {
+        osd: inner.id,
+        epoch,
+        pgs,
+        ping_times: inner.hb.ping_times(),
+        statfs: inner.store.statfs(),
+    };
     inner.monc.send_oneway(&req);
 }
 

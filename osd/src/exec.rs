@@ -86,6 +86,22 @@ pub fn is_write(ops: &[OsdOp]) -> bool {
     ops.iter().any(|op| op.is_write())
 }
 
+/// Whether every change `ops` make only frees space (deletes, truncates, zeroing, removing attributes or
+/// keys): what a full OSD still takes, so that space can be freed.
+pub fn frees_only(ops: &[OsdOp]) -> bool {
+    ops.iter().all(|op| {
+        !op.is_write()
+            || matches!(
+                op,
+                OsdOp::Remove
+                    | OsdOp::Truncate { .. }
+                    | OsdOp::Zero { .. }
+                    | OsdOp::RmXattr { .. }
+                    | OsdOp::OmapRm { .. }
+            )
+    })
+}
+
 /// Runs `ops` against object `name` of `pg`. `payload` is the request's data segment, consumed by the ops
 /// that carry data in order. `version` is the PG version a write request will get (ignored for reads).
 pub fn execute(

@@ -304,6 +304,8 @@ pub struct Pg<C> {
     after_commit: VecDeque<(CommitSeq, PgOutput<C>)>,
     /// The newest commit sequence of a transaction this PG queued.
     last_queued: CommitSeq,
+    /// This OSD's store is past `mon_osd_full_ratio`: writes that add data are refused (ENOSPC).
+    full: bool,
     last_slow_log: Option<Instant>,
 }
 
@@ -462,6 +464,7 @@ impl<C> Pg<C> {
             outputs: VecDeque::new(),
             after_commit: VecDeque::new(),
             last_queued: CommitSeq(0),
+            full: false,
             last_slow_log: None,
         }
     }
@@ -493,6 +496,11 @@ impl<C> Pg<C> {
 
     pub fn poll_output(&mut self) -> Option<PgOutput<C>> {
         self.outputs.pop_front()
+    }
+
+    /// Whether this OSD's store is full (see [`Pg::handle_client_op`]): set by the shard from the store's use.
+    pub fn set_full(&mut self, full: bool) {
+        self.full = full;
     }
 
     /// Whether the PG waits for the store to commit something: call [`Pg::handle_commit`] when it has.
@@ -759,6 +767,11 @@ impl<C> Pg<C> {
     fn execute(&mut self, now: Instant, seq: u64, since: Instant, op: ClientOp<C>) {
         let next = Eversion { epoch: self.interval, v: self.last_update.v + 1 };
         let write = exec::is_write(&op.req.ops);
+        if write && self.full && !exec::frees_only(&op.req.ops) {
+            let e = OsdError::NoSpace(format!("{} is full; delete data to free space", self.whoami));
+            let version = self.store.stat(self.pgid, &op.req.oid).map_or(0, |s| s.version.v);
+            return self.reply_err(op.ctx, &op.req, e, version);
+        }
         let result =
             exec::execute(&*self.store, self.pgid, &op.req.oid, &op.req.ops, &op.data, &self.limits, next);
         let ex = match result {
@@ -1504,6 +1517,9 @@ mod tests {
         }
         fn pg_usage(&self, pg: PgId) -> PgUsage {
             self.mem.pg_usage(pg)
+        }
+        fn statfs(&self) -> rados::msg::OsdStatfs {
+            self.mem.statfs()
         }
     }
 

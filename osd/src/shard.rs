@@ -157,6 +157,8 @@ pub struct ShardShared {
     /// Poked when a PG becomes active or inactive (the daemon reports to the monitor soon).
     pub report_now: Sender<()>,
     pub guard: Arc<StallGuard>,
+    /// `mon_osd_full_ratio`: past it, the shard's PGs refuse writes that add data.
+    pub full_ratio: f64,
 }
 
 /// One shard's thread state.
@@ -376,7 +378,9 @@ impl Shard {
     }
 
     fn tick(&mut self, now: Instant) {
+        let full = self.sh.store.statfs().used_ratio().is_some_and(|r| r >= self.sh.full_ratio);
         for pg in self.pgs.values_mut() {
+            pg.set_full(full);
             pg.tick(now);
         }
         let pgids: Vec<PgId> = self.pgs.keys().copied().collect();

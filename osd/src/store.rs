@@ -29,6 +29,7 @@ use parking_lot::{RwLock, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
 
 use rados::ids::{Epoch, PgId};
+use rados::msg::OsdStatfs;
 
 /// MemStore keeps object data in pieces that never cross a multiple of this many bytes (a chunk), so a small
 /// write into a large object touches one piece and a rewrite copies into memory the store already has.
@@ -398,6 +399,8 @@ pub trait ObjectStore: Send + Sync {
     /// Every PG that holds at least one object.
     fn list_pgs(&self) -> Vec<PgId>;
     fn pg_usage(&self, pg: PgId) -> PgUsage;
+    /// Space: the device's size and what is used of it (reported to the monitor, `cuttle osd df`).
+    fn statfs(&self) -> OsdStatfs;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1017,6 +1020,13 @@ impl ObjectStore for MemStore {
         shard
             .get(&pg)
             .map_or(PgUsage::default(), |p| PgUsage { objects: p.objects.len() as u64, bytes: p.bytes })
+    }
+
+    /// A MemStore has no device: its size is 0 (never full); data is what its PGs hold. Omap bytes are not
+    /// counted (it would take a walk over every object).
+    fn statfs(&self) -> OsdStatfs {
+        let data: u64 = self.shards.iter().map(|s| s.read().values().map(|p| p.bytes).sum::<u64>()).sum();
+        OsdStatfs { allocated: data, data_stored: data, ..OsdStatfs::default() }
     }
 }
 

@@ -127,6 +127,12 @@ options! {
     osd_max_object_name_len: usize = 2048;
     /// Largest single write, bytes.
     osd_max_write_size: u64 = 90 << 20;
+    /// An OSD this full (used / size of its store) is reported near full: HEALTH_WARN.
+    mon_osd_nearfull_ratio: f64 = 0.85;
+    /// An OSD this full takes no backfill (reported as HEALTH_WARN).
+    mon_osd_backfillfull_ratio: f64 = 0.90;
+    /// An OSD this full refuses writes to its PGs with ENOSPC (reads and deletes still work): HEALTH_ERR.
+    mon_osd_full_ratio: f64 = 0.95;
     /// Ops a client keeps in flight at once.
     objecter_inflight_ops: usize = 1024;
     /// Bytes a client keeps in flight at once.

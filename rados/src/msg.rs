@@ -42,7 +42,7 @@ pub enum MonRequest {
     /// The sender is shutting down cleanly.
     OsdMarkMeDown { osd: OsdId },
     /// The sender's view of the PGs it is primary for, and its heartbeat round-trip times.
-    OsdReport { osd: OsdId, epoch: Epoch, pgs: Vec<PgStat>, ping_times: Vec<PingTime> },
+    OsdReport { osd: OsdId, epoch: Epoch, pgs: Vec<PgStat>, ping_times: Vec<PingTime>, statfs: OsdStatfs },
     /// An operator command.
     Command(MonCommand),
 }
@@ -75,6 +75,10 @@ pub enum MonCommand {
     Log {
         n: usize,
     },
+    /// Space per OSD (`ceph osd df`).
+    OsdDf,
+    /// Space of the cluster and per pool (`ceph df`).
+    Df,
 }
 
 /// The monitor's answer to a [`MonRequest`] (same tid).
@@ -139,6 +143,33 @@ pub struct PgStat {
     pub min_size: u8,
     pub objects: u64,
     pub bytes: u64,
+}
+
+/// What an OSD's store holds, in bytes (Ceph's `store_statfs_t`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsdStatfs {
+    /// The device's size; 0 for a store without one (MemStore lives in RAM and is never full).
+    pub total: u64,
+    pub available: u64,
+    /// Bytes the allocator gave to object data.
+    pub allocated: u64,
+    /// Object data as written (before allocation rounding).
+    pub data_stored: u64,
+    /// Omap keys and values.
+    pub omap: u64,
+    /// The store's own metadata (its database file).
+    pub meta: u64,
+}
+
+impl OsdStatfs {
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+
+    /// The used share of the device; `None` for a store without a size.
+    pub fn used_ratio(&self) -> Option<f64> {
+        (self.total > 0).then(|| self.used() as f64 / self.total as f64)
+    }
 }
 
 /// A heartbeat round-trip time, front and back, in microseconds.

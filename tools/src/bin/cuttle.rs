@@ -52,6 +52,8 @@ enum Cmd {
     Status,
     /// Health, with reasons.
     Health,
+    /// Space used and available, for the cluster and per pool (like `ceph df`).
+    Df,
     /// OSD commands.
     Osd {
         #[command(subcommand)]
@@ -95,6 +97,8 @@ enum OsdCmd {
     Down { id: u32 },
     /// Heartbeat round-trip times, front and back, as each OSD last reported them.
     PingTimes,
+    /// Space per OSD: size, raw use, data, omap, meta, available, %use, PGs (like `ceph osd df`).
+    Df,
 }
 
 #[derive(Subcommand)]
@@ -227,6 +231,8 @@ fn client_command(c: &Client, cmd: Cmd, fmt: Format) -> Result<()> {
         Cmd::Osd { cmd: OsdCmd::Tree } => out(&c.command(MonCommand::OsdTree)?, &plain_tree),
         Cmd::Osd { cmd: OsdCmd::Dump } => out(&c.command(MonCommand::OsdDump)?, &pretty),
         Cmd::Osd { cmd: OsdCmd::PingTimes } => out(&c.command(MonCommand::OsdPingTimes)?, &plain_ping_times),
+        Cmd::Osd { cmd: OsdCmd::Df } => out(&c.command(MonCommand::OsdDf)?, &plain_osd_df),
+        Cmd::Df => out(&c.command(MonCommand::Df)?, &plain_df),
         Cmd::Osd { cmd: OsdCmd::Map { pool, object } } => out(&osd_map(c, &pool, &object)?, &plain_osd_map),
         Cmd::Osd { cmd: OsdCmd::Out { id } } => {
             done(c.command(MonCommand::OsdOut(OsdId(id)))?, &format!("marked out osd.{id}"))
@@ -304,6 +310,92 @@ fn plain_status(v: &Value) -> String {
                 ));
             }
         }
+    }
+    s
+}
+
+/// Bytes as Ceph prints them: B, KiB, MiB, GiB, TiB.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+fn plain_osd_df(v: &Value) -> String {
+    let kib = |n: &Value, k: &str| human_bytes(n[k].as_u64().unwrap_or(0).saturating_mul(1024));
+    let mut s = format!(
+        "{:<4} {:<7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>4} {}\n",
+        "ID", "WEIGHT", "SIZE", "RAW USE", "DATA", "OMAP", "META", "AVAIL", "%USE", "PGS", "STATUS"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "{:<4} {:<7.3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6.2} {:>4} {}\n",
+            n["id"].to_string(),
+            n["crush_weight"].as_f64().unwrap_or(0.0),
+            kib(n, "kb"),
+            kib(n, "kb_used"),
+            kib(n, "kb_used_data"),
+            kib(n, "kb_used_omap"),
+            kib(n, "kb_used_meta"),
+            kib(n, "kb_avail"),
+            n["utilization"].as_f64().unwrap_or(0.0),
+            n["pgs"].as_u64().unwrap_or(0),
+            n["status"].as_str().unwrap_or("")
+        ));
+    }
+    let t = &v["summary"];
+    s.push_str(&format!(
+        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6.2}\n",
+        "TOTAL",
+        kib(t, "total_kb"),
+        kib(t, "total_kb_used"),
+        kib(t, "total_kb_used_data"),
+        kib(t, "total_kb_used_omap"),
+        kib(t, "total_kb_used_meta"),
+        kib(t, "total_kb_avail"),
+        t["average_utilization"].as_f64().unwrap_or(0.0)
+    ));
+    s
+}
+
+fn plain_df(v: &Value) -> String {
+    let b = |n: &Value, k: &str| human_bytes(n[k].as_u64().unwrap_or(0));
+    let st = &v["stats"];
+    let mut s = String::from("--- RAW STORAGE ---\n");
+    s.push_str(&format!("{:>10} {:>10} {:>10} {:>9}\n", "SIZE", "AVAIL", "RAW USED", "%RAW USED"));
+    s.push_str(&format!(
+        "{:>10} {:>10} {:>10} {:>9.2}\n",
+        b(st, "total_bytes"),
+        b(st, "total_avail_bytes"),
+        b(st, "total_used_raw_bytes"),
+        st["total_used_raw_ratio"].as_f64().unwrap_or(0.0) * 100.0
+    ));
+    s.push_str("\n--- POOLS ---\n");
+    s.push_str(&format!(
+        "{:<16} {:>4} {:>10} {:>8} {:>10} {:>6} {:>10}\n",
+        "POOL", "ID", "STORED", "OBJECTS", "USED", "%USED", "MAX AVAIL"
+    ));
+    for p in v["pools"].as_array().into_iter().flatten() {
+        let ps = &p["stats"];
+        s.push_str(&format!(
+            "{:<16} {:>4} {:>10} {:>8} {:>10} {:>6.2} {:>10}\n",
+            p["name"].as_str().unwrap_or("?"),
+            p["id"].to_string(),
+            b(ps, "stored"),
+            ps["objects"].as_u64().unwrap_or(0),
+            b(ps, "bytes_used"),
+            ps["percent_used"].as_f64().unwrap_or(0.0) * 100.0,
+            b(ps, "max_avail")
+        ));
     }
     s
 }
