@@ -236,7 +236,9 @@ mod tests {
             let from = next(model.len() as u64 + 1);
             let mut part = buf[from as usize..].to_vec();
             let n = part.len().min(lower.len().saturating_sub(from as usize));
-            part[..n].copy_from_slice(&lower[from as usize..from as usize + n]);
+            if n > 0 {
+                part[..n].copy_from_slice(&lower[from as usize..from as usize + n]);
+            }
             part[n..].fill(0);
             l.overlay(&mut part, from);
             assert_eq!(part, &model[from as usize..], "op {i}: partial overlay from {from}");

@@ -1200,7 +1200,10 @@ impl Inner {
                 t.insert(batch, encode_deferred(&plan.deferred).as_slice()).map_err(Self::db_err)?;
             }
             let mut fl = tx.open_table(FREELIST).map_err(Self::db_err)?;
-            for g in c.alloc.take_dirty() {
+            // Groups with units taken, and groups with units freed: both change in this commit.
+            let mut groups = c.alloc.take_dirty();
+            groups.extend(plan.frees.iter().map(|au| au / records::FREELIST_GROUP_AUS));
+            for g in groups {
                 fl.insert(g, encode_freelist(&c.alloc.group_words(g, &plan.frees)).as_slice()).map_err(Self::db_err)?;
             }
             let mut meta = tx.open_table(META).map_err(Self::db_err)?;
