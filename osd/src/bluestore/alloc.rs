@@ -55,15 +55,6 @@ impl Allocator {
         self.free_aus
     }
 
-    /// Installs a persisted group (at mount).
-    pub fn load_group(&mut self, group: u64, words: &[u64]) {
-        assert!(group < self.groups() && words.len() as u64 == WORDS_PER_GROUP);
-        let at = (group * WORDS_PER_GROUP) as usize;
-        self.words[at..at + words.len()].copy_from_slice(words);
-        self.fence_tail();
-        self.free_aus = (0..self.total_aus).filter(|&au| !self.is_allocated(au)).count() as u64;
-    }
-
     /// Recounts free units after loading every group (cheaper than per group).
     pub fn recount(&mut self) {
         self.fence_tail();
@@ -115,7 +106,12 @@ impl Allocator {
 
     fn set(&mut self, au: u64, allocated: bool) {
         let (w, bit) = ((au / 64) as usize, 1u64 << (au % 64));
-        assert_eq!(self.words[w] & bit != 0, !allocated, "unit {au} is already {}", if allocated { "allocated" } else { "free" });
+        assert_eq!(
+            self.words[w] & bit != 0,
+            !allocated,
+            "unit {au} is already {}",
+            if allocated { "allocated" } else { "free" }
+        );
         if allocated {
             self.words[w] |= bit;
             self.free_aus -= 1;

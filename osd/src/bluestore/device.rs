@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A file-like device. Writes may sit in a volatile cache until [`BlockDevice::flush`] returns.
+// `len` as redb's `StorageBackend` and `File::set_len` name it; an empty device is not a state worth a method.
+#[allow(clippy::len_without_is_empty)]
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Fills `buf` from `offset`; reading past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;

@@ -107,7 +107,10 @@ pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
             }
         };
         if blob.au_shift != inner.au_shift {
-            r.error(format!("blob {nid}:{index}: allocation unit 2^{} on a 2^{} store", blob.au_shift, inner.au_shift));
+            r.error(format!(
+                "blob {nid}:{index}: allocation unit 2^{} on a 2^{} store",
+                blob.au_shift, inner.au_shift
+            ));
             continue;
         }
         match sizes.get(&nid) {
@@ -120,10 +123,13 @@ pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
         if blob.is_empty() {
             r.error(format!("blob {nid}:{index} is empty (should have been deleted)"));
         }
-        for (slot, (pau, csums)) in blob.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.as_ref()?))) {
+        for (slot, (pau, csums)) in blob.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.as_ref()?)))
+        {
             r.referenced_units += 1;
             if *pau >= total_aus {
-                r.error(format!("blob {nid}:{index} slot {slot}: unit {pau} past the device ({total_aus} units)"));
+                r.error(format!(
+                    "blob {nid}:{index} slot {slot}: unit {pau} past the device ({total_aus} units)"
+                ));
                 continue;
             }
             if let Some(other) = owner.insert(*pau, nid) {
@@ -208,7 +214,10 @@ pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
             Ok(writes) => {
                 for w in writes {
                     r.deferred_writes += 1;
-                    if w.offset % au != 0 || w.data.len() as u64 != au || !owner.contains_key(&(w.offset / au)) {
+                    if w.offset % au != 0
+                        || w.data.len() as u64 != au
+                        || !owner.contains_key(&(w.offset / au))
+                    {
                         r.error(format!(
                             "deferred record {}: write at {} of {} bytes is not a whole referenced unit",
                             k.value(),

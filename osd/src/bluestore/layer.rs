@@ -21,6 +21,11 @@ pub enum Piece {
 }
 
 impl Piece {
+    /// Never empty: a layer keeps no empty pieces.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> u64 {
         match self {
             Piece::Data(b) => b.len() as u64,
@@ -57,7 +62,12 @@ pub struct ObjLayer {
 
 impl ObjLayer {
     /// A layer that changes nothing yet over an object below with these absolute facts.
-    pub fn over(exists: bool, size: u64, version: Option<Eversion>, attrs: BTreeMap<String, Bytes>) -> ObjLayer {
+    pub fn over(
+        exists: bool,
+        size: u64,
+        version: Option<Eversion>,
+        attrs: BTreeMap<String, Bytes>,
+    ) -> ObjLayer {
         if !exists {
             return ObjLayer::absent();
         }

@@ -49,7 +49,8 @@ use rados::ids::PgId;
 use rados::placement::object_hash;
 
 use crate::store::{
-    Eversion, ListEntry, ObjectId, ObjectStat, ObjectStore, PgUsage, StoreError, Transaction, TxOp, TX_OPS_MAX,
+    Eversion, ListEntry, ObjectId, ObjectStat, ObjectStore, PgUsage, StoreError, Transaction, TxOp,
+    TX_OPS_MAX,
 };
 
 use alloc::Allocator;
@@ -57,8 +58,8 @@ use device::{BlockDevice, DirEnv, Env, RedbBackend};
 use layer::{ObjLayer, Piece};
 use records::{
     blob_key, decode_deferred, decode_freelist, decode_pg_key, decode_u64, decode_usage, encode_deferred,
-    encode_freelist, encode_u64, encode_usage, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label, Onode,
-    BLOB_BYTES, CSUM_BLOCK_BYTES, CSUM_TYPE_CRC32C,
+    encode_freelist, encode_u64, encode_usage, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label,
+    Onode, BLOB_BYTES, CSUM_BLOCK_BYTES, CSUM_TYPE_CRC32C,
 };
 
 /// The position of a queued transaction: 1 for the first queued after open, then one more per transaction.
@@ -274,7 +275,12 @@ fn check_options(opts: &BlueStoreOptions) -> Result<u8, BlueStoreError> {
 
 impl BlueStore {
     /// Creates a store in directory `dir` (which must exist and hold no store).
-    pub fn mkfs(dir: &Path, opts: &BlueStoreOptions, osd_id: u32, fsid: [u8; 16]) -> Result<(), BlueStoreError> {
+    pub fn mkfs(
+        dir: &Path,
+        opts: &BlueStoreOptions,
+        osd_id: u32,
+        fsid: [u8; 16],
+    ) -> Result<(), BlueStoreError> {
         Self::mkfs_in(Arc::new(DirEnv::new(dir)), opts, osd_id, fsid)
     }
 
@@ -284,7 +290,12 @@ impl BlueStore {
     }
 
     /// [`BlueStore::mkfs`] in any [`Env`] (the simulated disk in tests).
-    pub fn mkfs_in(env: Arc<dyn Env>, opts: &BlueStoreOptions, osd_id: u32, fsid: [u8; 16]) -> Result<(), BlueStoreError> {
+    pub fn mkfs_in(
+        env: Arc<dyn Env>,
+        opts: &BlueStoreOptions,
+        osd_id: u32,
+        fsid: [u8; 16],
+    ) -> Result<(), BlueStoreError> {
         let where_ = env.describe();
         check_options(opts)?;
         let io = |what: &'static str| {
@@ -307,7 +318,8 @@ impl BlueStore {
         let db_dev = env.open(DB_FILE, true).map_err(io("db file"))?;
         // A db left by an mkfs that crashed before its label is started over.
         db_dev.set_len(0).map_err(io("db file"))?;
-        let db_err = |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
+        let db_err =
+            |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
         let db = redb::Builder::new()
             .set_cache_size(16 << 20)
             .create_with_backend(RedbBackend(db_dev))
@@ -339,8 +351,10 @@ impl BlueStore {
             let where_ = where_.clone();
             move |source| BlueStoreError::Io { where_, what, source }
         };
-        let not_a_store = |why: &str| BlueStoreError::NotAStore { where_: where_.clone(), why: why.to_string() };
-        let label_bytes = env.read_file(LABEL_FILE).map_err(io("label"))?.ok_or_else(|| not_a_store("no label"))?;
+        let not_a_store =
+            |why: &str| BlueStoreError::NotAStore { where_: where_.clone(), why: why.to_string() };
+        let label_bytes =
+            env.read_file(LABEL_FILE).map_err(io("label"))?.ok_or_else(|| not_a_store("no label"))?;
         let label = Label::decode(&label_bytes).map_err(|e| not_a_store(&e.to_string()))?;
         if label.min_alloc_bytes as u64 != opts.bluestore_min_alloc_size {
             // Fixed at mkfs: the store's own value wins, as in Ceph; the option only says what mkfs uses.
@@ -361,7 +375,8 @@ impl BlueStore {
         check_options(&opts)?;
         let block = env.open(BLOCK_FILE, false).map_err(io("block file"))?;
         let db_dev = env.open(DB_FILE, false).map_err(io("db file"))?;
-        let db_err = |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
+        let db_err =
+            |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
         let db = redb::Builder::new()
             .set_cache_size(opts.bluestore_cache_size as usize)
             .create_with_backend(RedbBackend(db_dev.clone()))
@@ -375,12 +390,19 @@ impl BlueStore {
             let rtx = db.begin_read().map_err(|e| db_err(&e))?;
             let meta = rtx.open_table(META).map_err(|e| db_err(&e))?;
             let get = |k: &str| -> Result<Vec<u8>, BlueStoreError> {
-                Ok(meta.get(k).map_err(|e| db_err(&e))?.ok_or_else(|| damaged(format!("no {k} in meta")))?.value().to_vec())
+                Ok(meta
+                    .get(k)
+                    .map_err(|e| db_err(&e))?
+                    .ok_or_else(|| damaged(format!("no {k} in meta")))?
+                    .value()
+                    .to_vec())
             };
             if Label::decode(&get(META_LABEL)?).map_err(|e| damaged(e.to_string()))? != label {
                 return Err(damaged("the label file and the database belong to different stores".into()));
             }
-            let num = |k: &str| -> Result<u64, BlueStoreError> { decode_u64(&get(k)?).map_err(|e| damaged(e.to_string())) };
+            let num = |k: &str| -> Result<u64, BlueStoreError> {
+                decode_u64(&get(k)?).map_err(|e| damaged(e.to_string()))
+            };
             let (nid_max, batch, omap_bytes) = (num(META_NID_MAX)?, num(META_BATCH)?, num(META_OMAP_BYTES)?);
             // The free list: one row per group ever touched.
             for row in rtx.open_table(FREELIST).map_err(|e| db_err(&e))?.iter().map_err(|e| db_err(&e))? {
@@ -410,7 +432,11 @@ impl BlueStore {
             for (_, writes) in &deferred {
                 for w in writes {
                     if w.offset % au != 0 || w.offset + w.data.len() as u64 > label.block_bytes {
-                        return Err(damaged(format!("deferred write at {} of {} bytes", w.offset, w.data.len())));
+                        return Err(damaged(format!(
+                            "deferred write at {} of {} bytes",
+                            w.offset,
+                            w.data.len()
+                        )));
                     }
                     block.write_at(w.offset, &w.data).map_err(io("deferred replay"))?;
                 }
@@ -618,7 +644,14 @@ impl Inner {
     }
 
     /// The bytes of physical unit `pau`, from the deferred cache or the device, checked against `csums`.
-    fn read_unit(&self, pau: u64, csums: &[u32], from: u64, to: u64, out: &mut [u8]) -> Result<(), StoreError> {
+    fn read_unit(
+        &self,
+        pau: u64,
+        csums: &[u32],
+        from: u64,
+        to: u64,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
         assert!(from < to && to <= self.au && out.len() as u64 == to - from);
         if let Some((_, data)) = self.deferred_cache.read().get(&pau) {
             out.copy_from_slice(&data[from as usize..to as usize]);
@@ -646,7 +679,14 @@ impl Inner {
     }
 
     /// Fills `buf` (object bytes from `offset`) from the committed data map of object `nid` of `size`.
-    fn read_base(&self, rtx: &ReadTransaction, nid: u64, size: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    fn read_base(
+        &self,
+        rtx: &ReadTransaction,
+        nid: u64,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
         let end = (offset + buf.len() as u64).min(size);
         if offset >= end {
             return Ok(());
@@ -656,7 +696,8 @@ impl Inner {
         let hi = blob_key(nid, (end - 1) / BLOB_BYTES);
         for row in blobs.range(lo.as_slice()..=hi.as_slice()).map_err(Self::db_err)? {
             let (k, v) = row.map_err(Self::db_err)?;
-            let (_, index) = records::decode_blob_key(k.value()).map_err(|e| StoreError::Io(e.to_string()))?;
+            let (_, index) =
+                records::decode_blob_key(k.value()).map_err(|e| StoreError::Io(e.to_string()))?;
             let blob = Blob::decode(v.value()).map_err(|e| StoreError::Io(format!("blob: {e}")))?;
             for (slot, s) in blob.slots.iter().enumerate() {
                 let Some((pau, csums)) = s else { continue };
@@ -692,7 +733,13 @@ impl Inner {
     }
 
     /// The omap pairs after `after`, up to `max`, as reads see them.
-    fn omap_range(&self, pg: PgId, name: &str, after: Option<&str>, max: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn omap_range(
+        &self,
+        pg: PgId,
+        name: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let _gate = self.gate.read();
         let rtx = self.db.begin_read().map_err(Self::db_err)?;
         let view = self.view(&rtx, pg, name)?;
@@ -736,7 +783,8 @@ impl Inner {
                 None => Ok(None),
                 Some(row) => {
                     let (k, v) = row.map_err(Self::db_err)?;
-                    let (_, key) = records::decode_omap_key(k.value()).map_err(|e| StoreError::Io(e.to_string()))?;
+                    let (_, key) =
+                        records::decode_omap_key(k.value()).map_err(|e| StoreError::Io(e.to_string()))?;
                     Ok(Some((key, v.value().to_vec())))
                 }
             }
@@ -802,7 +850,7 @@ impl Inner {
         } else {
             None
         };
-        let mut next_base = || -> Result<Option<(Vec<u8>, Option<Eversion>)>, StoreError> {
+        let mut next_base = || -> Result<Option<OnodeRow>, StoreError> {
             let Some(r) = rows.as_mut() else { return Ok(None) };
             match r.next() {
                 None => Ok(None),
@@ -845,7 +893,13 @@ impl Inner {
     // queue()
 
     /// The current state of an object as a fresh live-layer entry (for an object the live layer lacks).
-    fn entry_below_live(&self, ov: &Overlay, rtx: &mut Option<ReadTransaction>, key: &[u8], pg: PgId) -> Result<ObjLayer, StoreError> {
+    fn entry_below_live(
+        &self,
+        ov: &Overlay,
+        rtx: &mut Option<ReadTransaction>,
+        key: &[u8],
+        pg: PgId,
+    ) -> Result<ObjLayer, StoreError> {
         if ov.live.cleared.contains(&pg) {
             return Ok(ObjLayer::absent());
         }
@@ -870,7 +924,10 @@ impl Inner {
     fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
         let ops = txn.ops();
         if ops.len() > TX_OPS_MAX {
-            return Err(StoreError::Invalid(format!("{} ops in one transaction (max {TX_OPS_MAX})", ops.len())));
+            return Err(StoreError::Invalid(format!(
+                "{} ops in one transaction (max {TX_OPS_MAX})",
+                ops.len()
+            )));
         }
         let payload_bytes = txn.payload_bytes();
         let mut guard = self.overlay.lock();
@@ -945,7 +1002,9 @@ impl Inner {
             match op {
                 TxOp::Touch { .. } | TxOp::Write { .. } => {
                     if let TxOp::Write { offset, len, .. } = op {
-                        let end = offset.checked_add(*len).ok_or_else(|| StoreError::Invalid("write past 2^64".into()))?;
+                        let end = offset
+                            .checked_add(*len)
+                            .ok_or_else(|| StoreError::Invalid("write past 2^64".into()))?;
                         if *len > 0 {
                             needed_aus += end.div_ceil(self.au) - offset / self.au;
                         }
@@ -1204,7 +1263,8 @@ impl Inner {
             let mut groups = c.alloc.take_dirty();
             groups.extend(plan.frees.iter().map(|au| au / records::FREELIST_GROUP_AUS));
             for g in groups {
-                fl.insert(g, encode_freelist(&c.alloc.group_words(g, &plan.frees)).as_slice()).map_err(Self::db_err)?;
+                fl.insert(g, encode_freelist(&c.alloc.group_words(g, &plan.frees)).as_slice())
+                    .map_err(Self::db_err)?;
             }
             let mut meta = tx.open_table(META).map_err(Self::db_err)?;
             meta.insert(META_BATCH, encode_u64(batch).as_slice()).map_err(Self::db_err)?;
@@ -1259,6 +1319,9 @@ impl Inner {
         }
     }
 }
+
+/// An onode key and the version of its object, as listings read them.
+type OnodeRow = (Vec<u8>, Option<Eversion>);
 
 fn op_pg(op: &TxOp) -> PgId {
     match op {
@@ -1326,7 +1389,9 @@ impl Inner {
         for pg in &layer.cleared {
             let prefix = pg_key(*pg);
             let mut doomed = Vec::new();
-            for row in onodes.range(prefix.as_slice()..prefix_end(&prefix).as_slice()).map_err(Self::db_err)? {
+            for row in
+                onodes.range(prefix.as_slice()..prefix_end(&prefix).as_slice()).map_err(Self::db_err)?
+            {
                 let (k, v) = row.map_err(Self::db_err)?;
                 doomed.push((k.value().to_vec(), Onode::decode(v.value()).map_err(dmg)?.nid));
             }
@@ -1372,7 +1437,9 @@ impl Inner {
                 let old = match v {
                     Some(v) => {
                         c.omap_bytes += (k.len() + v.len()) as u64;
-                        omap.insert(key.as_slice(), v.as_slice()).map_err(Self::db_err)?.map(|o| o.value().len())
+                        omap.insert(key.as_slice(), v.as_slice())
+                            .map_err(Self::db_err)?
+                            .map(|o| o.value().len())
                     }
                     None => omap.remove(key.as_slice()).map_err(Self::db_err)?.map(|o| o.value().len()),
                 };
@@ -1391,13 +1458,19 @@ impl Inner {
             if u.objects == 0 {
                 pgu.remove(k.as_slice()).map_err(Self::db_err)?;
             } else {
-                pgu.insert(k.as_slice(), encode_usage(u.objects, u.bytes).as_slice()).map_err(Self::db_err)?;
+                pgu.insert(k.as_slice(), encode_usage(u.objects, u.bytes).as_slice())
+                    .map_err(Self::db_err)?;
             }
         }
         Ok(())
     }
 
-    fn delete_omap(&self, c: &mut Committer, omap: &mut redb::Table<&[u8], &[u8]>, nid: u64) -> Result<(), StoreError> {
+    fn delete_omap(
+        &self,
+        c: &mut Committer,
+        omap: &mut redb::Table<&[u8], &[u8]>,
+        nid: u64,
+    ) -> Result<(), StoreError> {
         let lo = nid.to_be_bytes();
         let hi = (nid + 1).to_be_bytes();
         let mut removed = 0u64;
@@ -1422,7 +1495,8 @@ impl Inner {
         let hi = blob_key(nid, u64::MAX);
         for row in blobs.extract_from_if(lo.as_slice()..=hi.as_slice(), |_, _| true).map_err(Self::db_err)? {
             let (_, v) = row.map_err(Self::db_err)?;
-            let blob = Blob::decode(v.value()).map_err(|e| StoreError::Io(format!("metadata damaged: {e}")))?;
+            let blob =
+                Blob::decode(v.value()).map_err(|e| StoreError::Io(format!("metadata damaged: {e}")))?;
             for (pau, _) in blob.slots.iter().flatten() {
                 self.free_unit(plan, *pau);
             }
@@ -1519,7 +1593,10 @@ impl Inner {
                 covered += (s + p.len()).min(u0 + au) - s.max(u0);
                 if let Piece::Data(b) = p {
                     data = true;
-                    if s <= u0 && s + p.len() >= u0 + au && b.len() as u64 >= self.opts.bluestore_prefer_deferred_size {
+                    if s <= u0
+                        && s + p.len() >= u0 + au
+                        && b.len() as u64 >= self.opts.bluestore_prefer_deferred_size
+                    {
                         big_whole = true;
                     }
                 }
@@ -1547,9 +1624,11 @@ impl Inner {
             // New space for a new unit, or for a large write of a whole unit when there is space; else the
             // unit is rewritten in place through a deferred write.
             let new_unit = match &existing {
-                None => Some(c.alloc.allocate().ok_or_else(|| {
-                    StoreError::NoSpace("allocator empty despite reservations".into())
-                })?),
+                None => Some(
+                    c.alloc
+                        .allocate()
+                        .ok_or_else(|| StoreError::NoSpace("allocator empty despite reservations".into()))?,
+                ),
                 Some(_) if big_whole => c.alloc.allocate(),
                 Some(_) => None,
             };
@@ -1637,7 +1716,13 @@ impl ObjectStore for BlueStore {
         Ok(out)
     }
 
-    fn omap_list(&self, pg: PgId, name: &str, after: Option<&str>, max: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn omap_list(
+        &self,
+        pg: PgId,
+        name: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.omap_range(pg, name, after, max)
     }
 

@@ -249,7 +249,10 @@ impl Onode {
             let k = r.string(klen)?;
             let vlen = r.u32()? as usize;
             if vlen > ATTR_BYTES_MAX {
-                return Err(RecordError::Invalid { what: "onode", why: format!("attribute of {vlen} bytes") });
+                return Err(RecordError::Invalid {
+                    what: "onode",
+                    why: format!("attribute of {vlen} bytes"),
+                });
             }
             let val = Bytes::copy_from_slice(r.take(vlen)?);
             attrs.insert(k, val);

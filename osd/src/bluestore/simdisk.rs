@@ -206,8 +206,10 @@ impl SimDisk {
                             let abs = offset as usize + at;
                             let n = (sector - abs % sector).min(data.len() - at);
                             if rng.below(2) == 0 {
-                                survivors
-                                    .push(Pending::Write { offset: abs as u64, data: data[at..at + n].to_vec() });
+                                survivors.push(Pending::Write {
+                                    offset: abs as u64,
+                                    data: data[at..at + n].to_vec(),
+                                });
                             }
                             at += n;
                         }
@@ -405,10 +407,13 @@ mod tests {
             disk.power_cut(seed);
             let mut buf = vec![0u8; 4096];
             d.read_at(0, &mut buf).unwrap();
-            let sectors: Vec<u8> = buf.chunks(512).map(|s| {
-                assert!(s.iter().all(|&b| b == s[0]), "a sector is atomic");
-                s[0]
-            }).collect();
+            let sectors: Vec<u8> = buf
+                .chunks(512)
+                .map(|s| {
+                    assert!(s.iter().all(|&b| b == s[0]), "a sector is atomic");
+                    s[0]
+                })
+                .collect();
             assert!(sectors.iter().all(|&s| s == 1 || s == 2));
             outcomes.insert(sectors.clone());
             let again = SimDisk::new(512);

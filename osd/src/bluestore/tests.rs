@@ -177,7 +177,11 @@ impl Gen {
 
     fn data(&mut self, len: u64) -> Bytes {
         let tag = self.rng.next_u64() as u8 | 1;
-        Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(tag) ^ (i >> 8) as u8).collect::<Vec<u8>>())
+        Bytes::from(
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(tag) ^ (i >> 8) as u8)
+                .collect::<Vec<u8>>(),
+        )
     }
 
     fn oid(&mut self) -> ObjectId {
@@ -226,7 +230,10 @@ impl Gen {
                 }
                 86..=89 => t.omap_rm(oid, vec![format!("k{}", self.rng.below(6)), "nope".into()]),
                 90..=91 => t.omap_clear(oid),
-                92..=98 => t.set_version(oid, Eversion { epoch: Epoch(1 + self.rng.below(3) as u32), v: self.rng.below(1000) }),
+                92..=98 => t.set_version(
+                    oid,
+                    Eversion { epoch: Epoch(1 + self.rng.below(3) as u32), v: self.rng.below(1000) },
+                ),
                 _ => t.remove_pg(pgs()[self.rng.below(3) as usize]),
             }
         }
@@ -496,7 +503,8 @@ fn device_errors_are_reported_and_a_failed_flush_stops_the_store() {
     // metadata flush each put the store in the failed state, in which nothing after the failure is reported
     // committed and every later queue() fails. Method: inject each fault into a fresh store and watch.
     let o = opts(8 << 20);
-    for (file, what) in [(BLOCK_FILE, "write"), (BLOCK_FILE, "flush"), (DB_FILE, "flush"), (DB_FILE, "write")] {
+    for (file, what) in [(BLOCK_FILE, "write"), (BLOCK_FILE, "flush"), (DB_FILE, "flush"), (DB_FILE, "write")]
+    {
         let disk = SimDisk::new(4096);
         let store = mkfs_open(&disk, &o);
         store.apply(&write_txn("a", 0, &[1; 4096])).unwrap();
@@ -615,7 +623,12 @@ fn mount_reads_no_objects() {
     assert_eq!((small.1, big.1), (0, 0), "a mount reads no data");
     // The tables a mount reads (free list, PG usage, deferred, meta) are a few pages either way; the 2000
     // onodes, blobs and omap rows are hundreds.
-    assert!(big.0 <= small.0 + 4 * 4096, "mount read {} db bytes with 2000 objects, {} with 20", big.0, small.0);
+    assert!(
+        big.0 <= small.0 + 4 * 4096,
+        "mount read {} db bytes with 2000 objects, {} with 20",
+        big.0,
+        small.0
+    );
     assert!(big.0 <= 16 * 4096, "mount read {} db bytes", big.0);
 }
 
@@ -627,12 +640,21 @@ fn options_are_checked_and_a_foreign_directory_is_refused() {
     assert!(matches!(BlueStore::mkfs_in(env_of(&disk), &bad, 0, [0; 16]), Err(BlueStoreError::Options(_))));
     let bad = BlueStoreOptions { bluestore_min_alloc_size: 3000, ..opts(8 << 20) };
     assert!(matches!(BlueStore::mkfs_in(env_of(&disk), &bad, 0, [0; 16]), Err(BlueStoreError::Options(_))));
-    assert!(matches!(BlueStore::open_in(env_of(&disk), &opts(8 << 20)), Err(BlueStoreError::NotAStore { .. })));
+    assert!(matches!(
+        BlueStore::open_in(env_of(&disk), &opts(8 << 20)),
+        Err(BlueStoreError::NotAStore { .. })
+    ));
     disk.write_durable(LABEL_FILE, b"mon store, not ours").unwrap();
-    assert!(matches!(BlueStore::open_in(env_of(&disk), &opts(8 << 20)), Err(BlueStoreError::NotAStore { .. })));
+    assert!(matches!(
+        BlueStore::open_in(env_of(&disk), &opts(8 << 20)),
+        Err(BlueStoreError::NotAStore { .. })
+    ));
     let disk = SimDisk::new(4096);
     drop(mkfs_open(&disk, &opts(8 << 20)));
-    assert!(matches!(BlueStore::mkfs_in(env_of(&disk), &opts(8 << 20), 0, [0; 16]), Err(BlueStoreError::Exists { .. })));
+    assert!(matches!(
+        BlueStore::mkfs_in(env_of(&disk), &opts(8 << 20), 0, [0; 16]),
+        Err(BlueStoreError::Exists { .. })
+    ));
 
     // And on a real directory.
     let dir = std::env::temp_dir().join(format!("cuttle-bluestore-test-{}", std::process::id()));
