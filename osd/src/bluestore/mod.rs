@@ -88,6 +88,8 @@ const META_BATCH: &str = "batch";
 /// Bytes of omap keys and values held.
 const META_OMAP_BYTES: &str = "omap_bytes";
 
+/// Bytes of deferred writes that may wait to be written in place (they are also held in memory, for reads).
+const DEFERRED_BYTES_MAX: u64 = 16 << 20;
 /// Longest a synchronous [`ObjectStore::apply`] waits for its commit before it reports an error.
 const APPLY_COMMIT_WAIT: Duration = Duration::from_secs(60);
 
@@ -108,6 +110,9 @@ pub struct BlueStoreOptions {
     /// Payload bytes of transactions queued or being committed; beyond it [`BlueStore::queue`] returns
     /// [`StoreError::Busy`] (Ceph's `bluestore_throttle_bytes`).
     pub bluestore_throttle_bytes: u64,
+    /// Committed batches whose deferred writes may wait before they are written in place together (one
+    /// flush of scattered writes for many batches instead of one per batch).
+    pub bluestore_max_deferred_txc: u64,
 }
 
 impl Default for BlueStoreOptions {
@@ -119,6 +124,7 @@ impl Default for BlueStoreOptions {
             bluestore_csum_type: "crc32c".to_string(),
             bluestore_cache_size: 256 << 20,
             bluestore_throttle_bytes: 64 << 20,
+            bluestore_max_deferred_txc: 32,
         }
     }
 }
@@ -205,9 +211,11 @@ struct Commits {
 /// The commit thread's own state.
 struct Committer {
     alloc: Allocator,
-    /// The previous batch's deferred writes: written in place at the start of the next batch.
-    deferred: Vec<DeferredWrite>,
-    deferred_batch: u64,
+    /// Committed batches' deferred writes not yet written in place, oldest first.
+    deferred: Vec<(u64, Vec<DeferredWrite>)>,
+    /// The units they write, with how many writes each.
+    deferred_units: HashMap<u64, u32>,
+    deferred_bytes: u64,
     batch: u64,
     nid_max: u64,
     omap_bytes: u64,
@@ -263,6 +271,9 @@ fn check_options(opts: &BlueStoreOptions) -> Result<u8, BlueStoreError> {
             "bluestore_csum_type {:?}: only crc32c is supported",
             opts.bluestore_csum_type
         )));
+    }
+    if opts.bluestore_max_deferred_txc == 0 {
+        return Err(BlueStoreError::Options("bluestore_max_deferred_txc 0: at least 1".into()));
     }
     if opts.bluestore_block_size < au * 16 {
         return Err(BlueStoreError::Options(format!(
@@ -470,7 +481,8 @@ impl BlueStore {
             committer: Mutex::new(Committer {
                 alloc,
                 deferred: Vec::new(),
-                deferred_batch: 0,
+                deferred_units: HashMap::new(),
+                deferred_bytes: 0,
                 batch,
                 nid_max,
                 omap_bytes,
@@ -1220,15 +1232,26 @@ impl Inner {
         assert!(!layer.is_empty() || !c.deferred.is_empty(), "a batch has work");
         c.batch += 1;
         let batch = c.batch;
-        // 1. The previous batch's deferred writes go in place (their records are durable).
-        let wrote_deferred = !c.deferred.is_empty();
-        for w in &c.deferred {
-            self.block.write_at(w.offset, &w.data).map_err(|e| io_err("deferred write", e))?;
-        }
-        // 2. Work out the batch.
+        // 1. Work out the batch.
         let tx = self.db.begin_write().map_err(Self::db_err)?;
         let mut plan = Plan::default();
         self.materialize(c, &tx, &layer, &usage, &mut plan)?;
+        // 2. Earlier batches' deferred writes go in place (their records are durable) when enough have
+        // gathered, at shutdown, or when this batch frees a unit one of them writes: the unit may be reused
+        // once this commit is durable, and its record must be gone by then.
+        let frees_deferred = plan.frees.iter().any(|au| c.deferred_units.contains_key(au));
+        let apply_deferred = !c.deferred.is_empty()
+            && (layer.is_empty()
+                || frees_deferred
+                || c.deferred.len() as u64 >= self.opts.bluestore_max_deferred_txc
+                || c.deferred_bytes >= DEFERRED_BYTES_MAX);
+        if apply_deferred {
+            for (_, writes) in &c.deferred {
+                for w in writes {
+                    self.block.write_at(w.offset, &w.data).map_err(|e| io_err("deferred write", e))?;
+                }
+            }
+        }
         // 3. New data, then one flush.
         plan.fresh.sort_by_key(|(pau, _)| *pau);
         let mut i = 0;
@@ -1246,14 +1269,16 @@ impl Inner {
             }
             i = j;
         }
-        if wrote_deferred || !plan.fresh.is_empty() {
+        if apply_deferred || !plan.fresh.is_empty() {
             self.block.flush().map_err(|e| io_err("block flush", e))?;
         }
         // 4. One durable metadata commit.
         {
             let mut t = tx.open_table(DEFERRED).map_err(Self::db_err)?;
-            if wrote_deferred {
-                t.remove(c.deferred_batch).map_err(Self::db_err)?;
+            if apply_deferred {
+                for (b, _) in &c.deferred {
+                    t.remove(*b).map_err(Self::db_err)?;
+                }
             }
             if !plan.deferred.is_empty() {
                 t.insert(batch, encode_deferred(&plan.deferred).as_slice()).map_err(Self::db_err)?;
@@ -1273,9 +1298,21 @@ impl Inner {
         }
         tx.commit().map_err(Self::db_err)?;
         // 5. Publish.
-        let retired = std::mem::replace(&mut c.deferred, plan.deferred);
-        let retired_batch = std::mem::replace(&mut c.deferred_batch, batch);
-        let retired: Vec<(u64, u64)> = retired.iter().map(|w| (w.offset / self.au, retired_batch)).collect();
+        let mut retired = Vec::new();
+        if apply_deferred {
+            for (b, writes) in c.deferred.drain(..) {
+                retired.extend(writes.iter().map(|w| (w.offset / self.au, b)));
+            }
+            c.deferred_units.clear();
+            c.deferred_bytes = 0;
+        }
+        if !plan.deferred.is_empty() {
+            for w in &plan.deferred {
+                *c.deferred_units.entry(w.offset / self.au).or_default() += 1;
+                c.deferred_bytes += w.data.len() as u64;
+            }
+            c.deferred.push((batch, std::mem::take(&mut plan.deferred)));
+        }
         self.omap_bytes.store(c.omap_bytes, Ordering::Relaxed);
         self.publish(c, &layer, retired, plan.frees);
         Ok(())

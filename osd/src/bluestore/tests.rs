@@ -301,7 +301,10 @@ fn matching_prefix(accepted: &[Transaction], from: usize, state: &State) -> Resu
 /// power going at mutating IO `die_at`; then power cut, remount, and the checks. Returns the disk.
 fn crash_run(seed: u64, sector: usize, txns: usize, die_at: Option<u64>) -> Result<SimDisk, String> {
     let disk = SimDisk::new(sector);
-    let o = opts(16 << 20);
+    let o = BlueStoreOptions {
+        bluestore_max_deferred_txc: [1, 3, 32][((seed / 2 + seed) % 3) as usize],
+        ..opts(16 << 20)
+    };
     let store = mkfs_open(&disk, &o);
     if let Some(io) = die_at {
         disk.die_at_io(io);
@@ -416,7 +419,7 @@ fn random_transactions_match_memstore() {
     // stat, whole reads, attrs, omap); a remount every 100 transactions; fsck deep at the end.
     for_seeds("random_transactions_match_memstore", 7, 3, |seed| {
         let disk = SimDisk::new(4096);
-        let o = opts(32 << 20);
+        let o = BlueStoreOptions { bluestore_max_deferred_txc: 1 + seed % 4, ..opts(32 << 20) };
         let mut store = mkfs_open(&disk, &o);
         let oracle = MemStore::new();
         let mut gen = Gen::new(seed);
