@@ -1264,7 +1264,10 @@ impl Inner {
             if j - i == 1 {
                 self.block.write_at(at, &plan.fresh[i].1).map_err(|e| io_err("block write", e))?;
             } else {
-                let joined: Vec<u8> = plan.fresh[i..j].iter().flat_map(|(_, b)| b.iter().copied()).collect();
+                let mut joined = Vec::with_capacity((j - i) * self.au as usize);
+                for (_, b) in &plan.fresh[i..j] {
+                    joined.extend_from_slice(b);
+                }
                 self.block.write_at(at, &joined).map_err(|e| io_err("block write", e))?;
             }
             i = j;

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::device::{BlockDevice, Env};
 
@@ -93,12 +93,16 @@ struct SimState {
     /// The power goes at this mutating IO (1-based, counted by `io_count`): it and all later IO fail.
     die_at_io: Option<u64>,
     dead: bool,
+    /// Reads of these files wait (to stage races), and how many are waiting.
+    held_reads: std::collections::BTreeSet<String>,
+    waiting_reads: u64,
 }
 
 /// The simulated disk. Cheap to clone: clones share the disk.
 #[derive(Clone, Debug)]
 pub struct SimDisk {
     state: Arc<Mutex<SimState>>,
+    released: Arc<Condvar>,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -118,7 +122,10 @@ impl SimDisk {
                 flush_ios: Vec::new(),
                 die_at_io: None,
                 dead: false,
+                held_reads: Default::default(),
+                waiting_reads: 0,
             })),
+            released: Arc::new(Condvar::new()),
         }
     }
 
@@ -172,6 +179,21 @@ impl SimDisk {
         for f in self.state.lock().files.values_mut() {
             f.bad_ranges.clear();
         }
+    }
+
+    /// Reads of `name` wait from now until [`SimDisk::release_reads`] (to stage a race with a reader).
+    pub fn hold_reads(&self, name: &str) {
+        self.state.lock().held_reads.insert(name.to_string());
+    }
+
+    pub fn release_reads(&self, name: &str) {
+        self.state.lock().held_reads.remove(name);
+        self.released.notify_all();
+    }
+
+    /// Reads waiting because of [`SimDisk::hold_reads`].
+    pub fn waiting_reads(&self) -> u64 {
+        self.state.lock().waiting_reads
     }
 
     /// Flips one bit at rest (in the durable and the cached image).
@@ -280,6 +302,16 @@ impl SimDevice {
 
 impl BlockDevice for SimDevice {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        {
+            let mut st = self.disk.state.lock();
+            if st.held_reads.contains(&self.name) {
+                st.waiting_reads += 1;
+                while st.held_reads.contains(&self.name) {
+                    self.disk.released.wait(&mut st);
+                }
+                st.waiting_reads -= 1;
+            }
+        }
         self.with_file(|st| {
             if st.dead {
                 return Err(eio("power lost"));
