@@ -303,6 +303,7 @@ fn crash_run(seed: u64, sector: usize, txns: usize, die_at: Option<u64>) -> Resu
     let disk = SimDisk::new(sector);
     let o = BlueStoreOptions {
         bluestore_max_deferred_txc: [1, 3, 32][((seed / 2 + seed) % 3) as usize],
+        bluestore_min_alloc_size: [4096, 4096, 16384, 65536][((seed / 3) % 4) as usize],
         ..opts(16 << 20)
     };
     let store = mkfs_open(&disk, &o);
@@ -419,7 +420,11 @@ fn random_transactions_match_memstore() {
     // stat, whole reads, attrs, omap); a remount every 100 transactions; fsck deep at the end.
     for_seeds("random_transactions_match_memstore", 7, 3, |seed| {
         let disk = SimDisk::new(4096);
-        let o = BlueStoreOptions { bluestore_max_deferred_txc: 1 + seed % 4, ..opts(32 << 20) };
+        let o = BlueStoreOptions {
+            bluestore_max_deferred_txc: 1 + seed % 4,
+            bluestore_min_alloc_size: [4096, 16384, 65536][(seed % 3) as usize],
+            ..opts(32 << 20)
+        };
         let mut store = mkfs_open(&disk, &o);
         let oracle = MemStore::new();
         let mut gen = Gen::new(seed);
