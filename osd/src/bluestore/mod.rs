@@ -1208,7 +1208,11 @@ impl Inner {
             if idle_stop && self.committer.lock().deferred.is_empty() {
                 return;
             }
-            if let Err(e) = self.run_batch() {
+            // A panic (a broken invariant) fails the store like an IO error: waiters learn of it instead of
+            // timing out, and nothing more is acknowledged.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch()));
+            let r = r.unwrap_or_else(|_| Err(StoreError::Io("the commit thread panicked".into())));
+            if let Err(e) = r {
                 self.fail(e);
                 return;
             }
