@@ -2,6 +2,7 @@
 //! [`daemon::Osd`]).
 //!
 //! - [`store`]: the [`store::ObjectStore`] trait, transactions applied all or nothing, and [`store::MemStore`].
+//! - [`bluestore`]: the durable store: data in a block file with an allocator, metadata in redb, group commit.
 //! - [`exec`]: one client op (a compound list of `OsdOp`s on one object) executed against the store.
 //! - [`pg`]: a placement group as a sans-IO state machine: primary-copy replication, duplicate suppression,
 //!   peering and whole-object recovery.
@@ -13,6 +14,7 @@
 //! What it deliberately is not (yet): durable (MemStore only), a PG-log-based recovery (peering compares
 //! per-object versions and copies whole objects), or Ceph's past-intervals bookkeeping (see [`pg`]).
 
+pub mod bluestore;
 pub mod daemon;
 pub mod exec;
 pub mod heartbeat;

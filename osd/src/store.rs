@@ -174,6 +174,11 @@ impl Transaction {
         &self.ops
     }
 
+    /// The payload pieces, one per payload-carrying op (`Write`, `SetAttr`), in op order.
+    pub fn payload(&self) -> &[CrcBytes] {
+        &self.payload
+    }
+
     /// Total payload bytes (write data and attribute values).
     pub fn payload_bytes(&self) -> u64 {
         self.payload.iter().map(|b| b.len() as u64).sum()
@@ -295,9 +300,13 @@ pub enum StoreError {
     /// A durable store's device failed (never from MemStore).
     #[error("i/o error: {0}")]
     Io(String),
-    /// The device has no room for the change (nothing was changed; deletes still work).
-    #[error("no space left on the device: {0}")]
+    /// A durable store's device has no room for the transaction's new data (never from MemStore). Nothing
+    /// of the transaction was applied; deletes and overwrites in place still work.
+    #[error("no space: {0}")]
     NoSpace(String),
+    /// A durable store's commit queue is full (never from MemStore): the submitter retries after a commit.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// Size and version of one object.
