@@ -32,6 +32,6 @@ pub use counters::CountersSnapshot;
 pub use crc::CrcBytes;
 pub use entity::{EntityName, EntityType, PeerKey};
 pub use message::Message;
-pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, SendError};
+pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, Refused, SendError, BUSY_RETRY};
 pub use policy::Policy;
 pub use worker::{Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};

@@ -24,21 +24,52 @@ use crate::worker::{Task, WorkerPool};
 /// Upper layers implement this to receive messages and connection events. A dispatcher that returns
 /// `can_fast_dispatch == true` for a message gets it inline on the worker thread: it must be quick and must
 /// not block. The others are delivered in priority order on the messenger's dispatch thread.
-// Handing the message back on Err is the point of the chain (it moves to the next dispatcher, no copy).
+///
+/// A dispatcher that cannot take a message now says so with [`Refused::Busy`] instead of dropping it or
+/// waiting: the messenger keeps the message, first in line, stops reading its connection (the peer's TCP
+/// window fills, as with a full throttle) and offers it again every [`BUSY_RETRY`] until it is taken, before
+/// any message received after it.
+// Handing the message back on Err is the point of the chain (it moves on or waits, no copy).
 #[allow(clippy::result_large_err)]
 pub trait Dispatcher: Send + Sync {
     /// Decided from the message alone (its type), never from mutable state.
     fn can_fast_dispatch(&self, _msg: &Message) -> bool {
         false
     }
-    /// Handles a message, or gives it back for the next dispatcher in the chain.
-    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message>;
+    /// Handles a message, gives it back for the next dispatcher in the chain ([`Refused::NotMine`]), or gives
+    /// it back to be offered again later ([`Refused::Busy`]).
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Refused>;
     /// A session we initiated, or one a peer initiated, is established.
     fn handle_connect(&self, _conn: &Connection) {}
     /// A lossy session ended on a fault; what was queued on it was dropped.
     fn handle_reset(&self, _conn: &Connection) {}
     /// The peer lost its session state (it restarted); what was queued on the connection was dropped.
     fn handle_remote_reset(&self, _conn: &Connection) {}
+}
+
+/// Why a dispatcher gave a message back.
+#[derive(Debug)]
+pub enum Refused {
+    /// Not this dispatcher's message: the next dispatcher in the chain gets it.
+    NotMine(Message),
+    /// This dispatcher's message, but it cannot take it now (a full queue): the messenger keeps it, stops
+    /// reading the connection, and offers it to the same dispatcher again after [`BUSY_RETRY`], before any later
+    /// message of that connection.
+    Busy(Message),
+}
+
+/// How long a message a dispatcher was too busy for waits before it is offered again (as a full throttle's
+/// retry, and Ceph's 1 ms throttle timer).
+pub const BUSY_RETRY: Duration = Duration::from_millis(1);
+
+/// What became of a message handed to the dispatchers on a worker ([`MsgrInner::deliver`]).
+// The Busy case carries the message back to the worker, which keeps it: no copy.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Delivery {
+    /// Taken, queued for the dispatch thread, or dropped because nobody claimed it.
+    Done,
+    /// The fast dispatcher was busy: the worker keeps the message and offers it again later.
+    Busy(Message),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -410,19 +441,29 @@ impl MsgrInner {
         (c, true)
     }
 
-    pub fn deliver(self: &Arc<Self>, conn: &Arc<ConnShared>, m: Message) {
+    /// Hands a received message to the dispatchers: inline to a fast dispatcher that claims it (which may
+    /// be busy: the message comes back), else to the dispatch thread's queue.
+    pub fn deliver(self: &Arc<Self>, conn: &Arc<ConnShared>, m: Message) -> Delivery {
         let conn = Connection(Arc::clone(conn));
         let ds = self.dispatchers.read();
         if let Some(d) = ds.iter().find(|d| d.can_fast_dispatch(&m)) {
             let d = Arc::clone(d);
             drop(ds);
-            if let Err(m) = d.dispatch(&conn, m) {
-                tracing::warn!(msg = ?m, "fast dispatcher declined a message it claimed; dropped");
-            }
-            return;
+            return match d.dispatch(&conn, m) {
+                Ok(()) => Delivery::Done,
+                Err(Refused::Busy(m)) => {
+                    Counters::add(&self.counters.dispatch_busy, 1);
+                    Delivery::Busy(m)
+                }
+                Err(Refused::NotMine(m)) => {
+                    tracing::warn!(msg = ?m, "fast dispatcher declined a message it claimed; dropped");
+                    Delivery::Done
+                }
+            };
         }
         drop(ds);
         self.enqueue(m.priority, DispatchItem::Message(conn, m));
+        Delivery::Done
     }
 
     pub fn deliver_event(self: &Arc<Self>, conn: &Arc<ConnShared>, ev: ConnEvent) {
@@ -459,10 +500,10 @@ impl MsgrInner {
             match item {
                 DispatchItem::Message(conn, mut m) => {
                     for d in &ds {
-                        match d.dispatch(&conn, m) {
-                            Ok(()) => break,
-                            Err(back) => m = back,
-                        }
+                        m = match self.dispatch_queued(d.as_ref(), &conn, m) {
+                            None => break,
+                            Some(back) => back,
+                        };
                     }
                 }
                 DispatchItem::Event(conn, ev) => {
@@ -473,6 +514,29 @@ impl MsgrInner {
                             ConnEvent::RemoteReset => d.handle_remote_reset(&conn),
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+impl MsgrInner {
+    /// Offers a message to one dispatcher on the dispatch thread; returns it if that dispatcher says it is not
+    /// its. A busy dispatcher gets the same message again every [`BUSY_RETRY`] and everything behind it in the
+    /// queue waits (each queued message holds throttle budget, so the sockets feeding it stop being read),
+    /// until it takes the message or the messenger shuts down.
+    fn dispatch_queued(&self, d: &dyn Dispatcher, conn: &Connection, mut m: Message) -> Option<Message> {
+        loop {
+            match d.dispatch(conn, m) {
+                Ok(()) => return None,
+                Err(Refused::NotMine(back)) => return Some(back),
+                Err(Refused::Busy(back)) => {
+                    Counters::add(&self.counters.dispatch_busy, 1);
+                    if self.queue.heap.lock().2 {
+                        return None; // shut down: nothing is delivered any more
+                    }
+                    m = back;
+                    std::thread::sleep(BUSY_RETRY);
                 }
             }
         }

@@ -238,6 +238,8 @@ pub struct Session {
     tx: TxQueue,
     grant: Option<ThrottleGrant>,
     grant_wanted: Option<usize>,
+    /// The upper layer cannot take a message now ([`Session::hold_input`]): nothing is read meanwhile.
+    input_held: bool,
 
     handshake_deadline: Option<Instant>,
     retry_at: Option<Instant>,
@@ -290,6 +292,7 @@ impl Session {
             tx: TxQueue::new(),
             grant: None,
             grant_wanted: None,
+            input_held: false,
             handshake_deadline: None,
             retry_at: None,
             standby_since: None,
@@ -336,7 +339,7 @@ impl Session {
 
     /// Whether the shell should read more from the socket now, and how much room to reserve.
     pub fn read_hint(&self) -> Option<usize> {
-        if !self.has_socket() || self.grant_wanted.is_some() {
+        if !self.has_socket() || self.grant_wanted.is_some() || self.input_held {
             return None;
         }
         if self.backlogged() {
@@ -360,7 +363,22 @@ impl Session {
     /// We are not reading on purpose (backlog or throttle): the peer's silence is our doing, so the receive idle
     /// clock does not run.
     fn holding_back(&self) -> bool {
-        self.backlogged() || self.grant_wanted.is_some()
+        self.backlogged() || self.grant_wanted.is_some() || self.input_held
+    }
+
+    /// The upper layer cannot take another message now (a dispatcher said it is busy and the shell keeps that
+    /// message): read nothing until released, and do not count the peer's silence meanwhile. Survives socket
+    /// faults: the kept message was received (and may be acknowledged) and is still to be delivered.
+    pub fn hold_input(&mut self, now: Instant, held: bool) {
+        if self.input_held && !held {
+            // Reading resumes: the receive idle clock, stopped while we held back, starts again.
+            self.last_rx = now;
+        }
+        self.input_held = held;
+    }
+
+    pub fn input_held(&self) -> bool {
+        self.input_held
     }
 
     /// Payload bytes of the message frame waiting for throttle budget.

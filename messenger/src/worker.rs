@@ -29,7 +29,8 @@ use slab::Slab;
 
 use crate::counters::Counters;
 use crate::frame::{RxBuf, TxQueue, IOV_MAX};
-use crate::messenger::{ConnShared, MsgrInner};
+use crate::message::Message;
+use crate::messenger::{ConnShared, Delivery, MsgrInner, BUSY_RETRY};
 use crate::session::{Acceptor, Adoption, CloseReason, HandshakeRequest, Output, Session};
 use crate::throttle::ThrottleGrant;
 
@@ -356,6 +357,10 @@ struct SessionEntry {
     /// The TCP connect is in progress (waiting for writable).
     connecting: bool,
     throttle_retry: Option<Instant>,
+    /// A received message its fast dispatcher was too busy for: offered again at `busy_retry`, before anything
+    /// else is read or delivered from this session (the session holds its input meanwhile).
+    parked: Option<Message>,
+    busy_retry: Option<Instant>,
     /// Whether the socket may hold input: a drive caused by anything but a readable event (a reply queued by
     /// a dispatcher, a timer, a task) then reads nothing; with one drive per queued reply, those EAGAIN reads
     /// were most of an OSD's syscalls.
@@ -522,6 +527,9 @@ impl Worker {
                     if se.throttle_retry.is_some_and(|r| r <= now) {
                         se.throttle_retry = None;
                     }
+                    if se.busy_retry.is_some_and(|r| r <= now) {
+                        se.busy_retry = None;
+                    }
                     se.sess.handle_timeout(now);
                 }
                 Role::Listener(_) => {}
@@ -551,6 +559,8 @@ impl Worker {
                     stream: None,
                     connecting: false,
                     throttle_retry: None,
+                    parked: None,
+                    busy_retry: None,
                     read: ReadReadiness::default(),
                 };
                 let token = self.insert_precharged(Role::Session(Box::new(se)), msgr);
@@ -800,7 +810,34 @@ impl Worker {
                 if se.conn.kicked() {
                     se.conn.drain_inbox(&mut se.sess, now);
                 }
-                if let Some(bytes) = se.sess.grant_wanted() {
+                // Outputs first: a message decoded by the last read reaches its dispatcher (and is parked if it
+                // is busy) before the next message's grant is given, so at most one message is ever decoded but
+                // not yet delivered, and none can queue behind a parked one.
+                loop {
+                    let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                    let Some(out) = se.sess.poll_output() else { break };
+                    moved = true;
+                    if self.apply_output(token, out, now, &msgr) {
+                        return; // the session is gone
+                    }
+                }
+                let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                if se.busy_retry.is_none() {
+                    if let Some(m) = se.parked.take() {
+                        match msgr.deliver(&se.conn, m) {
+                            Delivery::Done => {
+                                se.sess.hold_input(now, false);
+                                moved = true;
+                            }
+                            Delivery::Busy(m) => {
+                                se.parked = Some(m);
+                                se.busy_retry = Some(now + BUSY_RETRY);
+                            }
+                        }
+                    }
+                }
+                // No grant while a message waits for its dispatcher: the next message must not overtake it.
+                if let (Some(bytes), None) = (se.sess.grant_wanted(), se.parked.as_ref()) {
                     if se.throttle_retry.is_none() {
                         match ThrottleGrant::try_take(&throttles, 1, bytes as u64) {
                             Some(g) => {
@@ -812,14 +849,6 @@ impl Worker {
                                 se.throttle_retry = Some(now + THROTTLE_RETRY);
                             }
                         }
-                    }
-                }
-                loop {
-                    let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
-                    let Some(out) = se.sess.poll_output() else { break };
-                    moved = true;
-                    if self.apply_output(token, out, now, &msgr) {
-                        return; // the session is gone
                     }
                 }
                 if !moved {
@@ -859,7 +888,7 @@ impl Worker {
         }
         let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
         let mut d = se.sess.poll_timeout();
-        if let Some(r) = se.throttle_retry {
+        for r in [se.throttle_retry, se.busy_retry].into_iter().flatten() {
             d = Some(d.map_or(r, |d| d.min(r)));
         }
         self.set_deadline(token, d);
@@ -921,7 +950,13 @@ impl Worker {
             }
             Output::Message(m) => {
                 msgr.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
-                msgr.deliver(&se.conn, m);
+                // One message per throttle grant, and no grant while one is parked: nothing overtakes it.
+                assert!(se.parked.is_none(), "a message was received while another waits for its dispatcher");
+                if let Delivery::Busy(m) = msgr.deliver(&se.conn, m) {
+                    se.parked = Some(m);
+                    se.busy_retry = Some(now + BUSY_RETRY);
+                    se.sess.hold_input(now, true);
+                }
             }
             Output::Reset => {
                 msgr.counters.resets.fetch_add(1, Ordering::Relaxed);
@@ -965,6 +1000,8 @@ impl Worker {
                 stream: None,
                 connecting: false,
                 throttle_retry: None,
+                parked: None,
+                busy_retry: None,
                 read: ReadReadiness::default(),
             };
             let t = self.insert(Role::Session(Box::new(se)), Arc::clone(&msgr));

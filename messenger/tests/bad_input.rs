@@ -17,7 +17,8 @@ use common::*;
 use messenger::frame::{self, Tag, TxQueue, CONTROL_BYTES_MAX, MSG_HEADER_BYTES, PREAMBLE_BYTES};
 use messenger::session::ClientIdent;
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, WorkerPool,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, Refused,
+    WorkerPool,
 };
 
 /// Every wait in these tests is bounded by this.
@@ -384,9 +385,9 @@ impl Dispatcher for BigReplier {
     fn can_fast_dispatch(&self, _m: &Message) -> bool {
         true
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if m.msg_type != MSG_REQUEST {
-            return Err(m);
+            return Err(Refused::NotMine(m));
         }
         self.served.fetch_add(1, Ordering::Relaxed);
         self.first_conn.lock().unwrap().get_or_insert_with(|| conn.clone());

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
-    WORKERS_MAX,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, Refused,
+    WorkerPool, WORKERS_MAX,
 };
 use parking_lot::Mutex;
 
@@ -34,8 +34,8 @@ use crate::exec::OpLimits;
 use crate::heartbeat::{HbReport, HeartbeatError, HeartbeatService, Peer};
 use crate::proto::{self, PeerMsg};
 use crate::shard::{
-    reply_command, reply_op, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError,
-    INLINE_BATCH_MAX, TICK,
+    reply_command, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError, INLINE_BATCH_MAX,
+    TICK,
 };
 use crate::store::{MemStore, ObjectStore};
 
@@ -665,7 +665,8 @@ pub fn heartbeat_peers(map: &OsdMap, me: OsdId, min_peers: usize) -> Vec<Peer> {
 }
 
 /// Client ops and commands from the public network: decoded on the messenger worker and handed to their
-/// shard (fast dispatch), or answered at once when they cannot be taken.
+/// shard (fast dispatch); when the shard cannot take one now, handed back as Busy (the messenger stops reading
+/// that client and offers it again).
 struct PublicDispatcher {
     shards: Vec<Arc<ShardHandle>>,
     flags: Arc<Flags>,
@@ -682,7 +683,7 @@ impl Dispatcher for PublicDispatcher {
         matches!(m.msg_type, types::OSD_OP | types::OSD_COMMAND)
     }
 
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         match m.msg_type {
             types::OSD_OP => {
                 let req: OsdOpRequest = match m.decode() {
@@ -707,18 +708,13 @@ impl Dispatcher for PublicDispatcher {
                 }
                 match self.shard(req.pgid).try_submit(ShardEvent::Op { conn: conn.clone(), msg: m, req }) {
                     Ok(()) => {}
+                    // The shard's queue is full: the messenger keeps the op, stops reading this client and
+                    // offers it again shortly (an overloaded OSD slows its clients down; it does not fail ops).
                     Err(SubmitError::Full(ev)) => {
-                        let ShardEvent::Op { conn, msg, req } = *ev else { unreachable!("we queued an op") };
-                        tracing::error!("shard queue full despite the client throttle; refusing an op");
-                        reply_op(
-                            &conn,
-                            msg.tid,
-                            &req,
-                            Err(OsdError::Io("osd is overloaded".into())),
-                            Epoch(0),
-                        );
+                        let ShardEvent::Op { msg, .. } = *ev else { unreachable!("we queued an op") };
+                        return Err(Refused::Busy(msg));
                     }
-                    Err(_) => {} // shutting down
+                    Err(SubmitError::Stopped) => {} // shutting down
                 }
             }
             types::OSD_COMMAND => {
@@ -734,19 +730,33 @@ impl Dispatcher for PublicDispatcher {
                         return Ok(());
                     }
                 };
-                let (pgid, ev) = match cmd {
+                // A command that cannot be queued waits (Busy) like an op: it must never go unanswered.
+                let busy = match cmd {
                     OsdCommand::ListObjects { pgid } => {
-                        (pgid, ShardEvent::ListObjects { conn: conn.clone(), tid: m.tid, pgid })
+                        let ev = ShardEvent::ListObjects { conn: conn.clone(), tid: m.tid, pgid };
+                        match self.shard(pgid).try_submit(ev) {
+                            Err(SubmitError::Full(_)) => Some(m),
+                            Ok(()) | Err(SubmitError::Stopped) => None,
+                        }
                     }
                     OsdCommand::PgList(req) => {
-                        (req.pgid, ShardEvent::List { conn: conn.clone(), msg: m, req })
+                        let shard = self.shard(req.pgid);
+                        match shard.try_submit(ShardEvent::List { conn: conn.clone(), msg: m, req }) {
+                            Err(SubmitError::Full(ev)) => {
+                                let ShardEvent::List { msg, .. } = *ev else {
+                                    unreachable!("we queued a listing")
+                                };
+                                Some(msg)
+                            }
+                            Ok(()) | Err(SubmitError::Stopped) => None,
+                        }
                     }
                 };
-                if let Err(SubmitError::Full(_)) = self.shard(pgid).try_submit(ev) {
-                    tracing::error!("shard queue full; refusing a command");
+                if let Some(m) = busy {
+                    return Err(Refused::Busy(m));
                 }
             }
-            _ => return Err(m),
+            _ => return Err(Refused::NotMine(m)),
         }
         Ok(())
     }
@@ -762,9 +772,9 @@ impl Dispatcher for ClusterDispatcher {
         (proto::types::FIRST..=proto::types::LAST).contains(&m.msg_type)
     }
 
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if !(proto::types::FIRST..=proto::types::LAST).contains(&m.msg_type) {
-            return Err(m);
+            return Err(Refused::NotMine(m));
         }
         let from = match conn.peer_name() {
             Some(n) if n.ty == EntityType::Osd => match u32::try_from(n.num) {
@@ -784,10 +794,15 @@ impl Dispatcher for ClusterDispatcher {
             }
         };
         let shard = &self.shards[peer.pgid().seed as usize % self.shards.len()];
-        if let Err(SubmitError::Full(_)) = shard.try_submit(ShardEvent::Peer { from, peer, msg: m }) {
-            tracing::error!(%from, "shard queue full despite the peer throttle; message dropped");
+        match shard.try_submit(ShardEvent::Peer { from, peer, msg: m }) {
+            // A lossless session's message is never dropped: when the shard's queue is full the messenger keeps
+            // it, stops reading this peer and offers it again shortly.
+            Err(SubmitError::Full(ev)) => {
+                let ShardEvent::Peer { msg, .. } = *ev else { unreachable!("we queued a peer message") };
+                Err(Refused::Busy(msg))
+            }
+            Ok(()) | Err(SubmitError::Stopped) => Ok(()),
         }
-        Ok(())
     }
 
     fn handle_reset(&self, conn: &Connection) {

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, Refused,
+    WorkerPool,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -509,7 +510,7 @@ impl Dispatcher for PingServer {
         msg.msg_type == OSD_PING
     }
 
-    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Refused> {
         if msg.msg_type != OSD_PING {
             // Nothing else belongs on a heartbeat port; dropping it frees its throttle budget.
             tracing::debug!(network = ?self.network, msg_type = msg.msg_type, ?conn, "unexpected message dropped");
@@ -550,7 +551,7 @@ impl Dispatcher for PingClient {
         msg.msg_type == OSD_PING
     }
 
-    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Refused> {
         if msg.msg_type != OSD_PING {
             tracing::debug!(
                 msg_type = msg.msg_type,
