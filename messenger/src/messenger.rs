@@ -76,8 +76,10 @@ pub(crate) enum Delivery {
 pub enum SendError {
     #[error("connection is closed")]
     Closed,
-    #[error("send throttle stayed full for {0:?}")]
+    #[error("outgoing bound stayed full for {0:?}")]
     Timeout(Duration),
+    #[error("{queued} bytes wait for a peer that does not read them (bound {max}); session faulted")]
+    Backlog { queued: u64, max: u64 },
     #[error("message of {0} bytes is over the limit")]
     TooLarge(usize),
 }
@@ -117,10 +119,34 @@ impl PartialEq for Connection {
 impl Eq for Connection {}
 
 impl Connection {
-    /// Queues a message. It never blocks unless the peer type's policy sets a send throttle, in which case it
-    /// waits (up to the messenger's send timeout) while that many bytes are unacknowledged.
+    /// Queues a message. The connection holds at most its policy's `send_bytes_max` payload bytes for sending
+    /// (queued and unwritten on a lossy session, unacknowledged on a lossless one). At that bound:
+    /// - a lossy session refuses the message with [`SendError::Backlog`] and is faulted (its peer is not
+    ///   reading what it asked for; the dispatcher hears `handle_reset`, and a client resends on its new
+    ///   session);
+    /// - a lossless session makes the caller wait, up to the messenger's `send_timeout`, then refuses it with
+    ///   [`SendError::Timeout`] (nothing it accepted is ever dropped);
+    /// - except on a messenger worker thread (a fast dispatcher, an OSD shard running inline), which must never
+    ///   wait: a worker's message to a lossless peer is accepted over the bound and counted (`send_overruns`).
+    ///   Such sends are caused by messages the worker received, and a worker that overran a bound stops
+    ///   reading the lossy session whose message caused it until the bound is met again.
     pub fn send_message(&self, m: Message) -> Result<(), SendError> {
         self.0.send(m)
+    }
+
+    /// Payload bytes this connection holds for sending (see [`Connection::send_message`]).
+    pub fn outgoing_bytes(&self) -> u64 {
+        self.0.send_bound.in_use().1
+    }
+
+    /// The most payload bytes this connection ever held for sending.
+    pub fn outgoing_bytes_high_water(&self) -> u64 {
+        self.0.send_bound.high_water_bytes()
+    }
+
+    /// The connection's outgoing bound (its policy's `send_bytes_max`).
+    pub fn outgoing_bytes_max(&self) -> u64 {
+        self.0.send_bound.max_bytes()
     }
 
     /// Sends a keepalive now; its echo updates `rtt()`.
@@ -169,6 +195,8 @@ pub(crate) struct Inbox {
     msgs: VecDeque<Message>,
     keepalive: bool,
     mark_down: bool,
+    /// A send found the (lossy) session at its outgoing bound: the worker faults it.
+    backlog_fault: bool,
 }
 
 pub(crate) struct ConnShared {
@@ -186,7 +214,9 @@ pub(crate) struct ConnShared {
     ready: AtomicBool,
     rtt_ns: AtomicU64,
     unacked: AtomicUsize,
-    send_throttle: Option<Throttle>,
+    /// Payload bytes held for sending, bounded by the policy's `send_bytes_max` ([`Connection::send_message`]).
+    send_bound: Throttle,
+    lossy: bool,
 }
 
 impl ConnShared {
@@ -199,9 +229,24 @@ impl ConnShared {
         if self.closed.load(Ordering::Acquire) {
             return Err(SendError::Closed);
         }
-        if let Some(t) = &self.send_throttle {
+        let bytes = m.payload_bytes() as u64;
+        if self.lossy {
+            if !self.send_bound.try_take(1, bytes) {
+                let (queued, max) = (self.send_bound.in_use().1, self.send_bound.max_bytes());
+                Counters::add(&self.msgr.counters.send_backlog_faults, 1);
+                tracing::info!(peer = ?self.peer_name(), conn = self.id, queued, "outgoing bound reached; faulting");
+                self.inbox.lock().backlog_fault = true;
+                self.kick();
+                return Err(SendError::Backlog { queued, max });
+            }
+        } else if crate::worker::on_worker_thread() {
+            if !self.send_bound.take_over(1, bytes) {
+                Counters::add(&self.msgr.counters.send_overruns, 1);
+                crate::worker::note_overrun(self);
+            }
+        } else {
             let timeout = self.msgr.cfg.send_timeout;
-            if !t.take_wait(1, m.payload_bytes() as u64, timeout) {
+            if !self.send_bound.take_wait(1, bytes, timeout) {
                 return Err(SendError::Timeout(timeout));
             }
         }
@@ -271,6 +316,9 @@ impl ConnShared {
         if inbox.keepalive {
             sess.send_keepalive(now);
         }
+        if inbox.backlog_fault {
+            sess.send_backlog_fault(now);
+        }
         if inbox.mark_down {
             sess.mark_down(CloseReason::MarkedDown);
         }
@@ -281,9 +329,16 @@ impl ConnShared {
     }
 
     pub fn released(&self, messages: u64, bytes: u64) {
-        if let Some(t) = &self.send_throttle {
-            t.put(messages, bytes);
-        }
+        self.send_bound.put(messages, bytes);
+    }
+
+    pub fn closed_flag(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection holds more for sending than its bound.
+    pub fn over_bound(&self) -> bool {
+        self.send_bound.in_use().1 > self.send_bound.max_bytes()
     }
 
     /// The session is gone: refuse new sends, give back the budget of anything still in the inbox, and leave
@@ -417,8 +472,8 @@ impl MsgrInner {
             ready: AtomicBool::new(false),
             rtt_ns: AtomicU64::new(0),
             unacked: AtomicUsize::new(0),
-            send_throttle: (p.send_throttle_bytes > 0)
-                .then(|| Throttle::new("send", 0, p.send_throttle_bytes)),
+            send_bound: Throttle::new("send", 0, p.send_bytes_max),
+            lossy: p.lossy,
         })
     }
 
@@ -585,11 +640,13 @@ impl Messenger {
     }
 
     pub fn set_default_policy(&self, p: Policy) {
+        assert!(p.send_bytes_max > 0, "every connection's outgoing bytes are bounded");
         self.inner.policies.write().0 = p;
     }
 
     /// The policy for peers of one type, with its receive throttle.
     pub fn set_policy(&self, peer_type: EntityType, p: Policy) {
+        assert!(p.send_bytes_max > 0, "every connection's outgoing bytes are bounded");
         let t = (p.throttle_messages > 0 || p.throttle_bytes > 0)
             .then(|| Arc::new(Throttle::new("policy", p.throttle_messages, p.throttle_bytes)));
         self.inner.policies.write().1.insert(peer_type, (p, t));

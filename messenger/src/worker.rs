@@ -74,6 +74,29 @@ thread_local! {
     static CURRENT_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// True on any messenger worker's thread (where nothing may wait).
+pub(crate) fn on_worker_thread() -> bool {
+    CURRENT_WORKER.with(|c| c.get()) != 0
+}
+
+thread_local! {
+    /// A lossless connection this worker thread queued a message on beyond its outgoing bound while delivering
+    /// a message (see [`note_overrun`]).
+    static OVERRUN: std::cell::RefCell<Option<Arc<ConnShared>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A worker thread queued a message on `conn` beyond its outgoing bound. The session whose message was being
+/// delivered then stops reading until `conn` is back within its bound, if it is lossy: a client is where load
+/// comes from, and holding it back cannot close a cycle (two daemons that each stopped reading the other until
+/// the other read would wait forever; daemon peers never stop reading for a backlog).
+pub(crate) fn note_overrun(conn: &Arc<ConnShared>) {
+    OVERRUN.with(|o| *o.borrow_mut() = Some(Arc::clone(conn)));
+}
+
+fn take_overrun() -> Option<Arc<ConnShared>> {
+    OVERRUN.with(|o| o.borrow_mut().take())
+}
+
 impl WorkerShared {
     /// True on this worker's own thread.
     fn is_current(&self) -> bool {
@@ -360,6 +383,10 @@ struct SessionEntry {
     /// A received message its fast dispatcher was too busy for: offered again at `busy_retry`, before anything
     /// else is read or delivered from this session (the session holds its input meanwhile).
     parked: Option<Message>,
+    /// A lossless connection this session's last message made go over its outgoing bound (lossy sessions
+    /// only, [`note_overrun`]): nothing more is read or delivered from this session until it is back within.
+    blocked_on: Option<Arc<ConnShared>>,
+    /// When a parked message or the `blocked_on` bound is looked at again.
     busy_retry: Option<Instant>,
     /// Whether the socket may hold input: a drive caused by anything but a readable event (a reply queued by
     /// a dispatcher, a timer, a task) then reads nothing; with one drive per queued reply, those EAGAIN reads
@@ -560,6 +587,7 @@ impl Worker {
                     connecting: false,
                     throttle_retry: None,
                     parked: None,
+                    blocked_on: None,
                     busy_retry: None,
                     read: ReadReadiness::default(),
                 };
@@ -823,21 +851,22 @@ impl Worker {
                 }
                 let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
                 if se.busy_retry.is_none() {
-                    if let Some(m) = se.parked.take() {
-                        match msgr.deliver(&se.conn, m) {
-                            Delivery::Done => {
-                                se.sess.hold_input(now, false);
-                                moved = true;
-                            }
-                            Delivery::Busy(m) => {
-                                se.parked = Some(m);
-                                se.busy_retry = Some(now + BUSY_RETRY);
-                            }
+                    if se.blocked_on.as_ref().is_some_and(|c| c.over_bound() && !c.closed_flag()) {
+                        se.busy_retry = Some(now + BUSY_RETRY);
+                    } else {
+                        se.blocked_on = None;
+                        if let Some(m) = se.parked.take() {
+                            se.deliver(&msgr, m, now);
+                        }
+                        if se.parked.is_none() && se.blocked_on.is_none() && se.sess.input_held() {
+                            se.sess.hold_input(now, false);
+                            moved = true;
                         }
                     }
                 }
-                // No grant while a message waits for its dispatcher: the next message must not overtake it.
-                if let (Some(bytes), None) = (se.sess.grant_wanted(), se.parked.as_ref()) {
+                // No grant while a message waits for its dispatcher or its session is held back: the next
+                // message must not overtake it.
+                if let (Some(bytes), false) = (se.sess.grant_wanted(), se.sess.input_held()) {
                     if se.throttle_retry.is_none() {
                         match ThrottleGrant::try_take(&throttles, 1, bytes as u64) {
                             Some(g) => {
@@ -950,13 +979,11 @@ impl Worker {
             }
             Output::Message(m) => {
                 msgr.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
-                // One message per throttle grant, and no grant while one is parked: nothing overtakes it.
+                // One message per throttle grant, and no grant while input is held: nothing overtakes a parked
+                // message.
                 assert!(se.parked.is_none(), "a message was received while another waits for its dispatcher");
-                if let Delivery::Busy(m) = msgr.deliver(&se.conn, m) {
-                    se.parked = Some(m);
-                    se.busy_retry = Some(now + BUSY_RETRY);
-                    se.sess.hold_input(now, true);
-                }
+                assert!(!se.sess.input_held(), "a message was received while input is held");
+                se.deliver(msgr, m, now);
             }
             Output::Reset => {
                 msgr.counters.resets.fetch_add(1, Ordering::Relaxed);
@@ -1001,6 +1028,7 @@ impl Worker {
                 connecting: false,
                 throttle_retry: None,
                 parked: None,
+                blocked_on: None,
                 busy_retry: None,
                 read: ReadReadiness::default(),
             };
@@ -1102,6 +1130,24 @@ impl Worker {
 }
 
 impl SessionEntry {
+    /// Hands a received message to the dispatchers. If the fast dispatcher is busy the message is parked; if
+    /// delivering it made this worker overrun a lossless connection's outgoing bound and this session is lossy,
+    /// the session is held back until that connection is within its bound. Either way the session stops
+    /// reading and looks again after [`BUSY_RETRY`].
+    fn deliver(&mut self, msgr: &Arc<MsgrInner>, m: Message, now: Instant) {
+        let _ = take_overrun();
+        if let Delivery::Busy(m) = msgr.deliver(&self.conn, m) {
+            self.parked = Some(m);
+        }
+        if let Some(c) = take_overrun().filter(|_| self.sess.policy().lossy) {
+            self.blocked_on = Some(c);
+        }
+        if self.parked.is_some() || self.blocked_on.is_some() {
+            self.busy_retry = Some(now + BUSY_RETRY);
+            self.sess.hold_input(now, true);
+        }
+    }
+
     fn sess_peer_addr(&self) -> SocketAddr {
         self.conn.connect_addr().expect("only sessions with an address open sockets")
     }

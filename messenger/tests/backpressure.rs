@@ -189,3 +189,152 @@ fn busy_dispatcher_stops_reading_the_connection() {
     assert_eq!(*d.taken.lock().unwrap(), (1..=N).collect::<Vec<_>>());
     assert_eq!(server.msgr.counters().faults, 0);
 }
+
+// Goal: a lossless connection holds at most its policy's send_bytes_max unacknowledged bytes; a sender (not a
+// worker) at the bound waits up to send_timeout and is then refused with Timeout; everything accepted arrives
+// exactly once, in order. Method: client bound 8 MiB, send_timeout 200 ms; the server's dispatcher is busy
+// until a gate opens, so the server stops reading; the test sends 1 MiB messages until one is refused (at most
+// 64); the refusal must be a Timeout after about 200 ms, the connection's outgoing bytes must never have
+// exceeded 8 MiB; then the gate opens and every accepted message arrives.
+#[test]
+fn lossless_sender_waits_at_the_outgoing_bound_and_nothing_accepted_is_lost() {
+    init_tracing();
+    const BOUND: u64 = 8 << 20;
+    const MIB: usize = 1 << 20;
+    let pool = WorkerPool::new(2).unwrap();
+    let d = Busy::new(true, 0, 0, false);
+    let server = endpoint(
+        &pool,
+        EntityName::osd(0),
+        Opts {
+            bind: true,
+            policies: vec![(EntityType::Client, Policy::stateful_server())],
+            ..Opts::default()
+        },
+    );
+    server.msgr.add_dispatcher_head(Arc::clone(&d) as Arc<dyn Dispatcher>);
+    let send_timeout = Duration::from_millis(200);
+    let client = endpoint(
+        &pool,
+        EntityName::client(1),
+        Opts {
+            cfg: messenger::MessengerConfig { send_timeout, ..test_config() },
+            policies: vec![(EntityType::Osd, Policy::lossless_client().with_send_bytes_max(BOUND))],
+            ..Opts::default()
+        },
+    );
+    let conn = client.msgr.connect(EntityName::osd(0), addr(&server)).unwrap();
+    let payload = Bytes::from(vec![0x33u8; MIB]);
+    let mut accepted = 0u64;
+    let refused_after = loop {
+        assert!(accepted < 64, "64 MiB accepted on a connection bounded at 8 MiB");
+        let t0 = Instant::now();
+        match conn.send_message(seq_msg(accepted + 1).with_data(payload.clone())) {
+            Ok(()) => accepted += 1,
+            Err(e) => {
+                assert_eq!(e, messenger::SendError::Timeout(send_timeout));
+                break t0.elapsed();
+            }
+        }
+        assert!(conn.outgoing_bytes() <= BOUND, "holds {} bytes", conn.outgoing_bytes());
+    };
+    assert!(refused_after >= send_timeout, "refused after {refused_after:?}, without waiting");
+    assert!(conn.outgoing_bytes_high_water() <= BOUND, "high water {}", conn.outgoing_bytes_high_water());
+    d.gate_open.store(true, Ordering::Release);
+    wait_for("every accepted message", || d.taken.lock().unwrap().len() as u64 >= accepted);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(*d.taken.lock().unwrap(), (1..=accepted).collect::<Vec<_>>());
+    wait_for("the acks", || conn.outgoing_bytes() == 0);
+}
+
+/// Forwards every request it gets (fast, on a worker) to another OSD over a lossless connection, timing how
+/// long each forward took.
+struct Forwarder {
+    to: Connection,
+    slowest: Mutex<Duration>,
+}
+
+impl Dispatcher for Forwarder {
+    fn can_fast_dispatch(&self, m: &Message) -> bool {
+        m.msg_type == MSG_REQUEST
+    }
+    fn dispatch(&self, _conn: &Connection, m: Message) -> Result<(), Refused> {
+        let t0 = Instant::now();
+        let fwd = Message::new(MSG_REQUEST, m.front.clone()).with_tid(m.tid).with_data(m.data.clone());
+        self.to.send_message(fwd).expect("a worker's send on a lossless connection never fails");
+        let took = t0.elapsed();
+        let mut s = self.slowest.lock().unwrap();
+        *s = (*s).max(took);
+        Ok(())
+    }
+}
+
+// Goal: a worker thread that sends on a lossless connection at its outgoing bound never waits (no worker may
+// wait for a socket to drain) and nothing is dropped, yet the bound still holds, to within one message: the
+// lossy client whose message caused the overrun stops being read until the connection is back within its
+// bound. Method: client -> proxy (lossy) -> sink (lossless, bound 2 MiB at the proxy); the proxy forwards each
+// 1 MiB request inline on its worker; the sink is busy until a gate opens. The client sends 32 requests. Once
+// the proxy has stopped reading, its connection to the sink must hold at most 2 MiB + one message, the
+// overrun must be counted, no forward may have taken 100 ms, and the proxy must have read well under what the
+// client sent; after the gate opens all 32 reach the sink in order.
+#[test]
+fn worker_overrunning_a_lossless_bound_holds_back_its_lossy_client() {
+    init_tracing();
+    const N: u64 = 32;
+    const MIB: usize = 1 << 20;
+    const BOUND: u64 = 2 << 20;
+    let pool = WorkerPool::new(2).unwrap();
+    let d = Busy::new(true, 0, 0, false);
+    let sink = endpoint(
+        &pool,
+        EntityName::osd(1),
+        Opts { bind: true, policies: vec![(EntityType::Osd, Policy::lossless_peer())], ..Opts::default() },
+    );
+    sink.msgr.add_dispatcher_head(Arc::clone(&d) as Arc<dyn Dispatcher>);
+    let proxy = endpoint(
+        &pool,
+        EntityName::osd(0),
+        Opts {
+            bind: true,
+            policies: vec![
+                (EntityType::Client, Policy::stateless_server()),
+                (EntityType::Osd, Policy::lossless_peer().with_send_bytes_max(BOUND)),
+            ],
+            ..Opts::default()
+        },
+    );
+    let to_sink = proxy.msgr.connect(EntityName::osd(1), addr(&sink)).unwrap();
+    let fwd = Arc::new(Forwarder { to: to_sink.clone(), slowest: Mutex::new(Duration::ZERO) });
+    proxy.msgr.add_dispatcher_head(Arc::clone(&fwd) as Arc<dyn Dispatcher>);
+    let client = endpoint(
+        &pool,
+        EntityName::client(2),
+        Opts { policies: vec![(EntityType::Osd, Policy::lossy_client())], ..Opts::default() },
+    );
+    let conn = client.msgr.connect(EntityName::osd(0), addr(&proxy)).unwrap();
+    let payload = Bytes::from(vec![0x44u8; MIB]);
+    for i in 1..=N {
+        conn.send_message(seq_msg(i).with_data(payload.clone())).unwrap();
+    }
+    wait_for("an overrun", || proxy.msgr.counters().send_overruns > 0);
+    let mut last = proxy.msgr.counters().bytes_in;
+    let deadline = Instant::now() + T;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = proxy.msgr.counters().bytes_in;
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(Instant::now() < deadline, "the proxy never stopped reading its client");
+    }
+    let high = to_sink.outgoing_bytes_high_water();
+    assert!(high <= BOUND + MIB as u64 + 64, "the proxy held {high} bytes for the sink (bound {BOUND})");
+    assert!(last < (N * MIB as u64) / 2, "the proxy read {last} bytes: it did not hold its client back");
+    assert!(*fwd.slowest.lock().unwrap() < Duration::from_millis(100), "a forward waited on the worker");
+    d.gate_open.store(true, Ordering::Release);
+    wait_for("every forwarded message", || d.taken.lock().unwrap().len() as u64 >= N);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(*d.taken.lock().unwrap(), (1..=N).collect::<Vec<_>>());
+    assert_eq!(proxy.msgr.counters().faults, 0);
+}

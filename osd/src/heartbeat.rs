@@ -535,7 +535,8 @@ impl Dispatcher for PingServer {
             reply: true,
             epoch: Epoch(self.shared.epoch.load(Ordering::Relaxed)),
         };
-        // Never blocks: heartbeat policies have no send throttle. A closed connection just loses the reply.
+        // Never blocks: heartbeat sessions are lossy, so a send at the outgoing bound fails (and faults the
+        // session) instead of waiting. A closed connection just loses the reply.
         let _ = conn.send_message(ping_message(&reply));
         Ok(())
     }

@@ -1292,9 +1292,10 @@ impl Objecter {
                     "a {n}-byte message is over the messenger's frame limit"
                 )),
             },
-            messenger::SendError::Closed | messenger::SendError::Timeout(_) => {
-                SendFailure::Reset { osd, gen }
-            }
+            // A backlog faulted the (lossy) session: like a reset, the op goes again on a new one.
+            messenger::SendError::Closed
+            | messenger::SendError::Timeout(_)
+            | messenger::SendError::Backlog { .. } => SendFailure::Reset { osd, gen },
         })
     }
 }
