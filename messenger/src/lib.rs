@@ -34,4 +34,6 @@ pub use entity::{EntityName, EntityType, PeerKey};
 pub use message::Message;
 pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, Refused, SendError, BUSY_RETRY};
 pub use policy::Policy;
-pub use worker::{Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};
+pub use worker::{
+    Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, TASK_QUEUE_MAX, WORKERS_DEFAULT, WORKERS_MAX,
+};

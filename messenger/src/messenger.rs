@@ -209,7 +209,10 @@ pub(crate) struct ConnShared {
     home_worker: AtomicUsize,
     home_token: AtomicUsize,
     inbox: Mutex<Inbox>,
+    /// The inbox has something the worker has not drained yet.
     kicked: AtomicBool,
+    /// A `Kick` for this connection is in its worker's task queue (or in a worker's deferred FIFO).
+    kick_queued: AtomicBool,
     closed: AtomicBool,
     ready: AtomicBool,
     rtt_ns: AtomicU64,
@@ -264,11 +267,19 @@ impl ConnShared {
         Ok(())
     }
 
+    /// Tells the owning worker that the inbox has something. At most one `Kick` per connection is in a
+    /// worker's task queue: another is posted only once the worker has taken that one off ([`Self::kick_taken`]).
     fn kick(self: &Arc<Self>) {
-        if !self.kicked.swap(true, Ordering::AcqRel) {
+        self.kicked.store(true, Ordering::Release);
+        if !self.kick_queued.swap(true, Ordering::AcqRel) {
             let w = self.home_worker();
             self.msgr.pool.workers[w].post(Task::Kick(Arc::clone(self)));
         }
+    }
+
+    /// The owning worker took this connection's `Kick` off its queue (it drains the inbox next).
+    pub fn kick_taken(&self) {
+        assert!(self.kick_queued.swap(false, Ordering::AcqRel), "a Kick was taken that was never posted");
     }
 
     pub fn set_home(&self, worker: usize, token: usize) {
@@ -468,6 +479,7 @@ impl MsgrInner {
             home_token: AtomicUsize::new(usize::MAX),
             inbox: Mutex::new(Inbox::default()),
             kicked: AtomicBool::new(false),
+            kick_queued: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             rtt_ns: AtomicU64::new(0),

@@ -13,7 +13,8 @@
 //! when it was kicked ([`GuestHandle::kick`]), and drops it when it says it is done; what the guest does with
 //! its socket is its own business.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use parking_lot::Mutex;
@@ -42,9 +43,20 @@ const THROTTLE_RETRY: Duration = Duration::from_millis(1);
 /// Events handled per `poll` call.
 const EVENTS_CAPACITY: usize = 1024;
 
-/// Cross-thread work for a worker. The queue is bounded by construction: each connection posts at most one
-/// `Kick` and each guest at most one `KickGuest` until the worker has drained it (the `kicked` edge flags),
-/// and the other tasks are one per socket, per guest or per messenger operation.
+/// The most tasks a worker's queue holds. A thread that is not a worker waits for room (workers never wait for
+/// anything, so room comes); a worker never waits (it could be waiting for itself, or for a worker waiting for
+/// it): it keeps what it could not post in its own FIFO and posts it from its loop ([`post_deferred`]). What a
+/// worker posts to another is at most one `Kick` per connection and one `KickGuest` per guest until the target
+/// takes it off its queue (the `kick_queued` and `kicked` flags), one `Route` per accepted socket and one
+/// `Connect` per session, so that FIFO is bounded by the sessions and sockets the worker has; an accepted socket
+/// whose chosen worker's queue is full stays on the accepting worker instead.
+pub const TASK_QUEUE_MAX: usize = 1024;
+/// A thread that is not a worker and finds a worker's queue full logs after waiting this long, and waits on.
+const TASK_POST_WAIT: Duration = Duration::from_secs(10);
+/// A worker holding tasks it could not post looks again after this long.
+const TASK_RETRY: Duration = Duration::from_millis(1);
+
+/// Cross-thread work for a worker, in a queue of at most [`TASK_QUEUE_MAX`].
 pub(crate) enum Task {
     Listen(TcpListener, Arc<MsgrInner>),
     Accepted(TcpStream, Arc<MsgrInner>),
@@ -103,10 +115,60 @@ impl WorkerShared {
         CURRENT_WORKER.with(|c| c.get()) == self as *const WorkerShared as usize
     }
 
-    pub fn post(&self, t: Task) {
-        if self.tx.send(t).is_err() {
-            return; // The worker has stopped; the pool is shutting down.
+    /// Queues a task for this worker. Off the workers it waits while the queue is full; on a worker it never
+    /// waits: a task that does not fit, and every task the same worker posts after it, waits in that worker's
+    /// own FIFO instead ([`post_deferred`]), so one thread's tasks arrive in the order it posted them.
+    pub fn post(self: &Arc<Self>, t: Task) {
+        if on_worker_thread() {
+            DEFERRED.with(|d| {
+                let mut d = d.borrow_mut();
+                if !d.is_empty() {
+                    d.push_back((Arc::clone(self), t));
+                    return;
+                }
+                match self.tx.try_send(t) {
+                    Ok(()) => self.wake(),
+                    Err(TrySendError::Disconnected(_)) => {} // the worker has stopped; the pool is shutting down
+                    Err(TrySendError::Full(t)) => d.push_back((Arc::clone(self), t)),
+                }
+            });
+            return;
         }
+        let mut t = match self.tx.try_send(t) {
+            Ok(()) => return self.wake(),
+            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(t)) => t,
+        };
+        loop {
+            match self.tx.send_timeout(t, TASK_POST_WAIT) {
+                Ok(()) => return self.wake(),
+                Err(SendTimeoutError::Disconnected(_)) => return,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    tracing::error!(
+                        "worker {} has not taken a task in {TASK_POST_WAIT:?}; waiting on",
+                        self.idx
+                    );
+                    t = back;
+                }
+            }
+        }
+    }
+
+    /// Queues a task if there is room now; gives it back otherwise.
+    // The task comes back to the caller, which handles it another way: no copy.
+    #[allow(clippy::result_large_err)]
+    fn try_post(self: &Arc<Self>, t: Task) -> Result<(), Task> {
+        match self.tx.try_send(t) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(t)) => Err(t),
+            Err(TrySendError::Disconnected(_)) => Ok(()), // stopped: nobody will take it anywhere
+        }
+    }
+
+    fn wake(&self) {
         if self.is_current() {
             return;
         }
@@ -116,6 +178,31 @@ impl WorkerShared {
             }
         }
     }
+}
+
+thread_local! {
+    /// Tasks this worker thread could not post because their target's queue was full, in the order it posted
+    /// them (see [`TASK_QUEUE_MAX`] for why this is bounded).
+    static DEFERRED: RefCell<VecDeque<(Arc<WorkerShared>, Task)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// Posts what this worker thread deferred, in order, until a target is still full. Returns whether anything
+/// is left.
+fn post_deferred() -> bool {
+    DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        while let Some((w, t)) = d.pop_front() {
+            match w.tx.try_send(t) {
+                Ok(()) => w.wake(),
+                Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(t)) => {
+                    d.push_front((w, t));
+                    return true;
+                }
+            }
+        }
+        false
+    })
 }
 
 /// N event-loop threads shared by every messenger in the process.
@@ -151,7 +238,7 @@ impl WorkerPool {
         for idx in 0..n {
             let poll = Poll::new()?;
             let waker = Waker::new(poll.registry(), WAKER_TOKEN)?;
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = crossbeam_channel::bounded(TASK_QUEUE_MAX);
             let shared = Arc::new(WorkerShared {
                 idx,
                 tx,
@@ -184,6 +271,11 @@ impl WorkerPool {
             self.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one worker");
         w.load.fetch_add(1, Ordering::Relaxed);
         w
+    }
+
+    /// Tasks waiting in each worker's queue (at most [`TASK_QUEUE_MAX`] each).
+    pub fn queued_tasks(&self) -> Vec<usize> {
+        self.workers.iter().map(|w| w.tx.len()).collect()
     }
 
     /// Sockets owned by each worker.
@@ -470,11 +562,15 @@ impl Worker {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut busy = false;
         while !self.stopping {
-            let timeout = if !self.rx.is_empty() {
+            let deferred = post_deferred();
+            let mut timeout = if !self.rx.is_empty() {
                 Some(Duration::ZERO) // tasks this thread posted to itself while handling the last batch
             } else {
                 self.timers.first().map(|&(t, _)| round_up_ms(t.saturating_duration_since(Instant::now())))
             };
+            if deferred {
+                timeout = Some(timeout.map_or(TASK_RETRY, |t| t.min(TASK_RETRY)));
+            }
             if busy && timeout != Some(Duration::ZERO) && self.awaiting_peer() && self.spin(&mut events) {
                 // something arrived while spinning: handle it below without having slept
             } else if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -599,6 +695,8 @@ impl Worker {
             }
             Task::Route { conn, stream, req, rx } => self.route_here(conn, stream, req, rx, now),
             Task::Kick(conn) => {
+                // Off the queue: the next kick posts again (at most one Kick per connection is queued).
+                conn.kick_taken();
                 let Some(token) = conn.token() else { return };
                 let Some(Entry { role: Role::Session(se), .. }) = self.entries.get_mut(token) else { return };
                 if !Arc::ptr_eq(&se.conn, &conn) {
@@ -719,8 +817,12 @@ impl Worker {
                     let target = Arc::clone(msgr.pool.pick_worker());
                     if target.idx == self.shared.idx {
                         self.add_acceptor(stream, msgr, Instant::now());
-                    } else {
-                        target.post(Task::Accepted(stream, msgr));
+                    } else if let Err(t) = target.try_post(Task::Accepted(stream, msgr)) {
+                        // The chosen worker's queue is full: the socket stays here (charged here instead).
+                        let Task::Accepted(stream, msgr) = t else { unreachable!("we posted an accept") };
+                        target.load.fetch_sub(1, Ordering::Relaxed);
+                        self.shared.load.fetch_add(1, Ordering::Relaxed);
+                        self.add_acceptor(stream, msgr, Instant::now());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
