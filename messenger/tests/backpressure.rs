@@ -61,7 +61,7 @@ impl Dispatcher for Busy {
             *e
         };
         let busy = !self.gate_open.load(Ordering::Acquire)
-            || (self.busy_every > 0 && i % self.busy_every == 0 && tries <= self.busy_times);
+            || (self.busy_every > 0 && i.is_multiple_of(self.busy_every) && tries <= self.busy_times);
         if busy {
             self.busy_answers.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Busy(m));
@@ -179,7 +179,7 @@ fn busy_dispatcher_stops_reading_the_connection() {
     std::thread::sleep(Duration::from_millis(300));
     let c = server.msgr.counters();
     assert_eq!(c.bytes_in, last, "the server read from a connection whose dispatcher is busy");
-    assert!(c.bytes_in < (N as u64 * MIB as u64) / 2, "most of the data is still unread: {}", c.bytes_in);
+    assert!(c.bytes_in < (N * MIB as u64) / 2, "most of the data is still unread: {}", c.bytes_in);
     assert!(d.busy_answers.load(Ordering::Relaxed) > busy_before + 10, "the message was offered again");
     assert_eq!(c.msgs_in, 1, "nothing after the refused message was received");
     assert!(d.taken.lock().unwrap().is_empty());

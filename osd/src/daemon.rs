@@ -879,6 +879,86 @@ mod tests {
     }
 
     #[test]
+    fn a_full_shard_queue_hands_ops_commands_and_peer_messages_back_as_busy() {
+        // Goal: where a shard's queue is full, the dispatchers hand the message back as Busy (the messenger keeps
+        // it, stops reading that connection and offers it again) instead of answering "osd is overloaded" or
+        // dropping a peer's message, and a command waits likewise. Method: one shard with a queue of one event
+        // whose runner this thread holds, so one event waits and every further one finds the queue full; an op,
+        // both commands and a peer message are dispatched directly and must each come back as Busy with the
+        // original message (type, tid and body unchanged), with nothing sent on the connection.
+        use rados::msg::{PgListRequest, ReqId};
+        use rados::PoolId;
+
+        let pool = WorkerPool::new(1).unwrap();
+        let cluster = Arc::new(Messenger::new(
+            Arc::clone(&pool),
+            EntityName::osd(0),
+            1,
+            messenger::MessengerConfig::default(),
+        ));
+        let sh = ShardShared {
+            whoami: OsdId(0),
+            index: 0,
+            count: 1,
+            store: Arc::new(MemStore::new()),
+            limits: OpLimits::from_config(&Config::default()),
+            cluster: Arc::clone(&cluster),
+            stats: Arc::new(Mutex::new(BTreeMap::new())),
+            writes_in_flight: Arc::new(AtomicUsize::new(0)),
+            report_now: crossbeam_channel::bounded(1).0,
+            guard: Arc::new(StallGuard::new(Duration::from_secs(3))),
+        };
+        let shards = vec![Arc::new(ShardHandle::new(Shard::new(sh), 1, 1))];
+        let flags = Arc::new(Flags {
+            stopping: AtomicBool::new(false),
+            down_in_map: AtomicBool::new(false),
+            stop_threads: AtomicBool::new(false),
+        });
+        let public = PublicDispatcher { shards: shards.clone(), flags };
+        let peers = ClusterDispatcher { shards: shards.clone() };
+        // A peer OSD's connection (never established: nothing may be sent on it anyway).
+        let conn = cluster.connect(EntityName::osd(1), SocketAddr::from(([127, 0, 0, 1], 1))).unwrap();
+        let pgid = PgId::new(PoolId(1), 0);
+        let op = OsdOpRequest {
+            reqid: ReqId { client: 9, nonce: 2, tid: 7 },
+            pgid,
+            oid: "o".into(),
+            epoch: Epoch(1),
+            ops: Vec::new(),
+        };
+        let list = PgListRequest { pgid, epoch: Epoch(1), after: None, max: 10 };
+        let query = proto::PgQuery { pgid, epoch: Epoch(1), round: 1, after: None };
+        shards[0].with(|_| {
+            shards[0].try_submit(ShardEvent::PeerReset(OsdId(5))).expect("the one free slot");
+            let cases: Vec<(&dyn Dispatcher, Message)> = vec![
+                (&public, Message::encode(types::OSD_OP, &op).with_tid(7)),
+                (&public, Message::encode(types::OSD_COMMAND, &OsdCommand::PgList(list.clone())).with_tid(8)),
+                (&public, Message::encode(types::OSD_COMMAND, &OsdCommand::ListObjects { pgid }).with_tid(9)),
+                (&peers, PeerMsg::Query(query.clone()).encode().with_tid(10)),
+            ];
+            for (d, m) in cases {
+                let (ty, tid, front) = (m.msg_type, m.tid, m.front.clone());
+                match d.dispatch(&conn, m) {
+                    Err(Refused::Busy(back)) => {
+                        assert_eq!(
+                            (back.msg_type, back.tid, back.front),
+                            (ty, tid, front),
+                            "the original message"
+                        )
+                    }
+                    other => panic!("message type {ty:#06x} on a full shard: {other:?}"),
+                }
+            }
+        });
+        assert_eq!(conn.outgoing_bytes(), 0, "nothing was answered");
+        assert_eq!(cluster.counters().msgs_out, 0, "nothing was answered");
+        for s in &shards {
+            s.stop();
+        }
+        cluster.shutdown();
+    }
+
+    #[test]
     fn uuid_and_whoami_files() {
         // Goal: the data directory keeps the OSD's identity and refuses damage. Method: create, reload,
         // corrupt.
