@@ -35,5 +35,6 @@ pub use message::Message;
 pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, Refused, SendError, BUSY_RETRY};
 pub use policy::Policy;
 pub use worker::{
-    Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, TASK_QUEUE_MAX, WORKERS_DEFAULT, WORKERS_MAX,
+    never_wait_on_this_thread, Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, TASK_QUEUE_MAX,
+    WORKERS_DEFAULT, WORKERS_MAX,
 };

@@ -126,10 +126,11 @@ impl Connection {
     ///   session);
     /// - a lossless session makes the caller wait, up to the messenger's `send_timeout`, then refuses it with
     ///   [`SendError::Timeout`] (nothing it accepted is ever dropped);
-    /// - except on a messenger worker thread (a fast dispatcher, an OSD shard running inline), which must never
-    ///   wait: a worker's message to a lossless peer is accepted over the bound and counted (`send_overruns`).
-    ///   Such sends are caused by messages the worker received, and a worker that overran a bound stops
-    ///   reading the lossy session whose message caused it until the bound is met again.
+    /// - except on a messenger worker thread (a fast dispatcher, an OSD shard running inline) or a thread marked
+    ///   with [`crate::never_wait_on_this_thread`], which must never wait: there a message to a lossless peer is
+    ///   accepted over the bound and counted (`send_overruns`). A worker's sends are caused by the message it
+    ///   is delivering, and when that message came on a lossy session (a client), the session is not read
+    ///   again until the connection is back within its bound.
     pub fn send_message(&self, m: Message) -> Result<(), SendError> {
         self.0.send(m)
     }
@@ -242,7 +243,7 @@ impl ConnShared {
                 self.kick();
                 return Err(SendError::Backlog { queued, max });
             }
-        } else if crate::worker::on_worker_thread() {
+        } else if crate::worker::must_not_wait() {
             if !self.send_bound.take_over(1, bytes) {
                 Counters::add(&self.msgr.counters.send_overruns, 1);
                 crate::worker::note_overrun(self);

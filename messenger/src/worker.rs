@@ -92,6 +92,26 @@ pub(crate) fn on_worker_thread() -> bool {
 }
 
 thread_local! {
+    /// Set by [`never_wait_on_this_thread`].
+    static NEVER_WAITS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one that must never wait on a connection's outgoing bound, as a worker must not:
+/// a thread that runs events on behalf of the workers (an OSD's shard thread, which runs the events the workers
+/// queued for it). Its sends on lossless connections go over the bound instead of waiting
+/// (`Connection::send_message`). Otherwise two daemons whose shard threads each waited for the other's
+/// connection to drain, while their workers held the other's messages for those very shards (a dispatcher
+/// that is busy), would wait for each other.
+pub fn never_wait_on_this_thread() {
+    NEVER_WAITS.with(|c| c.set(true));
+}
+
+/// True where a send must not wait: a worker, or a thread marked with [`never_wait_on_this_thread`].
+pub(crate) fn must_not_wait() -> bool {
+    on_worker_thread() || NEVER_WAITS.with(|c| c.get())
+}
+
+thread_local! {
     /// A lossless connection this worker thread queued a message on beyond its outgoing bound while delivering
     /// a message (see [`note_overrun`]).
     static OVERRUN: std::cell::RefCell<Option<Arc<ConnShared>>> = const { std::cell::RefCell::new(None) };
@@ -102,7 +122,9 @@ thread_local! {
 /// comes from, and holding it back cannot close a cycle (two daemons that each stopped reading the other until
 /// the other read would wait forever; daemon peers never stop reading for a backlog).
 pub(crate) fn note_overrun(conn: &Arc<ConnShared>) {
-    OVERRUN.with(|o| *o.borrow_mut() = Some(Arc::clone(conn)));
+    if on_worker_thread() {
+        OVERRUN.with(|o| *o.borrow_mut() = Some(Arc::clone(conn)));
+    }
 }
 
 fn take_overrun() -> Option<Arc<ConnShared>> {

@@ -338,3 +338,57 @@ fn worker_overrunning_a_lossless_bound_holds_back_its_lossy_client() {
     assert_eq!(*d.taken.lock().unwrap(), (1..=N).collect::<Vec<_>>());
     assert_eq!(proxy.msgr.counters().faults, 0);
 }
+
+// Goal: a thread marked with never_wait_on_this_thread (an OSD's shard thread, which runs what the workers
+// queued) is never made to wait at a lossless connection's bound: its messages go over the bound, counted,
+// and nothing is lost. Method: a lossless client bounded at 4 MiB, a server busy until a gate opens; a marked
+// thread sends 16 messages of 1 MiB: none may take 100 ms, send_overruns must count the ones over the bound,
+// and all 16 arrive in order once the gate opens.
+#[test]
+fn a_thread_that_must_not_wait_goes_over_a_lossless_bound() {
+    init_tracing();
+    const N: u64 = 16;
+    const BOUND: u64 = 4 << 20;
+    let pool = WorkerPool::new(2).unwrap();
+    let d = Busy::new(true, 0, 0, false);
+    let server = endpoint(
+        &pool,
+        EntityName::osd(0),
+        Opts {
+            bind: true,
+            policies: vec![(EntityType::Client, Policy::stateful_server())],
+            ..Opts::default()
+        },
+    );
+    server.msgr.add_dispatcher_head(Arc::clone(&d) as Arc<dyn Dispatcher>);
+    let client = endpoint(
+        &pool,
+        EntityName::client(1),
+        Opts {
+            policies: vec![(EntityType::Osd, Policy::lossless_client().with_send_bytes_max(BOUND))],
+            ..Opts::default()
+        },
+    );
+    let conn = client.msgr.connect(EntityName::osd(0), addr(&server)).unwrap();
+    let slowest = {
+        let conn = conn.clone();
+        std::thread::spawn(move || {
+            messenger::never_wait_on_this_thread();
+            let payload = Bytes::from(vec![0x55u8; 1 << 20]);
+            let mut slowest = Duration::ZERO;
+            for i in 1..=N {
+                let t0 = Instant::now();
+                conn.send_message(seq_msg(i).with_data(payload.clone())).unwrap();
+                slowest = slowest.max(t0.elapsed());
+            }
+            slowest
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(slowest < Duration::from_millis(100), "a send waited {slowest:?}");
+    assert!(client.msgr.counters().send_overruns > 0, "the bound was overrun, and counted");
+    d.gate_open.store(true, Ordering::Release);
+    wait_for("every message", || d.taken.lock().unwrap().len() as u64 >= N);
+    assert_eq!(*d.taken.lock().unwrap(), (1..=N).collect::<Vec<_>>());
+}

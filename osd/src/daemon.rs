@@ -390,7 +390,12 @@ impl Osd {
         for (index, shard) in shards.into_iter().enumerate() {
             let t = std::thread::Builder::new()
                 .name(format!("osd-shard-{index}"))
-                .spawn(move || shard.run(TICK))
+                .spawn(move || {
+                    // The shard thread runs what the workers queued for it: like them, it never waits for a
+                    // peer's connection to drain (see `never_wait_on_this_thread`).
+                    messenger::never_wait_on_this_thread();
+                    shard.run(TICK)
+                })
                 .map_err(OsdStartError::Thread)?;
             osd.threads.lock().push(t);
         }
