@@ -237,10 +237,12 @@ impl ConnShared {
         if self.lossy {
             if !self.send_bound.try_take(1, bytes) {
                 let (queued, max) = (self.send_bound.in_use().1, self.send_bound.max_bytes());
-                Counters::add(&self.msgr.counters.send_backlog_faults, 1);
-                tracing::info!(peer = ?self.peer_name(), conn = self.id, queued, "outgoing bound reached; faulting");
-                self.inbox.lock().backlog_fault = true;
-                self.kick();
+                // Once per fault: sends refused until the worker has faulted the session are not news.
+                if !std::mem::replace(&mut self.inbox.lock().backlog_fault, true) {
+                    Counters::add(&self.msgr.counters.send_backlog_faults, 1);
+                    tracing::info!(peer = ?self.peer_name(), conn = self.id, queued, "outgoing bound reached; faulting");
+                    self.kick();
+                }
                 return Err(SendError::Backlog { queued, max });
             }
         } else if crate::worker::must_not_wait() {
