@@ -21,7 +21,8 @@ pub struct MessengerConfig {
     pub max_backoff: Duration,
     /// Messenger-wide bytes held by dispatch (ms_dispatch_throttle_bytes, 100 MiB).
     pub dispatch_throttle_bytes: u64,
-    /// How long `Connection::send_message` may block on a full send throttle.
+    /// How long `Connection::send_message` may wait, off the workers, for room under a lossless connection's
+    /// outgoing bound (`Policy::send_bytes_max`) before it refuses the message.
     pub send_timeout: Duration,
     /// A serving session stops reading from its client while this many bytes wait to be written to it.
     pub outgoing_bytes_soft_max: usize,

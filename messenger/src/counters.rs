@@ -33,6 +33,9 @@ counters! {
     connects: "Sockets opened.",
     throttle_stalls: "Times a connection stopped reading for lack of throttle budget.",
     injected_faults: "Socket operations failed on purpose (inject_socket_failures).",
+    dispatch_busy: "Times a dispatcher said it was busy for a message (it is offered again later).",
+    send_backlog_faults: "Lossy sessions faulted because a send found their outgoing bytes at the bound.",
+    send_overruns: "Messages a worker queued on a lossless connection already at its outgoing bound.",
 }
 
 impl Counters {

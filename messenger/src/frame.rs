@@ -544,6 +544,9 @@ pub struct TxQueue {
     chunks: VecDeque<Bytes>,
     staging: BytesMut,
     queued_bytes: usize,
+    /// Bytes that ever left the queue (written, taken or cleared): with `queued_bytes`, a position in the stream
+    /// of everything ever queued, by which a sender knows when a frame it queued has left.
+    gone_bytes: u64,
 }
 
 impl TxQueue {
@@ -557,6 +560,16 @@ impl TxQueue {
 
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
+    }
+
+    /// Bytes that ever left the queue: written, taken or cleared.
+    pub fn gone_bytes(&self) -> u64 {
+        self.gone_bytes
+    }
+
+    /// The stream position just past everything queued so far.
+    pub fn end_position(&self) -> u64 {
+        self.gone_bytes + self.queued_bytes as u64
     }
 
     pub fn push_raw(&mut self, b: &[u8]) {
@@ -649,6 +662,7 @@ impl TxQueue {
     pub fn advance(&mut self, mut n: usize) {
         assert!(n <= self.queued_bytes);
         self.queued_bytes -= n;
+        self.gone_bytes += n as u64;
         while n > 0 {
             let front = self.chunks.front_mut().expect("advance within queued bytes");
             if front.len() <= n {
@@ -668,6 +682,7 @@ impl TxQueue {
         for c in self.chunks.drain(..) {
             v.put_slice(&c);
         }
+        self.gone_bytes += self.queued_bytes as u64;
         self.queued_bytes = 0;
         v
     }
@@ -675,6 +690,7 @@ impl TxQueue {
     pub fn clear(&mut self) {
         self.chunks.clear();
         self.staging.clear();
+        self.gone_bytes += self.queued_bytes as u64;
         self.queued_bytes = 0;
     }
 }

@@ -33,6 +33,9 @@ pub use counters::CountersSnapshot;
 pub use crc::CrcBytes;
 pub use entity::{EntityName, EntityType, PeerKey};
 pub use message::Message;
-pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, SendError};
+pub use messenger::{Connection, Dispatcher, Messenger, MessengerError, Refused, SendError, BUSY_RETRY};
 pub use policy::Policy;
-pub use worker::{Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, WORKERS_DEFAULT, WORKERS_MAX};
+pub use worker::{
+    never_wait_on_this_thread, Guest, GuestEvent, GuestHandle, ReadReadiness, WorkerPool, TASK_QUEUE_MAX,
+    WORKERS_DEFAULT, WORKERS_MAX,
+};

@@ -24,15 +24,21 @@ use crate::worker::{Task, WorkerPool};
 /// Upper layers implement this to receive messages and connection events. A dispatcher that returns
 /// `can_fast_dispatch == true` for a message gets it inline on the worker thread: it must be quick and must
 /// not block. The others are delivered in priority order on the messenger's dispatch thread.
-// Handing the message back on Err is the point of the chain (it moves to the next dispatcher, no copy).
+///
+/// A dispatcher that cannot take a message now says so with [`Refused::Busy`] instead of dropping it or
+/// waiting: the messenger keeps the message, first in line, stops reading its connection (the peer's TCP
+/// window fills, as with a full throttle) and offers it again every [`BUSY_RETRY`] until it is taken, before
+/// any message received after it.
+// Handing the message back on Err is the point of the chain (it moves on or waits, no copy).
 #[allow(clippy::result_large_err)]
 pub trait Dispatcher: Send + Sync {
     /// Decided from the message alone (its type), never from mutable state.
     fn can_fast_dispatch(&self, _msg: &Message) -> bool {
         false
     }
-    /// Handles a message, or gives it back for the next dispatcher in the chain.
-    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message>;
+    /// Handles a message, gives it back for the next dispatcher in the chain ([`Refused::NotMine`]), or gives
+    /// it back to be offered again later ([`Refused::Busy`]).
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Refused>;
     /// A session we initiated, or one a peer initiated, is established.
     fn handle_connect(&self, _conn: &Connection) {}
     /// A lossy session ended on a fault; what was queued on it was dropped.
@@ -41,12 +47,39 @@ pub trait Dispatcher: Send + Sync {
     fn handle_remote_reset(&self, _conn: &Connection) {}
 }
 
+/// Why a dispatcher gave a message back.
+#[derive(Debug)]
+pub enum Refused {
+    /// Not this dispatcher's message: the next dispatcher in the chain gets it.
+    NotMine(Message),
+    /// This dispatcher's message, but it cannot take it now (a full queue): the messenger keeps it, stops
+    /// reading the connection, and offers it to the same dispatcher again after [`BUSY_RETRY`], before any later
+    /// message of that connection.
+    Busy(Message),
+}
+
+/// How long a message a dispatcher was too busy for waits before it is offered again (as a full throttle's
+/// retry, and Ceph's 1 ms throttle timer).
+pub const BUSY_RETRY: Duration = Duration::from_millis(1);
+
+/// What became of a message handed to the dispatchers on a worker ([`MsgrInner::deliver`]).
+// The Busy case carries the message back to the worker, which keeps it: no copy.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Delivery {
+    /// Taken, queued for the dispatch thread, or dropped because nobody claimed it.
+    Done,
+    /// The fast dispatcher was busy: the worker keeps the message and offers it again later.
+    Busy(Message),
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SendError {
     #[error("connection is closed")]
     Closed,
-    #[error("send throttle stayed full for {0:?}")]
+    #[error("outgoing bound stayed full for {0:?}")]
     Timeout(Duration),
+    #[error("{queued} bytes wait for a peer that does not read them (bound {max}); session faulted")]
+    Backlog { queued: u64, max: u64 },
     #[error("message of {0} bytes is over the limit")]
     TooLarge(usize),
 }
@@ -86,10 +119,35 @@ impl PartialEq for Connection {
 impl Eq for Connection {}
 
 impl Connection {
-    /// Queues a message. It never blocks unless the peer type's policy sets a send throttle, in which case it
-    /// waits (up to the messenger's send timeout) while that many bytes are unacknowledged.
+    /// Queues a message. The connection holds at most its policy's `send_bytes_max` payload bytes for sending
+    /// (queued and unwritten on a lossy session, unacknowledged on a lossless one). At that bound:
+    /// - a lossy session refuses the message with [`SendError::Backlog`] and is faulted (its peer is not
+    ///   reading what it asked for; the dispatcher hears `handle_reset`, and a client resends on its new
+    ///   session);
+    /// - a lossless session makes the caller wait, up to the messenger's `send_timeout`, then refuses it with
+    ///   [`SendError::Timeout`] (nothing it accepted is ever dropped);
+    /// - except on a messenger worker thread (a fast dispatcher, an OSD shard running inline) or a thread marked
+    ///   with [`crate::never_wait_on_this_thread`], which must never wait: there a message to a lossless peer is
+    ///   accepted over the bound and counted (`send_overruns`). A worker's sends are caused by the message it
+    ///   is delivering, and when that message came on a lossy session (a client), the session is not read
+    ///   again until the connection is back within its bound.
     pub fn send_message(&self, m: Message) -> Result<(), SendError> {
         self.0.send(m)
+    }
+
+    /// Payload bytes this connection holds for sending (see [`Connection::send_message`]).
+    pub fn outgoing_bytes(&self) -> u64 {
+        self.0.send_bound.in_use().1
+    }
+
+    /// The most payload bytes this connection ever held for sending.
+    pub fn outgoing_bytes_high_water(&self) -> u64 {
+        self.0.send_bound.high_water_bytes()
+    }
+
+    /// The connection's outgoing bound (its policy's `send_bytes_max`).
+    pub fn outgoing_bytes_max(&self) -> u64 {
+        self.0.send_bound.max_bytes()
     }
 
     /// Sends a keepalive now; its echo updates `rtt()`.
@@ -138,6 +196,8 @@ pub(crate) struct Inbox {
     msgs: VecDeque<Message>,
     keepalive: bool,
     mark_down: bool,
+    /// A send found the (lossy) session at its outgoing bound: the worker faults it.
+    backlog_fault: bool,
 }
 
 pub(crate) struct ConnShared {
@@ -150,12 +210,17 @@ pub(crate) struct ConnShared {
     home_worker: AtomicUsize,
     home_token: AtomicUsize,
     inbox: Mutex<Inbox>,
+    /// The inbox has something the worker has not drained yet.
     kicked: AtomicBool,
+    /// A `Kick` for this connection is in its worker's task queue (or in a worker's deferred FIFO).
+    kick_queued: AtomicBool,
     closed: AtomicBool,
     ready: AtomicBool,
     rtt_ns: AtomicU64,
     unacked: AtomicUsize,
-    send_throttle: Option<Throttle>,
+    /// Payload bytes held for sending, bounded by the policy's `send_bytes_max` ([`Connection::send_message`]).
+    send_bound: Throttle,
+    lossy: bool,
 }
 
 impl ConnShared {
@@ -168,9 +233,26 @@ impl ConnShared {
         if self.closed.load(Ordering::Acquire) {
             return Err(SendError::Closed);
         }
-        if let Some(t) = &self.send_throttle {
+        let bytes = m.payload_bytes() as u64;
+        if self.lossy {
+            if !self.send_bound.try_take(1, bytes) {
+                let (queued, max) = (self.send_bound.in_use().1, self.send_bound.max_bytes());
+                // Once per fault: sends refused until the worker has faulted the session are not news.
+                if !std::mem::replace(&mut self.inbox.lock().backlog_fault, true) {
+                    Counters::add(&self.msgr.counters.send_backlog_faults, 1);
+                    tracing::info!(peer = ?self.peer_name(), conn = self.id, queued, "outgoing bound reached; faulting");
+                    self.kick();
+                }
+                return Err(SendError::Backlog { queued, max });
+            }
+        } else if crate::worker::must_not_wait() {
+            if !self.send_bound.take_over(1, bytes) {
+                Counters::add(&self.msgr.counters.send_overruns, 1);
+                crate::worker::note_overrun(self);
+            }
+        } else {
             let timeout = self.msgr.cfg.send_timeout;
-            if !t.take_wait(1, m.payload_bytes() as u64, timeout) {
+            if !self.send_bound.take_wait(1, bytes, timeout) {
                 return Err(SendError::Timeout(timeout));
             }
         }
@@ -188,11 +270,19 @@ impl ConnShared {
         Ok(())
     }
 
+    /// Tells the owning worker that the inbox has something. At most one `Kick` per connection is in a
+    /// worker's task queue: another is posted only once the worker has taken that one off ([`Self::kick_taken`]).
     fn kick(self: &Arc<Self>) {
-        if !self.kicked.swap(true, Ordering::AcqRel) {
+        self.kicked.store(true, Ordering::Release);
+        if !self.kick_queued.swap(true, Ordering::AcqRel) {
             let w = self.home_worker();
             self.msgr.pool.workers[w].post(Task::Kick(Arc::clone(self)));
         }
+    }
+
+    /// The owning worker took this connection's `Kick` off its queue (it drains the inbox next).
+    pub fn kick_taken(&self) {
+        assert!(self.kick_queued.swap(false, Ordering::AcqRel), "a Kick was taken that was never posted");
     }
 
     pub fn set_home(&self, worker: usize, token: usize) {
@@ -240,6 +330,9 @@ impl ConnShared {
         if inbox.keepalive {
             sess.send_keepalive(now);
         }
+        if inbox.backlog_fault {
+            sess.send_backlog_fault(now);
+        }
         if inbox.mark_down {
             sess.mark_down(CloseReason::MarkedDown);
         }
@@ -250,9 +343,16 @@ impl ConnShared {
     }
 
     pub fn released(&self, messages: u64, bytes: u64) {
-        if let Some(t) = &self.send_throttle {
-            t.put(messages, bytes);
-        }
+        self.send_bound.put(messages, bytes);
+    }
+
+    pub fn closed_flag(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection holds more for sending than its bound.
+    pub fn over_bound(&self) -> bool {
+        self.send_bound.in_use().1 > self.send_bound.max_bytes()
     }
 
     /// The session is gone: refuse new sends, give back the budget of anything still in the inbox, and leave
@@ -380,12 +480,13 @@ impl MsgrInner {
             home_token: AtomicUsize::new(usize::MAX),
             inbox: Mutex::new(Inbox::default()),
             kicked: AtomicBool::new(false),
+            kick_queued: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             rtt_ns: AtomicU64::new(0),
             unacked: AtomicUsize::new(0),
-            send_throttle: (p.send_throttle_bytes > 0)
-                .then(|| Throttle::new("send", 0, p.send_throttle_bytes)),
+            send_bound: Throttle::new("send", 0, p.send_bytes_max),
+            lossy: p.lossy,
         })
     }
 
@@ -408,19 +509,29 @@ impl MsgrInner {
         (c, true)
     }
 
-    pub fn deliver(self: &Arc<Self>, conn: &Arc<ConnShared>, m: Message) {
+    /// Hands a received message to the dispatchers: inline to a fast dispatcher that claims it (which may
+    /// be busy: the message comes back), else to the dispatch thread's queue.
+    pub fn deliver(self: &Arc<Self>, conn: &Arc<ConnShared>, m: Message) -> Delivery {
         let conn = Connection(Arc::clone(conn));
         let ds = self.dispatchers.read();
         if let Some(d) = ds.iter().find(|d| d.can_fast_dispatch(&m)) {
             let d = Arc::clone(d);
             drop(ds);
-            if let Err(m) = d.dispatch(&conn, m) {
-                tracing::warn!(msg = ?m, "fast dispatcher declined a message it claimed; dropped");
-            }
-            return;
+            return match d.dispatch(&conn, m) {
+                Ok(()) => Delivery::Done,
+                Err(Refused::Busy(m)) => {
+                    Counters::add(&self.counters.dispatch_busy, 1);
+                    Delivery::Busy(m)
+                }
+                Err(Refused::NotMine(m)) => {
+                    tracing::warn!(msg = ?m, "fast dispatcher declined a message it claimed; dropped");
+                    Delivery::Done
+                }
+            };
         }
         drop(ds);
         self.enqueue(m.priority, DispatchItem::Message(conn, m));
+        Delivery::Done
     }
 
     pub fn deliver_event(self: &Arc<Self>, conn: &Arc<ConnShared>, ev: ConnEvent) {
@@ -457,10 +568,10 @@ impl MsgrInner {
             match item {
                 DispatchItem::Message(conn, mut m) => {
                     for d in &ds {
-                        match d.dispatch(&conn, m) {
-                            Ok(()) => break,
-                            Err(back) => m = back,
-                        }
+                        m = match self.dispatch_queued(d.as_ref(), &conn, m) {
+                            None => break,
+                            Some(back) => back,
+                        };
                     }
                 }
                 DispatchItem::Event(conn, ev) => {
@@ -471,6 +582,29 @@ impl MsgrInner {
                             ConnEvent::RemoteReset => d.handle_remote_reset(&conn),
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+impl MsgrInner {
+    /// Offers a message to one dispatcher on the dispatch thread; returns it if that dispatcher says it is not
+    /// its. A busy dispatcher gets the same message again every [`BUSY_RETRY`] and everything behind it in the
+    /// queue waits (each queued message holds throttle budget, so the sockets feeding it stop being read),
+    /// until it takes the message or the messenger shuts down.
+    fn dispatch_queued(&self, d: &dyn Dispatcher, conn: &Connection, mut m: Message) -> Option<Message> {
+        loop {
+            match d.dispatch(conn, m) {
+                Ok(()) => return None,
+                Err(Refused::NotMine(back)) => return Some(back),
+                Err(Refused::Busy(back)) => {
+                    Counters::add(&self.counters.dispatch_busy, 1);
+                    if self.queue.heap.lock().2 {
+                        return None; // shut down: nothing is delivered any more
+                    }
+                    m = back;
+                    std::thread::sleep(BUSY_RETRY);
                 }
             }
         }
@@ -519,11 +653,13 @@ impl Messenger {
     }
 
     pub fn set_default_policy(&self, p: Policy) {
+        assert!(p.send_bytes_max > 0, "every connection's outgoing bytes are bounded");
         self.inner.policies.write().0 = p;
     }
 
     /// The policy for peers of one type, with its receive throttle.
     pub fn set_policy(&self, peer_type: EntityType, p: Policy) {
+        assert!(p.send_bytes_max > 0, "every connection's outgoing bytes are bounded");
         let t = (p.throttle_messages > 0 || p.throttle_bytes > 0)
             .then(|| Arc::new(Throttle::new("policy", p.throttle_messages, p.throttle_bytes)));
         self.inner.policies.write().1.insert(peer_type, (p, t));

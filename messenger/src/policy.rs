@@ -16,10 +16,21 @@ pub struct Policy {
     /// the upper layers at once (0 = unlimited).
     pub throttle_messages: u64,
     pub throttle_bytes: u64,
-    /// Send throttle: `Connection::send_message` blocks while this many bytes are queued or unacknowledged on
-    /// the connection (0 = unlimited). It keeps a fast producer's memory bounded.
-    pub send_throttle_bytes: u64,
+    /// The most payload bytes a connection holds for sending: queued and not yet written to the socket (lossy),
+    /// or not yet acknowledged by the peer (lossless). Never 0. What a sender meets at the bound depends on the
+    /// session (see `Connection::send_message`): a lossy session fails the send and is faulted; a lossless one
+    /// makes a non-worker sender wait (up to the messenger's `send_timeout`) and lets a worker thread, which must
+    /// never wait, go over it (counted as `send_overruns`).
+    pub send_bytes_max: u64,
 }
+
+/// Outgoing bound of a lossy session (clients, the monitor's sessions, the client-facing side of an OSD): the
+/// same as the most a client may have an OSD hold for it the other way (Ceph's osd_client_message_size_cap,
+/// 500 MiB). Reached only by a peer that stops reading what it asked for; it is then cut off.
+pub const LOSSY_SEND_BYTES_MAX: u64 = 500 << 20;
+/// Outgoing bound of a lossless session (daemon peers): twice the client bound, so that replicating everything
+/// clients may have in flight to one replica (one client bound's worth) fits, with room for recovery pushes.
+pub const LOSSLESS_SEND_BYTES_MAX: u64 = 1 << 30;
 
 impl Policy {
     const fn base(lossy: bool, server: bool, standby: bool, resetcheck: bool) -> Policy {
@@ -30,7 +41,7 @@ impl Policy {
             resetcheck,
             throttle_messages: 0,
             throttle_bytes: 0,
-            send_throttle_bytes: 0,
+            send_bytes_max: if lossy { LOSSY_SEND_BYTES_MAX } else { LOSSLESS_SEND_BYTES_MAX },
         }
     }
     /// A client whose sessions end on the first fault (e.g. heartbeat clients, the Objecter).
@@ -60,8 +71,10 @@ impl Policy {
         self
     }
 
-    pub const fn with_send_throttle(mut self, bytes: u64) -> Policy {
-        self.send_throttle_bytes = bytes;
+    /// Another outgoing bound than the default ([`LOSSY_SEND_BYTES_MAX`], [`LOSSLESS_SEND_BYTES_MAX`]).
+    pub const fn with_send_bytes_max(mut self, bytes: u64) -> Policy {
+        assert!(bytes > 0, "every connection's outgoing bytes are bounded");
+        self.send_bytes_max = bytes;
         self
     }
 }

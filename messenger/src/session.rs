@@ -108,6 +108,8 @@ pub enum CloseReason {
     HandshakeTimeout,
     IdleTimeout,
     PeerNotReading,
+    /// A lossy peer left more unread than its outgoing bound (`Policy::send_bytes_max`).
+    SendBacklog,
     Replaced,
     RejectedHandshake(&'static str),
     MarkedDown,
@@ -124,6 +126,7 @@ impl fmt::Display for CloseReason {
             CloseReason::HandshakeTimeout => write!(f, "handshake did not complete in time"),
             CloseReason::IdleTimeout => write!(f, "nothing received within the idle timeout"),
             CloseReason::PeerNotReading => write!(f, "peer stopped reading"),
+            CloseReason::SendBacklog => write!(f, "peer left more unread than the outgoing bound"),
             CloseReason::Replaced => write!(f, "replaced by a newer socket for the same session"),
             CloseReason::RejectedHandshake(s) => write!(f, "handshake answered with {s}"),
             CloseReason::MarkedDown => write!(f, "marked down"),
@@ -168,8 +171,8 @@ pub enum Output {
     /// The peer lost its session state (it restarted, or reset us): queued messages were dropped
     /// (dispatcher `handle_remote_reset`).
     RemoteReset,
-    /// Messages with this many payload bytes left the session (acknowledged, or dropped by a reset): the send
-    /// throttle gets them back.
+    /// Messages with this many payload bytes left the session: acknowledged (lossless), written to the socket
+    /// (lossy), or dropped by a reset. The connection's outgoing bound gets them back.
     Released {
         messages: u64,
         bytes: u64,
@@ -236,8 +239,13 @@ pub struct Session {
 
     rx: RxBuf,
     tx: TxQueue,
+    /// Lossy messages in `tx`: the stream position just past each one's frame and its payload bytes. A lossy
+    /// message leaves the session's outgoing bytes (`Output::Released`) once its frame has left `tx`.
+    lossy_in_tx: VecDeque<(u64, u64)>,
     grant: Option<ThrottleGrant>,
     grant_wanted: Option<usize>,
+    /// The upper layer cannot take a message now ([`Session::hold_input`]): nothing is read meanwhile.
+    input_held: bool,
 
     handshake_deadline: Option<Instant>,
     retry_at: Option<Instant>,
@@ -288,8 +296,10 @@ impl Session {
             sent: VecDeque::new(),
             rx: RxBuf::new(),
             tx: TxQueue::new(),
+            lossy_in_tx: VecDeque::new(),
             grant: None,
             grant_wanted: None,
+            input_held: false,
             handshake_deadline: None,
             retry_at: None,
             standby_since: None,
@@ -336,7 +346,7 @@ impl Session {
 
     /// Whether the shell should read more from the socket now, and how much room to reserve.
     pub fn read_hint(&self) -> Option<usize> {
-        if !self.has_socket() || self.grant_wanted.is_some() {
+        if !self.has_socket() || self.grant_wanted.is_some() || self.input_held {
             return None;
         }
         if self.backlogged() {
@@ -360,7 +370,22 @@ impl Session {
     /// We are not reading on purpose (backlog or throttle): the peer's silence is our doing, so the receive idle
     /// clock does not run.
     fn holding_back(&self) -> bool {
-        self.backlogged() || self.grant_wanted.is_some()
+        self.backlogged() || self.grant_wanted.is_some() || self.input_held
+    }
+
+    /// The upper layer cannot take another message now (a dispatcher said it is busy and the shell keeps that
+    /// message): read nothing until released, and do not count the peer's silence meanwhile. Survives socket
+    /// faults: the kept message was received (and may be acknowledged) and is still to be delivered.
+    pub fn hold_input(&mut self, now: Instant, held: bool) {
+        if self.input_held && !held {
+            // Reading resumes: the receive idle clock, stopped while we held back, starts again.
+            self.last_rx = now;
+        }
+        self.input_held = held;
+    }
+
+    pub fn input_held(&self) -> bool {
+        self.input_held
     }
 
     /// Payload bytes of the message frame waiting for throttle budget.
@@ -471,6 +496,15 @@ impl Session {
         self.next_keepalive = self.cfg.keepalive_interval.map(|i| now + i);
     }
 
+    /// A send found this lossy session's outgoing bytes at their bound: the peer is not reading what it asked
+    /// for. The session faults (dropping what is queued, reporting a reset) rather than hold more for it.
+    pub fn send_backlog_fault(&mut self, now: Instant) {
+        assert!(self.cfg.policy.lossy, "a lossless session never drops what it accepted");
+        if self.state != State::Closed {
+            self.fault(now, CloseReason::SendBacklog);
+        }
+    }
+
     /// Ends the session at once; nothing more is sent or delivered.
     pub fn mark_down(&mut self, reason: CloseReason) {
         if self.state == State::Closed {
@@ -492,7 +526,7 @@ impl Session {
             return;
         }
         self.rx.clear();
-        self.tx.clear();
+        self.clear_tx();
         self.tx.push_raw(&frame::encode_banner());
         self.state = State::Banner;
         self.last_rx = now;
@@ -513,6 +547,7 @@ impl Session {
         if n > 0 {
             self.last_tx_progress = now;
         }
+        self.release_lossy_sent();
         if was_backlogged && !self.backlogged() {
             // Reading resumes: the receive idle clock, stopped while we did not read, starts again, and the
             // messages already buffered are now decoded.
@@ -645,7 +680,7 @@ impl Session {
             (State::Ident, Tag::Wait) => {
                 self.outputs.push_back(Output::CloseSocket(CloseReason::RejectedHandshake("Wait")));
                 self.requeue_sent();
-                self.tx.clear();
+                self.clear_tx();
                 self.state = State::Wait;
                 self.retry_at = Some(now + self.backoff);
                 self.backoff = (self.backoff * 2).min(self.cfg.max_backoff);
@@ -762,7 +797,7 @@ impl Session {
         // Take over: whatever socket we had is replaced (the shell closes it on `Adopted`; an output here would
         // reach the shell after it attached the new socket).
         self.requeue_sent();
-        self.tx.clear();
+        self.clear_tx();
         self.grant = None;
         self.grant_wanted = None;
         self.rx = rx;
@@ -855,7 +890,6 @@ impl Session {
             self.last_tx_progress = now;
         }
         let lossy = self.cfg.policy.lossy;
-        let mut released = (0u64, 0u64);
         let mut resent = 0;
         while let Some(mut m) = self.out.pop_front() {
             if m.seq != 0 {
@@ -868,18 +902,46 @@ impl Session {
             self.tx.push_frame_parts(Tag::Message, &m.encode_header(self.in_seq), &m.front, m.data_parts());
             self.acked_seq_sent = self.in_seq;
             if lossy {
-                released.0 += 1;
-                released.1 += m.payload_bytes() as u64;
+                // Nobody will ask for it again: its bytes are the frame's, and it counts until they are written.
+                let end = self.tx.end_position();
+                assert!(self.lossy_in_tx.back().is_none_or(|&(e, _)| e < end), "frames queue in order");
+                self.lossy_in_tx.push_back((end, m.payload_bytes() as u64));
             } else {
                 self.sent.push_back(m);
             }
         }
-        if released.0 > 0 {
-            self.outputs.push_back(Output::Released { messages: released.0, bytes: released.1 });
-        }
         if resent > 0 {
             self.outputs.push_back(Output::Resent(resent));
         }
+    }
+
+    /// Empties the transmit queue (the socket is gone or replaced): lossy messages in it are dropped.
+    fn clear_tx(&mut self) {
+        self.tx.clear();
+        self.release_lossy_sent();
+        assert!(self.lossy_in_tx.is_empty(), "a cleared transmit queue holds no message");
+    }
+
+    /// Lossy messages whose frames have left the transmit queue leave the outgoing bytes.
+    fn release_lossy_sent(&mut self) {
+        let gone = self.tx.gone_bytes();
+        let mut released = (0u64, 0u64);
+        while let Some(&(end, bytes)) = self.lossy_in_tx.front() {
+            if end > gone {
+                break;
+            }
+            self.lossy_in_tx.pop_front();
+            released.0 += 1;
+            released.1 += bytes;
+        }
+        if released.0 > 0 {
+            self.outputs.push_back(Output::Released { messages: released.0, bytes: released.1 });
+        }
+    }
+
+    /// Payload bytes of lossy messages queued on the socket and not yet written.
+    pub fn lossy_bytes_in_tx(&self) -> u64 {
+        self.lossy_in_tx.iter().map(|&(_, b)| b).sum()
     }
 
     fn discard_acked(&mut self, seq: u64) {
@@ -916,7 +978,7 @@ impl Session {
     fn drop_queues(&mut self) {
         let dropped: Vec<Message> = self.sent.drain(..).chain(self.out.drain(..)).collect();
         self.release(&dropped);
-        self.tx.clear();
+        self.clear_tx();
         self.rx.clear();
         self.grant = None;
         self.grant_wanted = None;
@@ -943,7 +1005,7 @@ impl Session {
     fn reconnect_now(&mut self, now: Instant, reason: CloseReason) {
         self.outputs.push_back(Output::CloseSocket(reason));
         self.requeue_sent();
-        self.tx.clear();
+        self.clear_tx();
         if self.peer_addr.is_some() {
             self.open_socket(now);
         } else {
@@ -957,7 +1019,7 @@ impl Session {
         if had_socket || self.state == State::Connecting {
             self.outputs.push_back(Output::CloseSocket(reason));
         }
-        self.tx.clear();
+        self.clear_tx();
         self.rx.clear();
         self.grant = None;
         self.grant_wanted = None;

@@ -78,6 +78,23 @@ impl Throttle {
         true
     }
 
+    /// Takes budget whether or not it fits: for a caller that must neither wait nor fail (a worker thread
+    /// queueing on a lossless connection). Returns whether it fitted.
+    pub fn take_over(&self, count: u64, bytes: u64) -> bool {
+        let mut used = self.used.lock();
+        let fitted = self.fits(*used, count, bytes);
+        if !fitted {
+            self.stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        self.take_locked(&mut used, count, bytes);
+        fitted
+    }
+
+    /// The byte limit (0 = unlimited).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     pub fn put(&self, count: u64, bytes: u64) {
         let mut used = self.used.lock();
         assert!(used.0 >= count && used.1 >= bytes, "throttle {}: returning more than was taken", self.name);

@@ -13,7 +13,8 @@
 //! when it was kicked ([`GuestHandle::kick`]), and drops it when it says it is done; what the guest does with
 //! its socket is its own business.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use parking_lot::Mutex;
@@ -29,7 +30,8 @@ use slab::Slab;
 
 use crate::counters::Counters;
 use crate::frame::{RxBuf, TxQueue, IOV_MAX};
-use crate::messenger::{ConnShared, MsgrInner};
+use crate::message::Message;
+use crate::messenger::{ConnShared, Delivery, MsgrInner, BUSY_RETRY};
 use crate::session::{Acceptor, Adoption, CloseReason, HandshakeRequest, Output, Session};
 use crate::throttle::ThrottleGrant;
 
@@ -41,9 +43,20 @@ const THROTTLE_RETRY: Duration = Duration::from_millis(1);
 /// Events handled per `poll` call.
 const EVENTS_CAPACITY: usize = 1024;
 
-/// Cross-thread work for a worker. The queue is bounded by construction: each connection posts at most one
-/// `Kick` and each guest at most one `KickGuest` until the worker has drained it (the `kicked` edge flags),
-/// and the other tasks are one per socket, per guest or per messenger operation.
+/// The most tasks a worker's queue holds. A thread that is not a worker waits for room (workers never wait for
+/// anything, so room comes); a worker never waits (it could be waiting for itself, or for a worker waiting for
+/// it): it keeps what it could not post in its own FIFO and posts it from its loop ([`post_deferred`]). What a
+/// worker posts to another is at most one `Kick` per connection and one `KickGuest` per guest until the target
+/// takes it off its queue (the `kick_queued` and `kicked` flags), one `Route` per accepted socket and one
+/// `Connect` per session, so that FIFO is bounded by the sessions and sockets the worker has; an accepted socket
+/// whose chosen worker's queue is full stays on the accepting worker instead.
+pub const TASK_QUEUE_MAX: usize = 1024;
+/// A thread that is not a worker and finds a worker's queue full logs after waiting this long, and waits on.
+const TASK_POST_WAIT: Duration = Duration::from_secs(10);
+/// A worker holding tasks it could not post looks again after this long.
+const TASK_RETRY: Duration = Duration::from_millis(1);
+
+/// Cross-thread work for a worker, in a queue of at most [`TASK_QUEUE_MAX`].
 pub(crate) enum Task {
     Listen(TcpListener, Arc<MsgrInner>),
     Accepted(TcpStream, Arc<MsgrInner>),
@@ -73,16 +86,111 @@ thread_local! {
     static CURRENT_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// True on any messenger worker's thread (where nothing may wait).
+pub(crate) fn on_worker_thread() -> bool {
+    CURRENT_WORKER.with(|c| c.get()) != 0
+}
+
+thread_local! {
+    /// Set by [`never_wait_on_this_thread`].
+    static NEVER_WAITS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one that must never wait on a connection's outgoing bound, as a worker must not:
+/// a thread that runs events on behalf of the workers (an OSD's shard thread, which runs the events the workers
+/// queued for it). Its sends on lossless connections go over the bound instead of waiting
+/// (`Connection::send_message`). Otherwise two daemons whose shard threads each waited for the other's
+/// connection to drain, while their workers held the other's messages for those very shards (a dispatcher
+/// that is busy), would wait for each other.
+pub fn never_wait_on_this_thread() {
+    NEVER_WAITS.with(|c| c.set(true));
+}
+
+/// True where a send must not wait: a worker, or a thread marked with [`never_wait_on_this_thread`].
+pub(crate) fn must_not_wait() -> bool {
+    on_worker_thread() || NEVER_WAITS.with(|c| c.get())
+}
+
+thread_local! {
+    /// A lossless connection this worker thread queued a message on beyond its outgoing bound while delivering
+    /// a message (see [`note_overrun`]).
+    static OVERRUN: std::cell::RefCell<Option<Arc<ConnShared>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A worker thread queued a message on `conn` beyond its outgoing bound. The session whose message was being
+/// delivered then stops reading until `conn` is back within its bound, if it is lossy: a client is where load
+/// comes from, and holding it back cannot close a cycle (two daemons that each stopped reading the other until
+/// the other read would wait forever; daemon peers never stop reading for a backlog).
+pub(crate) fn note_overrun(conn: &Arc<ConnShared>) {
+    if on_worker_thread() {
+        OVERRUN.with(|o| *o.borrow_mut() = Some(Arc::clone(conn)));
+    }
+}
+
+fn take_overrun() -> Option<Arc<ConnShared>> {
+    OVERRUN.with(|o| o.borrow_mut().take())
+}
+
 impl WorkerShared {
     /// True on this worker's own thread.
     fn is_current(&self) -> bool {
         CURRENT_WORKER.with(|c| c.get()) == self as *const WorkerShared as usize
     }
 
-    pub fn post(&self, t: Task) {
-        if self.tx.send(t).is_err() {
-            return; // The worker has stopped; the pool is shutting down.
+    /// Queues a task for this worker. Off the workers it waits while the queue is full; on a worker it never
+    /// waits: a task that does not fit, and every task the same worker posts after it, waits in that worker's
+    /// own FIFO instead ([`post_deferred`]), so one thread's tasks arrive in the order it posted them.
+    pub fn post(self: &Arc<Self>, t: Task) {
+        if on_worker_thread() {
+            DEFERRED.with(|d| {
+                let mut d = d.borrow_mut();
+                if !d.is_empty() {
+                    d.push_back((Arc::clone(self), t));
+                    return;
+                }
+                match self.tx.try_send(t) {
+                    Ok(()) => self.wake(),
+                    Err(TrySendError::Disconnected(_)) => {} // the worker has stopped; the pool is shutting down
+                    Err(TrySendError::Full(t)) => d.push_back((Arc::clone(self), t)),
+                }
+            });
+            return;
         }
+        let mut t = match self.tx.try_send(t) {
+            Ok(()) => return self.wake(),
+            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(t)) => t,
+        };
+        loop {
+            match self.tx.send_timeout(t, TASK_POST_WAIT) {
+                Ok(()) => return self.wake(),
+                Err(SendTimeoutError::Disconnected(_)) => return,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    tracing::error!(
+                        "worker {} has not taken a task in {TASK_POST_WAIT:?}; waiting on",
+                        self.idx
+                    );
+                    t = back;
+                }
+            }
+        }
+    }
+
+    /// Queues a task if there is room now; gives it back otherwise.
+    // The task comes back to the caller, which handles it another way: no copy.
+    #[allow(clippy::result_large_err)]
+    fn try_post(self: &Arc<Self>, t: Task) -> Result<(), Task> {
+        match self.tx.try_send(t) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(t)) => Err(t),
+            Err(TrySendError::Disconnected(_)) => Ok(()), // stopped: nobody will take it anywhere
+        }
+    }
+
+    fn wake(&self) {
         if self.is_current() {
             return;
         }
@@ -92,6 +200,31 @@ impl WorkerShared {
             }
         }
     }
+}
+
+thread_local! {
+    /// Tasks this worker thread could not post because their target's queue was full, in the order it posted
+    /// them (see [`TASK_QUEUE_MAX`] for why this is bounded).
+    static DEFERRED: RefCell<VecDeque<(Arc<WorkerShared>, Task)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// Posts what this worker thread deferred, in order, until a target is still full. Returns whether anything
+/// is left.
+fn post_deferred() -> bool {
+    DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        while let Some((w, t)) = d.pop_front() {
+            match w.tx.try_send(t) {
+                Ok(()) => w.wake(),
+                Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(t)) => {
+                    d.push_front((w, t));
+                    return true;
+                }
+            }
+        }
+        false
+    })
 }
 
 /// N event-loop threads shared by every messenger in the process.
@@ -127,7 +260,7 @@ impl WorkerPool {
         for idx in 0..n {
             let poll = Poll::new()?;
             let waker = Waker::new(poll.registry(), WAKER_TOKEN)?;
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = crossbeam_channel::bounded(TASK_QUEUE_MAX);
             let shared = Arc::new(WorkerShared {
                 idx,
                 tx,
@@ -160,6 +293,11 @@ impl WorkerPool {
             self.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one worker");
         w.load.fetch_add(1, Ordering::Relaxed);
         w
+    }
+
+    /// Tasks waiting in each worker's queue (at most [`TASK_QUEUE_MAX`] each).
+    pub fn queued_tasks(&self) -> Vec<usize> {
+        self.workers.iter().map(|w| w.tx.len()).collect()
     }
 
     /// Sockets owned by each worker.
@@ -356,6 +494,14 @@ struct SessionEntry {
     /// The TCP connect is in progress (waiting for writable).
     connecting: bool,
     throttle_retry: Option<Instant>,
+    /// A received message its fast dispatcher was too busy for: offered again at `busy_retry`, before anything
+    /// else is read or delivered from this session (the session holds its input meanwhile).
+    parked: Option<Message>,
+    /// A lossless connection this session's last message made go over its outgoing bound (lossy sessions
+    /// only, [`note_overrun`]): nothing more is read or delivered from this session until it is back within.
+    blocked_on: Option<Arc<ConnShared>>,
+    /// When a parked message or the `blocked_on` bound is looked at again.
+    busy_retry: Option<Instant>,
     /// Whether the socket may hold input: a drive caused by anything but a readable event (a reply queued by
     /// a dispatcher, a timer, a task) then reads nothing; with one drive per queued reply, those EAGAIN reads
     /// were most of an OSD's syscalls.
@@ -438,13 +584,17 @@ impl Worker {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut busy = false;
         while !self.stopping {
-            let timeout = if !self.rx.is_empty() {
+            let deferred = post_deferred();
+            let mut timeout = if !self.rx.is_empty() {
                 Some(Duration::ZERO) // tasks this thread posted to itself while handling the last batch
             } else {
                 self.timers
                     .first()
                     .map(|&(t, _)| crate::util::round_up_ms(t.saturating_duration_since(Instant::now())))
             };
+            if deferred {
+                timeout = Some(timeout.map_or(TASK_RETRY, |t| t.min(TASK_RETRY)));
+            }
             if busy && timeout != Some(Duration::ZERO) && self.awaiting_peer() && self.spin(&mut events) {
                 // something arrived while spinning: handle it below without having slept
             } else if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -524,6 +674,9 @@ impl Worker {
                     if se.throttle_retry.is_some_and(|r| r <= now) {
                         se.throttle_retry = None;
                     }
+                    if se.busy_retry.is_some_and(|r| r <= now) {
+                        se.busy_retry = None;
+                    }
                     se.sess.handle_timeout(now);
                 }
                 Role::Listener(_) => {}
@@ -553,6 +706,9 @@ impl Worker {
                     stream: None,
                     connecting: false,
                     throttle_retry: None,
+                    parked: None,
+                    blocked_on: None,
+                    busy_retry: None,
                     read: ReadReadiness::default(),
                 };
                 let token = self.insert_precharged(Role::Session(Box::new(se)), msgr);
@@ -563,6 +719,8 @@ impl Worker {
             }
             Task::Route { conn, stream, req, rx } => self.route_here(conn, stream, req, rx, now),
             Task::Kick(conn) => {
+                // Off the queue: the next kick posts again (at most one Kick per connection is queued).
+                conn.kick_taken();
                 let Some(token) = conn.token() else { return };
                 let Some(Entry { role: Role::Session(se), .. }) = self.entries.get_mut(token) else { return };
                 if !Arc::ptr_eq(&se.conn, &conn) {
@@ -683,8 +841,12 @@ impl Worker {
                     let target = Arc::clone(msgr.pool.pick_worker());
                     if target.idx == self.shared.idx {
                         self.add_acceptor(stream, msgr, Instant::now());
-                    } else {
-                        target.post(Task::Accepted(stream, msgr));
+                    } else if let Err(t) = target.try_post(Task::Accepted(stream, msgr)) {
+                        // The chosen worker's queue is full: the socket stays here (charged here instead).
+                        let Task::Accepted(stream, msgr) = t else { unreachable!("we posted an accept") };
+                        target.load.fetch_sub(1, Ordering::Relaxed);
+                        self.shared.load.fetch_add(1, Ordering::Relaxed);
+                        self.add_acceptor(stream, msgr, Instant::now());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -802,7 +964,35 @@ impl Worker {
                 if se.conn.kicked() {
                     se.conn.drain_inbox(&mut se.sess, now);
                 }
-                if let Some(bytes) = se.sess.grant_wanted() {
+                // Outputs first: a message decoded by the last read reaches its dispatcher (and is parked if it
+                // is busy) before the next message's grant is given, so at most one message is ever decoded but
+                // not yet delivered, and none can queue behind a parked one.
+                loop {
+                    let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                    let Some(out) = se.sess.poll_output() else { break };
+                    moved = true;
+                    if self.apply_output(token, out, now, &msgr) {
+                        return; // the session is gone
+                    }
+                }
+                let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
+                if se.busy_retry.is_none() {
+                    if se.blocked_on.as_ref().is_some_and(|c| c.over_bound() && !c.closed_flag()) {
+                        se.busy_retry = Some(now + BUSY_RETRY);
+                    } else {
+                        se.blocked_on = None;
+                        if let Some(m) = se.parked.take() {
+                            se.deliver(&msgr, m, now);
+                        }
+                        if se.parked.is_none() && se.blocked_on.is_none() && se.sess.input_held() {
+                            se.sess.hold_input(now, false);
+                            moved = true;
+                        }
+                    }
+                }
+                // No grant while a message waits for its dispatcher or its session is held back: the next
+                // message must not overtake it.
+                if let (Some(bytes), false) = (se.sess.grant_wanted(), se.sess.input_held()) {
                     if se.throttle_retry.is_none() {
                         match ThrottleGrant::try_take(&throttles, 1, bytes as u64) {
                             Some(g) => {
@@ -814,14 +1004,6 @@ impl Worker {
                                 se.throttle_retry = Some(now + THROTTLE_RETRY);
                             }
                         }
-                    }
-                }
-                loop {
-                    let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
-                    let Some(out) = se.sess.poll_output() else { break };
-                    moved = true;
-                    if self.apply_output(token, out, now, &msgr) {
-                        return; // the session is gone
                     }
                 }
                 if !moved {
@@ -861,7 +1043,7 @@ impl Worker {
         }
         let Role::Session(se) = &mut self.entries[token].role else { unreachable!() };
         let mut d = se.sess.poll_timeout();
-        if let Some(r) = se.throttle_retry {
+        for r in [se.throttle_retry, se.busy_retry].into_iter().flatten() {
             d = Some(d.map_or(r, |d| d.min(r)));
         }
         self.set_deadline(token, d);
@@ -923,7 +1105,11 @@ impl Worker {
             }
             Output::Message(m) => {
                 msgr.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
-                msgr.deliver(&se.conn, m);
+                // One message per throttle grant, and no grant while input is held: nothing overtakes a parked
+                // message.
+                assert!(se.parked.is_none(), "a message was received while another waits for its dispatcher");
+                assert!(!se.sess.input_held(), "a message was received while input is held");
+                se.deliver(msgr, m, now);
             }
             Output::Reset => {
                 msgr.counters.resets.fetch_add(1, Ordering::Relaxed);
@@ -967,6 +1153,9 @@ impl Worker {
                 stream: None,
                 connecting: false,
                 throttle_retry: None,
+                parked: None,
+                blocked_on: None,
+                busy_retry: None,
                 read: ReadReadiness::default(),
             };
             let t = self.insert(Role::Session(Box::new(se)), Arc::clone(&msgr));
@@ -1067,6 +1256,24 @@ impl Worker {
 }
 
 impl SessionEntry {
+    /// Hands a received message to the dispatchers. If the fast dispatcher is busy the message is parked; if
+    /// delivering it made this worker overrun a lossless connection's outgoing bound and this session is lossy,
+    /// the session is held back until that connection is within its bound. Either way the session stops
+    /// reading and looks again after [`BUSY_RETRY`].
+    fn deliver(&mut self, msgr: &Arc<MsgrInner>, m: Message, now: Instant) {
+        let _ = take_overrun();
+        if let Delivery::Busy(m) = msgr.deliver(&self.conn, m) {
+            self.parked = Some(m);
+        }
+        if let Some(c) = take_overrun().filter(|_| self.sess.policy().lossy) {
+            self.blocked_on = Some(c);
+        }
+        if self.parked.is_some() || self.blocked_on.is_some() {
+            self.busy_retry = Some(now + BUSY_RETRY);
+            self.sess.hold_input(now, true);
+        }
+    }
+
     fn sess_peer_addr(&self) -> SocketAddr {
         self.conn.connect_addr().expect("only sessions with an address open sockets")
     }

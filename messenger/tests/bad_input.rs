@@ -17,7 +17,8 @@ use common::*;
 use messenger::frame::{self, Tag, TxQueue, CONTROL_BYTES_MAX, MSG_HEADER_BYTES, PREAMBLE_BYTES};
 use messenger::session::ClientIdent;
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, WorkerPool,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, Refused,
+    WorkerPool,
 };
 
 /// Every wait in these tests is bounded by this.
@@ -384,9 +385,9 @@ impl Dispatcher for BigReplier {
     fn can_fast_dispatch(&self, _m: &Message) -> bool {
         true
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if m.msg_type != MSG_REQUEST {
-            return Err(m);
+            return Err(Refused::NotMine(m));
         }
         self.served.fetch_add(1, Ordering::Relaxed);
         self.first_conn.lock().unwrap().get_or_insert_with(|| conn.clone());
@@ -494,5 +495,75 @@ fn peer_that_stops_reading_is_throttled_then_dropped() {
     );
     wait_closed(&mut s, CLOSE_WITHIN);
 
+    normal_client_gets_a_reply(&pool, &server);
+}
+
+// Goal: a lossy session's outgoing bytes are bounded in bytes, not only by the idle timeout: a peer that asks
+// for replies and never reads them is cut off once the replies waiting for it reach the policy's
+// send_bytes_max, and never more than that is held for it. Method: send_bytes_max 4 MiB, with
+// outgoing_bytes_soft_max (256 MiB) and idle_timeout (60 s) too large to act first; a fast dispatcher answers
+// each 100-byte request with a fresh 64 KiB reply; a raw peer handshakes and writes requests, never reading,
+// until the server closes the socket. The close must come within 10 s (long before the idle timeout) from the
+// bound (send_backlog_faults, the log's reason), and the connection's high water of outgoing bytes must be at
+// most 4 MiB.
+#[test]
+fn peer_that_never_reads_is_faulted_at_the_outgoing_bound() {
+    const REPLY_BYTES: usize = 64 << 10;
+    const BOUND: u64 = 4 * MIB;
+    let pool = WorkerPool::new(2).unwrap();
+    let cfg = MessengerConfig {
+        outgoing_bytes_soft_max: 256 << 20,
+        idle_timeout: Duration::from_secs(60),
+        keepalive_interval: None,
+        ..config()
+    };
+    let server = server(&pool, cfg);
+    server.msgr.set_policy(EntityType::Client, Policy::stateless_server().with_send_bytes_max(BOUND));
+    let replier = Arc::new(BigReplier {
+        reply_bytes: REPLY_BYTES,
+        served: AtomicU64::new(0),
+        first_conn: Mutex::new(None),
+    });
+    server.msgr.add_dispatcher_head(Arc::clone(&replier) as Arc<dyn Dispatcher>);
+
+    let mut s = handshake(&server, 1013);
+    s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+    let front = Bytes::from(vec![1u8; 100]);
+    let mut seq = 0u64;
+    let deadline = Instant::now() + T;
+    while server.msgr.counters().send_backlog_faults == 0 {
+        let mut batch = Vec::new();
+        for _ in 0..16 {
+            seq += 1;
+            batch.extend(request_frame(seq, &front));
+        }
+        match s.write_all(&batch) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                panic!("the server stopped reading (its backlog soft max) before the outgoing bound cut the peer off")
+            }
+            Err(_) => break, // closed: the checks below say why
+        }
+        assert!(Instant::now() < deadline, "not cut off after {seq} requests");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wait_faults(&server.msgr, 1);
+    assert!(server.msgr.counters().send_backlog_faults >= 1);
+    let conn = replier.first_conn.lock().unwrap().clone().expect("the peer's requests were served");
+    let high = conn.outgoing_bytes_high_water();
+    assert!(high <= BOUND, "held {high} bytes for the peer, over the bound {BOUND}");
+    assert!(high > BOUND - REPLY_BYTES as u64, "the bound was reached: high water {high}");
+    let lines = log_lines_with(&["closing socket", "num: 1013 }"]);
+    assert!(
+        lines.iter().any(|l| l.contains("reason=peer left more unread than the outgoing bound")),
+        "closed for the wrong reason: {lines:?}"
+    );
+    let deadline = Instant::now() + T;
+    while !conn.is_closed() {
+        assert!(Instant::now() < deadline, "the lossy session did not end");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(conn.outgoing_bytes(), 0, "a faulted lossy session gives back what it held");
+    wait_closed(&mut s, CLOSE_WITHIN);
     normal_client_gets_a_reply(&pool, &server);
 }

@@ -337,7 +337,7 @@ fn slow_dispatcher_under_a_flood_of_4mib_messages_stays_within_the_throttles() {
         &pool,
         EntityName::client(1),
         Opts {
-            policies: vec![(EntityType::Osd, Policy::lossless_client().with_send_throttle(24 << 20))],
+            policies: vec![(EntityType::Osd, Policy::lossless_client().with_send_bytes_max(24 << 20))],
             ..Opts::default()
         },
     );

@@ -787,3 +787,83 @@ fn abandoned_standby_sessions_expire() {
     assert!(net.now >= t0 + Duration::from_secs(900));
     assert!(net.nodes[1].events.ends_with(&["reset", "closed"]));
 }
+
+fn server_cfg(policy: Policy, idle: Duration) -> SessionConfig {
+    SessionConfig {
+        my_name: EntityName::osd(2),
+        my_addr: Some(addr(6802)),
+        my_nonce: 2,
+        policy,
+        limits: FrameLimits::default(),
+        connect_timeout: Duration::from_secs(2),
+        idle_timeout: idle,
+        keepalive_interval: None,
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(15),
+        outgoing_bytes_soft_max: 64 << 20,
+        standby_timeout: Duration::from_secs(900),
+    }
+}
+
+fn released(s: &mut Session) -> (u64, u64) {
+    let mut r = (0, 0);
+    while let Some(o) = s.poll_output() {
+        if let Output::Released { messages, bytes } = o {
+            r.0 += messages;
+            r.1 += bytes;
+        }
+    }
+    r
+}
+
+// Goal: a session whose upper layer is busy (the shell keeps a message a dispatcher refused) reads nothing and
+// is not faulted for the silence its own pause causes; the idle clock restarts when it lets go. Method: a 1 s
+// idle timeout; input held at 0 s: no read hint and no deadline, no fault at 5 s; released at 5 s: reading
+// resumes and the next deadline is 6 s.
+#[test]
+fn a_held_session_reads_nothing_and_is_not_timed_by_its_silence() {
+    let t0 = Instant::now();
+    let idle = Duration::from_secs(1);
+    let mut s = opened_server_session(server_cfg(Policy::stateful_server(), idle), t0);
+    let ident = s.tx().queued_bytes();
+    peer_takes(&mut s, t0, ident);
+    assert!(s.read_hint().is_some());
+    s.hold_input(t0, true);
+    assert_eq!(s.read_hint(), None, "nothing is read while input is held");
+    assert_eq!(s.poll_timeout(), None, "the peer's silence is ours: not timed");
+    let later = t0 + 5 * idle;
+    s.handle_timeout(later);
+    assert!(std::iter::from_fn(|| s.poll_output()).all(|o| !matches!(o, Output::CloseSocket(_))));
+    s.hold_input(later, false);
+    assert!(s.read_hint().is_some(), "reading resumes");
+    assert_eq!(s.poll_timeout(), Some(later + idle), "the idle clock restarts");
+}
+
+// Goal: a lossy message counts against its connection's outgoing bound until its frame is written, not merely
+// until it is framed, and a fault gives back what it drops. Method: a lossy server session queues a 1 MiB reply;
+// nothing is released until the peer took every byte of its frame; a second reply is dropped by a fault
+// (send_backlog_fault, reason SendBacklog) and released with the reset.
+#[test]
+fn a_lossy_message_leaves_the_outgoing_bytes_once_its_frame_is_written() {
+    let t0 = Instant::now();
+    let mut s = opened_server_session(server_cfg(Policy::stateless_server(), Duration::from_secs(60)), t0);
+    let reply = || Message::new(2, Bytes::from_static(b"r")).with_data(Bytes::from(vec![0; 1 << 20]));
+    let bytes = reply().payload_bytes() as u64;
+    s.queue_message(t0, reply());
+    assert_eq!(released(&mut s), (0, 0), "framed, not written");
+    assert_eq!(s.lossy_bytes_in_tx(), bytes);
+    let frame = s.tx().queued_bytes();
+    peer_takes(&mut s, t0, frame - 1);
+    assert_eq!(released(&mut s), (0, 0), "one byte of the frame is still queued");
+    peer_takes(&mut s, t0, 1);
+    assert_eq!(released(&mut s), (1, bytes), "written");
+    assert_eq!(s.lossy_bytes_in_tx(), 0);
+
+    s.queue_message(t0, reply());
+    s.send_backlog_fault(t0);
+    let outs: Vec<Output> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert!(outs.iter().any(|o| matches!(o, Output::CloseSocket(CloseReason::SendBacklog))), "{outs:?}");
+    assert!(outs.iter().any(|o| matches!(o, Output::Released { messages: 1, bytes: b } if *b == bytes)));
+    assert!(outs.iter().any(|o| matches!(o, Output::Reset)));
+    assert_eq!(s.state(), State::Closed);
+}

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
-    WORKERS_MAX,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, Refused,
+    WorkerPool, WORKERS_MAX,
 };
 use parking_lot::Mutex;
 
@@ -341,7 +341,7 @@ impl Inner {
 struct MonDispatcher(Arc<Inner>);
 
 impl Dispatcher for MonDispatcher {
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         match m.msg_type {
             types::MON_REQUEST => self.0.handle_request(conn, m),
             other => self.0.garbage(conn, &format!("message of type {other:#06x} is not for the monitor")),

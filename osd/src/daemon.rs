@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
-    WORKERS_MAX,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, Refused,
+    WorkerPool, WORKERS_MAX,
 };
 use parking_lot::Mutex;
 
@@ -34,8 +34,8 @@ use crate::exec::OpLimits;
 use crate::heartbeat::{HbReport, HeartbeatError, HeartbeatService, Peer};
 use crate::proto::{self, PeerMsg};
 use crate::shard::{
-    reply_command, reply_op, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError,
-    INLINE_BATCH_MAX, TICK,
+    reply_command, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError, INLINE_BATCH_MAX,
+    TICK,
 };
 use crate::store::{MemStore, ObjectStore};
 
@@ -397,7 +397,12 @@ impl Osd {
         for (index, shard) in shards.into_iter().enumerate() {
             let t = std::thread::Builder::new()
                 .name(format!("osd-shard-{index}"))
-                .spawn(move || shard.run(TICK))
+                .spawn(move || {
+                    // The shard thread runs what the workers queued for it: like them, it never waits for a
+                    // peer's connection to drain (see `never_wait_on_this_thread`).
+                    messenger::never_wait_on_this_thread();
+                    shard.run(TICK)
+                })
                 .map_err(OsdStartError::Thread)?;
             osd.threads.lock().push(t);
         }
@@ -678,7 +683,8 @@ pub fn heartbeat_peers(map: &OsdMap, me: OsdId, min_peers: usize) -> Vec<Peer> {
 }
 
 /// Client ops and commands from the public network: decoded on the messenger worker and handed to their
-/// shard (fast dispatch), or answered at once when they cannot be taken.
+/// shard (fast dispatch); when the shard cannot take one now, handed back as Busy (the messenger stops reading
+/// that client and offers it again).
 struct PublicDispatcher {
     shards: Vec<Arc<ShardHandle>>,
     flags: Arc<Flags>,
@@ -695,7 +701,7 @@ impl Dispatcher for PublicDispatcher {
         matches!(m.msg_type, types::OSD_OP | types::OSD_COMMAND)
     }
 
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         match m.msg_type {
             types::OSD_OP => {
                 let req: OsdOpRequest = match m.decode() {
@@ -720,18 +726,13 @@ impl Dispatcher for PublicDispatcher {
                 }
                 match self.shard(req.pgid).try_submit(ShardEvent::Op { conn: conn.clone(), msg: m, req }) {
                     Ok(()) => {}
+                    // The shard's queue is full: the messenger keeps the op, stops reading this client and
+                    // offers it again shortly (an overloaded OSD slows its clients down; it does not fail ops).
                     Err(SubmitError::Full(ev)) => {
-                        let ShardEvent::Op { conn, msg, req } = *ev else { unreachable!("we queued an op") };
-                        tracing::error!("shard queue full despite the client throttle; refusing an op");
-                        reply_op(
-                            &conn,
-                            msg.tid,
-                            &req,
-                            Err(OsdError::Io("osd is overloaded".into())),
-                            Epoch(0),
-                        );
+                        let ShardEvent::Op { msg, .. } = *ev else { unreachable!("we queued an op") };
+                        return Err(Refused::Busy(msg));
                     }
-                    Err(_) => {} // shutting down
+                    Err(SubmitError::Stopped) => {} // shutting down
                 }
             }
             types::OSD_COMMAND => {
@@ -747,19 +748,33 @@ impl Dispatcher for PublicDispatcher {
                         return Ok(());
                     }
                 };
-                let (pgid, ev) = match cmd {
+                // A command that cannot be queued waits (Busy) like an op: it must never go unanswered.
+                let busy = match cmd {
                     OsdCommand::ListObjects { pgid } => {
-                        (pgid, ShardEvent::ListObjects { conn: conn.clone(), tid: m.tid, pgid })
+                        let ev = ShardEvent::ListObjects { conn: conn.clone(), tid: m.tid, pgid };
+                        match self.shard(pgid).try_submit(ev) {
+                            Err(SubmitError::Full(_)) => Some(m),
+                            Ok(()) | Err(SubmitError::Stopped) => None,
+                        }
                     }
                     OsdCommand::PgList(req) => {
-                        (req.pgid, ShardEvent::List { conn: conn.clone(), msg: m, req })
+                        let shard = self.shard(req.pgid);
+                        match shard.try_submit(ShardEvent::List { conn: conn.clone(), msg: m, req }) {
+                            Err(SubmitError::Full(ev)) => {
+                                let ShardEvent::List { msg, .. } = *ev else {
+                                    unreachable!("we queued a listing")
+                                };
+                                Some(msg)
+                            }
+                            Ok(()) | Err(SubmitError::Stopped) => None,
+                        }
                     }
                 };
-                if let Err(SubmitError::Full(_)) = self.shard(pgid).try_submit(ev) {
-                    tracing::error!("shard queue full; refusing a command");
+                if let Some(m) = busy {
+                    return Err(Refused::Busy(m));
                 }
             }
-            _ => return Err(m),
+            _ => return Err(Refused::NotMine(m)),
         }
         Ok(())
     }
@@ -775,9 +790,9 @@ impl Dispatcher for ClusterDispatcher {
         (proto::types::FIRST..=proto::types::LAST).contains(&m.msg_type)
     }
 
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if !(proto::types::FIRST..=proto::types::LAST).contains(&m.msg_type) {
-            return Err(m);
+            return Err(Refused::NotMine(m));
         }
         let from = match conn.peer_name() {
             Some(n) if n.ty == EntityType::Osd => match u32::try_from(n.num) {
@@ -797,10 +812,15 @@ impl Dispatcher for ClusterDispatcher {
             }
         };
         let shard = &self.shards[peer.pgid().seed as usize % self.shards.len()];
-        if let Err(SubmitError::Full(_)) = shard.try_submit(ShardEvent::Peer { from, peer, msg: m }) {
-            tracing::error!(%from, "shard queue full despite the peer throttle; message dropped");
+        match shard.try_submit(ShardEvent::Peer { from, peer, msg: m }) {
+            // A lossless session's message is never dropped: when the shard's queue is full the messenger keeps
+            // it, stops reading this peer and offers it again shortly.
+            Err(SubmitError::Full(ev)) => {
+                let ShardEvent::Peer { msg, .. } = *ev else { unreachable!("we queued a peer message") };
+                Err(Refused::Busy(msg))
+            }
+            Ok(()) | Err(SubmitError::Stopped) => Ok(()),
         }
-        Ok(())
     }
 
     fn handle_reset(&self, conn: &Connection) {
@@ -874,6 +894,86 @@ mod tests {
         assert_eq!(all, vec![0, 1, 4, 5, 7], "min_peers above the cluster size takes every up OSD");
         let p = heartbeat_peers(&map, OsdId(2), 0);
         assert!(p.iter().all(|p| p.front.port() % 10 == 2 && p.back.port() % 10 == 3));
+    }
+
+    #[test]
+    fn a_full_shard_queue_hands_ops_commands_and_peer_messages_back_as_busy() {
+        // Goal: where a shard's queue is full, the dispatchers hand the message back as Busy (the messenger keeps
+        // it, stops reading that connection and offers it again) instead of answering "osd is overloaded" or
+        // dropping a peer's message, and a command waits likewise. Method: one shard with a queue of one event
+        // whose runner this thread holds, so one event waits and every further one finds the queue full; an op,
+        // both commands and a peer message are dispatched directly and must each come back as Busy with the
+        // original message (type, tid and body unchanged), with nothing sent on the connection.
+        use rados::msg::{PgListRequest, ReqId};
+        use rados::PoolId;
+
+        let pool = WorkerPool::new(1).unwrap();
+        let cluster = Arc::new(Messenger::new(
+            Arc::clone(&pool),
+            EntityName::osd(0),
+            1,
+            messenger::MessengerConfig::default(),
+        ));
+        let sh = ShardShared {
+            whoami: OsdId(0),
+            index: 0,
+            count: 1,
+            store: Arc::new(MemStore::new()),
+            limits: OpLimits::from_config(&Config::default()),
+            cluster: Arc::clone(&cluster),
+            stats: Arc::new(Mutex::new(BTreeMap::new())),
+            writes_in_flight: Arc::new(AtomicUsize::new(0)),
+            report_now: crossbeam_channel::bounded(1).0,
+            guard: Arc::new(StallGuard::new(Duration::from_secs(3))),
+        };
+        let shards = vec![Arc::new(ShardHandle::new(Shard::new(sh), 1, 1))];
+        let flags = Arc::new(Flags {
+            stopping: AtomicBool::new(false),
+            down_in_map: AtomicBool::new(false),
+            stop_threads: AtomicBool::new(false),
+        });
+        let public = PublicDispatcher { shards: shards.clone(), flags };
+        let peers = ClusterDispatcher { shards: shards.clone() };
+        // A peer OSD's connection (never established: nothing may be sent on it anyway).
+        let conn = cluster.connect(EntityName::osd(1), SocketAddr::from(([127, 0, 0, 1], 1))).unwrap();
+        let pgid = PgId::new(PoolId(1), 0);
+        let op = OsdOpRequest {
+            reqid: ReqId { client: 9, nonce: 2, tid: 7 },
+            pgid,
+            oid: "o".into(),
+            epoch: Epoch(1),
+            ops: Vec::new(),
+        };
+        let list = PgListRequest { pgid, epoch: Epoch(1), after: None, max: 10 };
+        let query = proto::PgQuery { pgid, epoch: Epoch(1), round: 1, after: None };
+        shards[0].with(|_| {
+            shards[0].try_submit(ShardEvent::PeerReset(OsdId(5))).expect("the one free slot");
+            let cases: Vec<(&dyn Dispatcher, Message)> = vec![
+                (&public, Message::encode(types::OSD_OP, &op).with_tid(7)),
+                (&public, Message::encode(types::OSD_COMMAND, &OsdCommand::PgList(list.clone())).with_tid(8)),
+                (&public, Message::encode(types::OSD_COMMAND, &OsdCommand::ListObjects { pgid }).with_tid(9)),
+                (&peers, PeerMsg::Query(query.clone()).encode().with_tid(10)),
+            ];
+            for (d, m) in cases {
+                let (ty, tid, front) = (m.msg_type, m.tid, m.front.clone());
+                match d.dispatch(&conn, m) {
+                    Err(Refused::Busy(back)) => {
+                        assert_eq!(
+                            (back.msg_type, back.tid, back.front),
+                            (ty, tid, front),
+                            "the original message"
+                        )
+                    }
+                    other => panic!("message type {ty:#06x} on a full shard: {other:?}"),
+                }
+            }
+        });
+        assert_eq!(conn.outgoing_bytes(), 0, "nothing was answered");
+        assert_eq!(cluster.counters().msgs_out, 0, "nothing was answered");
+        for s in &shards {
+            s.stop();
+        }
+        cluster.shutdown();
     }
 
     #[test]

@@ -28,7 +28,8 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use messenger::util::{round_up_ms, SplitMix64};
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, WorkerPool,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerError, Policy, Refused,
+    WorkerPool,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -510,7 +511,7 @@ impl Dispatcher for PingServer {
         msg.msg_type == OSD_PING
     }
 
-    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Refused> {
         if msg.msg_type != OSD_PING {
             // Nothing else belongs on a heartbeat port; dropping it frees its throttle budget.
             tracing::debug!(network = ?self.network, msg_type = msg.msg_type, ?conn, "unexpected message dropped");
@@ -535,7 +536,8 @@ impl Dispatcher for PingServer {
             reply: true,
             epoch: Epoch(self.shared.epoch.load(Ordering::Relaxed)),
         };
-        // Never blocks: heartbeat policies have no send throttle. A closed connection just loses the reply.
+        // Never blocks: heartbeat sessions are lossy, so a send at the outgoing bound fails (and faults the
+        // session) instead of waiting. A closed connection just loses the reply.
         let _ = conn.send_message(ping_message(&reply));
         Ok(())
     }
@@ -551,7 +553,7 @@ impl Dispatcher for PingClient {
         msg.msg_type == OSD_PING
     }
 
-    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, msg: Message) -> Result<(), Refused> {
         if msg.msg_type != OSD_PING {
             tracing::debug!(
                 msg_type = msg.msg_type,

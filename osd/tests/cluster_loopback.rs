@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
-use messenger::{Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy, WorkerPool};
+use messenger::{
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy, Refused, WorkerPool,
+};
 use parking_lot::Mutex;
 
 use osd::daemon::Osd;
@@ -156,9 +158,9 @@ impl FakeMon {
 }
 
 impl Dispatcher for MonDispatcher {
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if m.msg_type != types::MON_REQUEST {
-            return Err(m);
+            return Err(Refused::NotMine(m));
         }
         self.0.handle(conn, &m);
         Ok(())
@@ -174,7 +176,7 @@ impl Dispatcher for Replies {
     fn can_fast_dispatch(&self, _m: &Message) -> bool {
         true
     }
-    fn dispatch(&self, _conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, _conn: &Connection, m: Message) -> Result<(), Refused> {
         let _ = self.0.send(m);
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use messenger::{Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy};
+use messenger::{Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy, Refused};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::ids::{Epoch, Fsid};
@@ -311,8 +311,8 @@ impl Dispatcher for MonDispatcher {
         matches!(m.msg_type, types::MON_REPLY | types::MON_MAP | types::MON_LOG)
     }
 
-    fn dispatch(&self, _conn: &Connection, m: Message) -> Result<(), Message> {
-        let Some(mc) = self.0.upgrade() else { return Err(m) };
+    fn dispatch(&self, _conn: &Connection, m: Message) -> Result<(), Refused> {
+        let Some(mc) = self.0.upgrade() else { return Err(Refused::NotMine(m)) };
         match m.msg_type {
             types::MON_REPLY => match m.decode::<MonReply>() {
                 Ok(r) => {
@@ -334,7 +334,7 @@ impl Dispatcher for MonDispatcher {
                 }
                 Err(e) => tracing::warn!("bad log entry from the monitor: {e}"),
             },
-            _ => return Err(m),
+            _ => return Err(Refused::NotMine(m)),
         }
         Ok(())
     }

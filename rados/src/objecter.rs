@@ -35,7 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use messenger::{Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy};
+use messenger::{Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy, Refused};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 
@@ -1233,9 +1233,10 @@ impl Objecter {
                     "a {n}-byte message is over the messenger's frame limit"
                 )),
             },
-            messenger::SendError::Closed | messenger::SendError::Timeout(_) => {
-                SendFailure::Reset { osd, gen }
-            }
+            // A backlog faulted the (lossy) session: like a reset, the op goes again on a new one.
+            messenger::SendError::Closed
+            | messenger::SendError::Timeout(_)
+            | messenger::SendError::Backlog { .. } => SendFailure::Reset { osd, gen },
         })
     }
 }
@@ -1270,9 +1271,9 @@ impl Dispatcher for ObjecterDispatcher {
         matches!(m.msg_type, types::OSD_OP_REPLY | types::OSD_COMMAND_REPLY)
     }
 
-    fn dispatch(&self, conn: &Connection, mut m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, mut m: Message) -> Result<(), Refused> {
         if !matches!(m.msg_type, types::OSD_OP_REPLY | types::OSD_COMMAND_REPLY) {
-            return Err(m);
+            return Err(Refused::NotMine(m));
         }
         let Some(o) = self.0.upgrade() else { return Ok(()) };
         let from = conn

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use messenger::{Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy, WorkerPool};
+use messenger::{
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, Policy, Refused, WorkerPool,
+};
 use parking_lot::Mutex;
 use rados::config::Config;
 use rados::map::{OsdAddrs, OsdChange, OsdInfo, OsdMap, Pool, WEIGHT_ONE};
@@ -44,7 +46,7 @@ impl Dispatcher for MonDispatcher {
     fn can_fast_dispatch(&self, m: &Message) -> bool {
         m.msg_type == types::MON_REQUEST
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         match m.decode::<MonRequest>() {
             Ok(MonRequest::Subscribe { .. }) => {
                 let map = self.0.map.lock().clone();
@@ -152,7 +154,7 @@ impl Dispatcher for OsdDispatcher {
     fn can_fast_dispatch(&self, m: &Message) -> bool {
         matches!(m.msg_type, types::OSD_OP | types::OSD_COMMAND)
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if m.msg_type == types::OSD_COMMAND {
             self.0.command(conn, &m);
             return Ok(());

@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, WorkerPool,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, Refused,
+    WorkerPool,
 };
 use parking_lot::Mutex;
 
@@ -65,7 +66,7 @@ impl Dispatcher for Responder {
     fn can_fast_dispatch(&self, m: &Message) -> bool {
         m.msg_type == MSG_PING
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         let reply = Message::new(MSG_PONG, Bytes::from_static(b"ok")).with_tid(m.tid);
         // A closed connection just means the client went away.
         let _ = conn.send_message(reply);
@@ -102,7 +103,7 @@ impl Dispatcher for Pinger {
     fn can_fast_dispatch(&self, m: &Message) -> bool {
         m.msg_type == MSG_PONG
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         let now = Instant::now();
         let mut st = self.state.lock();
         if let Some(t) = st.sent_at.pop_front() {

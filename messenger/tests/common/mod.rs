@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use messenger::{
-    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, WorkerPool,
+    Connection, Dispatcher, EntityName, EntityType, Message, Messenger, MessengerConfig, Policy, Refused,
+    WorkerPool,
 };
 
 pub const MSG_REQUEST: u16 = 1;
@@ -34,7 +35,7 @@ impl Dispatcher for Collector {
     fn can_fast_dispatch(&self, _m: &Message) -> bool {
         self.fast
     }
-    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Message> {
+    fn dispatch(&self, conn: &Connection, m: Message) -> Result<(), Refused> {
         if let Some(d) = self.delay {
             std::thread::sleep(d);
         }
