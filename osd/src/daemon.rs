@@ -925,6 +925,7 @@ mod tests {
             writes_in_flight: Arc::new(AtomicUsize::new(0)),
             report_now: crossbeam_channel::bounded(1).0,
             guard: Arc::new(StallGuard::new(Duration::from_secs(3))),
+            full_ratio: 0.95,
         };
         let shards = vec![Arc::new(ShardHandle::new(Shard::new(sh), 1, 1))];
         let flags = Arc::new(Flags {
