@@ -35,6 +35,10 @@ use crate::store::{Store, StoreError};
 pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
 /// Most subscribed connections (OSDs, clients, watchers).
 pub const SUBSCRIBERS_MAX: usize = 4096;
+/// A subscriber with this many bytes not yet written to it gets no more pushes until it reads: it catches up
+/// later from its last epoch (a full map if it fell too far behind), so a subscriber that does not read costs
+/// the monitor at most this much memory, not a backlog of every incremental and log entry.
+pub const SUBSCRIBER_BACKLOG_MAX: u64 = 1 << 20;
 /// Receive throttles, as Ceph's `mon_client_bytes` and `mon_daemon_bytes`.
 const CLIENT_BYTES_MAX: u64 = 100 << 20;
 const DAEMON_BYTES_MAX: u64 = 400 << 20;
@@ -96,6 +100,21 @@ struct Subscriber {
     /// The newest epoch the subscriber has been sent (or said it has).
     have: Option<Epoch>,
     log: bool,
+}
+
+/// Brings a subscriber to the current epoch, unless it has not read what it was sent (then it is left
+/// behind, and a later call sends what it missed in one update, a full map if it fell far behind).
+fn push_map(state: &MonState, s: &mut Subscriber) {
+    let cur = state.map().epoch;
+    if s.have.is_some_and(|h| h >= cur) || s.conn.outgoing_bytes() >= SUBSCRIBER_BACKLOG_MAX {
+        return;
+    }
+    if let Some(update) = state.map_update_since(s.have) {
+        if s.conn.send_message(Message::encode(types::MON_MAP, &update)).is_err() {
+            return;
+        }
+    }
+    s.have = Some(cur);
 }
 
 /// Unix-epoch milliseconds that never go backwards: the wall clock read once at start, plus monotonic time.
@@ -239,6 +258,7 @@ fn tick_loop(inner: Arc<Inner>, stop: Receiver<()>) {
         core.subs.retain(|_, s| !s.conn.is_closed());
         let effects = core.state.tick(inner.clock.now_ms());
         inner.apply(&mut core, effects);
+        inner.catch_up(&mut core);
     }
 }
 
@@ -309,24 +329,30 @@ impl Inner {
         let committed = effects.iter().any(|e| matches!(e, Effect::Commit(_)));
         subs.retain(|_, s| !s.conn.is_closed());
         if committed {
-            let cur = state.map().epoch;
-            tracing::info!(epoch = %cur, "committed");
+            tracing::info!(epoch = %state.map().epoch, "committed");
             for s in subs.values_mut() {
-                if let Some(update) = state.map_update_since(s.have) {
-                    let _ = s.conn.send_message(Message::encode(types::MON_MAP, &update));
-                }
-                s.have = Some(cur);
+                push_map(state, s);
             }
         }
         for e in &effects {
             if let Effect::Log(entry) = e {
                 tracing::info!(target: "cluster", seq = entry.seq, "{}", entry.message);
-                for s in subs.values().filter(|s| s.log) {
+                // The log is best effort for a watcher that does not read: entries beyond its backlog are
+                // not queued for it (it can ask for the last entries with `cuttle log`).
+                for s in subs.values().filter(|s| s.log && s.conn.outgoing_bytes() < SUBSCRIBER_BACKLOG_MAX) {
                     let _ = s.conn.send_message(Message::encode(types::MON_LOG, entry));
                 }
             }
         }
         true
+    }
+
+    /// Sends subscribers that were left behind (their backlog was full) what they missed, once they read.
+    fn catch_up(&self, core: &mut Core) {
+        let Core { state, subs, .. } = core;
+        for s in subs.values_mut() {
+            push_map(state, s);
+        }
     }
 
     fn garbage(&self, conn: &Connection, what: &str) {
