@@ -37,6 +37,7 @@ use crate::shard::{
     reply_command, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError, INLINE_BATCH_MAX,
     TICK,
 };
+use crate::bluestore::{BlueStore, BlueStoreOptions};
 use crate::store::{MemStore, ObjectStore};
 
 /// How often PG stats go to the monitor (and how soon after a PG changes state, at most this plus a tick).
@@ -169,6 +170,62 @@ fn load_uuid(data_dir: &Path) -> Result<[u8; 16], OsdStartError> {
             Ok(uuid)
         }
         Err(e) => Err(OsdStartError::Io { path, source: e }),
+    }
+}
+
+/// BlueStore's options, from the config.
+pub fn bluestore_options(cfg: &Config) -> BlueStoreOptions {
+    BlueStoreOptions {
+        bluestore_block_size: cfg.bluestore_block_size,
+        bluestore_min_alloc_size: cfg.bluestore_min_alloc_size,
+        bluestore_prefer_deferred_size: cfg.bluestore_prefer_deferred_size,
+        bluestore_csum_type: cfg.bluestore_csum_type.clone(),
+        bluestore_cache_size: cfg.bluestore_cache_size,
+        bluestore_throttle_bytes: cfg.bluestore_throttle_bytes,
+        bluestore_max_deferred_txc: cfg.bluestore_max_deferred_txc,
+    }
+}
+
+/// Whether `data_dir` holds a BlueStore (its label is written last when one is made).
+pub fn holds_bluestore(data_dir: &Path) -> bool {
+    data_dir.join(crate::bluestore::LABEL_FILE).exists()
+}
+
+/// The store `osd_objectstore` names, in the OSD's data directory: a BlueStore is created there on the OSD's
+/// first start and opened on every later one (same id, same data).
+fn open_store(
+    cfg: &Config,
+    data_dir: &Path,
+    id: OsdId,
+    fsid: Option<Fsid>,
+) -> Result<Arc<dyn ObjectStore>, OsdStartError> {
+    let damaged = |why: String| OsdStartError::DataDir { path: data_dir.to_path_buf(), why };
+    match cfg.osd_objectstore.as_str() {
+        "memstore" => {
+            if holds_bluestore(data_dir) {
+                return Err(OsdStartError::Config(format!(
+                    "osd_objectstore = memstore, but {} holds this OSD's BlueStore (its data would not be \
+                     served); set osd_objectstore = bluestore",
+                    data_dir.display()
+                )));
+            }
+            Ok(Arc::new(MemStore::new()))
+        }
+        "bluestore" => {
+            let opts = bluestore_options(cfg);
+            if !holds_bluestore(data_dir) {
+                BlueStore::mkfs(data_dir, &opts, id.0, fsid.map_or([0; 16], |f| f.0))
+                    .map_err(|e| damaged(format!("creating the BlueStore: {e}")))?;
+                tracing::info!(%id, block_bytes = opts.bluestore_block_size, "created a BlueStore");
+            }
+            let t = Instant::now();
+            let store = BlueStore::open(data_dir, &opts).map_err(|e| damaged(format!("opening the BlueStore: {e}")))?;
+            tracing::info!(%id, mount_ms = t.elapsed().as_millis() as u64, "BlueStore mounted");
+            Ok(Arc::new(store))
+        }
+        other => Err(OsdStartError::Config(format!(
+            "osd_objectstore = {other:?}: \"bluestore\" (durable) or \"memstore\" (RAM only)"
+        ))),
     }
 }
 
@@ -306,7 +363,7 @@ impl Osd {
         let nshards = cfg.osd_op_num_shards;
 
         let cluster = Arc::new(Messenger::new(Arc::clone(&pool), name, nonce ^ 0x636c, cfg.messenger()));
-        let store: Arc<dyn ObjectStore> = Arc::new(MemStore::new());
+        let store = open_store(cfg, data_dir, id, fsid)?;
         let guard =
             Arc::new(StallGuard::new(secs(cfg.osd_heartbeat_grace / 2.0).max(Duration::from_secs(3))));
         let (report_tx, report_rx) = crossbeam_channel::bounded::<()>(1);
@@ -456,6 +513,12 @@ impl Osd {
 
     pub fn addrs(&self) -> OsdAddrs {
         self.inner.addrs
+    }
+
+    /// Why the object store stopped committing (a device error), if it did: the OSD must stop, since nothing
+    /// it acknowledges from now on could be made durable.
+    pub fn store_failed(&self) -> Option<String> {
+        self.inner.store.failed().map(|e| e.to_string())
     }
 
     /// The object store (tests look at what landed where).

@@ -207,6 +207,13 @@ struct InFlight<C> {
     waiters: Vec<Waiting<C>>,
 }
 
+/// Work that waits for room in the store's commit queue.
+#[derive(Debug)]
+enum Backlogged<C> {
+    Op(Waiting<C>),
+    RepOp { from: OsdId, epoch: Epoch, version: Eversion, txn: Transaction },
+}
+
 /// Remembered replies, by request id, oldest first.
 #[derive(Debug, Default)]
 struct Dups {
@@ -306,6 +313,11 @@ pub struct Pg<C> {
     last_queued: CommitSeq,
     /// This OSD's store is past `mon_osd_full_ratio`: writes that add data are refused (ENOSPC).
     full: bool,
+    /// What found the store's commit queue full (`StoreError::Busy`), in arrival order: retried after each
+    /// commit. While it is not empty, every new op and replicated write joins it, so order is kept.
+    store_backlog: VecDeque<Backlogged<C>>,
+    /// `do_op` runs on behalf of the backlog (its op may be put back at the front).
+    backlog_retry: bool,
     last_slow_log: Option<Instant>,
 }
 
@@ -465,6 +477,8 @@ impl<C> Pg<C> {
             after_commit: VecDeque::new(),
             last_queued: CommitSeq(0),
             full: false,
+            store_backlog: VecDeque::new(),
+            backlog_retry: false,
             last_slow_log: None,
         }
     }
@@ -490,6 +504,7 @@ impl<C> Pg<C> {
     /// Ops held: waiting for activation, for an object's writes, or in flight.
     pub fn ops_held(&self) -> usize {
         self.waiting.len()
+            + self.store_backlog.iter().filter(|b| matches!(b, Backlogged::Op(_))).count()
             + self.blocked.values().map(|q| q.len()).sum::<usize>()
             + self.in_flight.values().map(|f| f.waiters.len()).sum::<usize>()
     }
@@ -507,6 +522,7 @@ impl<C> Pg<C> {
     pub fn awaits_commit(&self) -> bool {
         // Local commits come in queue order, which is version order: if any write waits for ours, the newest does.
         !self.after_commit.is_empty()
+            || !self.store_backlog.is_empty()
             || self.in_flight.values().next_back().is_some_and(|f| f.waiting_on.contains(&self.whoami))
     }
 
@@ -528,6 +544,7 @@ impl<C> Pg<C> {
         if any {
             self.complete_ready(now);
         }
+        self.retry_backlog(now);
     }
 
     /// Queues a transaction to the store (see [`ObjectStore::queue`]).
@@ -676,6 +693,12 @@ impl<C> Pg<C> {
             all.extend(q);
         }
         all.extend(self.waiting.drain(..));
+        // Backlogged replicated writes belong to the interval that is over: the new primary peers again.
+        for b in self.store_backlog.drain(..) {
+            if let Backlogged::Op(w) = b {
+                all.push(w);
+            }
+        }
         all.sort_by_key(|w| w.seq);
         all
     }
@@ -726,6 +749,10 @@ impl<C> Pg<C> {
 
     fn do_op(&mut self, now: Instant, w: Waiting<C>) {
         assert_eq!(self.state, PgState::Active);
+        if !self.store_backlog.is_empty() && !self.backlog_retry {
+            self.store_backlog.push_back(Backlogged::Op(w));
+            return;
+        }
         let Waiting { seq, since, item } = w;
         let op = match item {
             Item::List(l) => return self.do_list(l),
@@ -807,6 +834,16 @@ impl<C> Pg<C> {
         }
         let commit = match self.queue(&txn) {
             Ok(seq) => seq,
+            Err(StoreError::Busy(_)) => {
+                // Nothing changed: the op runs again, in its place, after the next commit.
+                let w = Waiting { seq, since, item: Item::Op(op) };
+                if self.backlog_retry {
+                    self.store_backlog.push_front(Backlogged::Op(w));
+                } else {
+                    self.store_backlog.push_back(Backlogged::Op(w));
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(pg = %self.pgid, oid = %op.req.oid, "local apply failed: {e}");
                 return self.reply_err(op.ctx, &op.req, exec::store_err(e), ex.version_before);
@@ -982,21 +1019,70 @@ impl<C> Pg<C> {
             tracing::warn!(pg = %self.pgid, %from, epoch = %m.epoch, "rep_op before activation; dropped");
             return;
         }
-        let result = Transaction::from_wire(m.ops, data)
-            .and_then(|t| {
-                if t.ops().iter().any(|op| !op_in_pg(op, self.pgid)) {
-                    return Err(StoreError::Invalid("transaction touches another PG".into()));
-                }
-                self.queue(&t)
-            })
-            .map(|_| ())
-            .map_err(|e| {
-                tracing::error!(pg = %self.pgid, %from, version = %m.version, "cannot apply rep_op: {e}");
-                e.to_string()
-            });
-        let reply = RepOpReply { pgid: self.pgid, epoch: m.epoch, version: m.version, result };
+        let txn = Transaction::from_wire(m.ops, data).and_then(|t| {
+            if t.ops().iter().any(|op| !op_in_pg(op, self.pgid)) {
+                return Err(StoreError::Invalid("transaction touches another PG".into()));
+            }
+            Ok(t)
+        });
+        match txn {
+            Ok(txn) => self.apply_rep_op(from, m.epoch, m.version, txn),
+            Err(e) => self.answer_rep_op(from, m.epoch, m.version, Err(e)),
+        }
+    }
+
+    /// Queues a replicated write, in arrival order behind any the store had no room for yet.
+    fn apply_rep_op(&mut self, from: OsdId, epoch: Epoch, version: Eversion, txn: Transaction) {
+        if !self.store_backlog.is_empty() {
+            self.store_backlog.push_back(Backlogged::RepOp { from, epoch, version, txn });
+            return;
+        }
+        match self.queue(&txn) {
+            Err(StoreError::Busy(_)) => self.store_backlog.push_back(Backlogged::RepOp { from, epoch, version, txn }),
+            r => self.answer_rep_op(from, epoch, version, r.map(|_| ())),
+        }
+    }
+
+    fn answer_rep_op(&mut self, from: OsdId, epoch: Epoch, version: Eversion, r: Result<(), StoreError>) {
+        let result = r.map_err(|e| {
+            tracing::error!(pg = %self.pgid, %from, %version, "cannot apply rep_op: {e}");
+            e.to_string()
+        });
+        let reply = RepOpReply { pgid: self.pgid, epoch, version, result };
         // The primary counts this as our copy: it leaves once the write is durable here.
         self.send_durable(from, PeerMsg::RepOpReply(reply));
+    }
+
+    /// Runs again what waited for room in the store's commit queue, in order, until it is full again.
+    fn retry_backlog(&mut self, now: Instant) {
+        while let Some(b) = self.store_backlog.pop_front() {
+            let before = self.store_backlog.len();
+            match b {
+                Backlogged::Op(w) => {
+                    if self.state != PgState::Active {
+                        self.waiting.push_back(w);
+                        continue;
+                    }
+                    self.backlog_retry = true;
+                    self.do_op(now, w);
+                    self.backlog_retry = false;
+                }
+                Backlogged::RepOp { from, epoch, version, txn } => {
+                    if self.activated != Some(epoch) {
+                        continue; // its interval is over: the primary peers again
+                    }
+                    match self.queue(&txn) {
+                        Err(StoreError::Busy(_)) => {
+                            self.store_backlog.push_front(Backlogged::RepOp { from, epoch, version, txn })
+                        }
+                        r => self.answer_rep_op(from, epoch, version, r.map(|_| ())),
+                    }
+                }
+            }
+            if self.store_backlog.len() > before {
+                return; // the store is full again; what just went back waits for the next commit
+            }
+        }
     }
 
     fn handle_rep_op_reply(&mut self, now: Instant, from: OsdId, m: RepOpReply) {
@@ -1456,6 +1542,8 @@ mod tests {
     struct TestStore {
         mem: MemStore,
         hold: std::sync::atomic::AtomicBool,
+        /// Refuse every transaction with `Busy` (a full commit queue).
+        busy: std::sync::atomic::AtomicBool,
         queued: std::sync::atomic::AtomicU64,
         durable: std::sync::atomic::AtomicU64,
     }
@@ -1470,6 +1558,9 @@ mod tests {
     impl ObjectStore for TestStore {
         fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
             use std::sync::atomic::Ordering::SeqCst;
+            if self.busy.load(SeqCst) {
+                return Err(StoreError::Busy("commit queue full".into()));
+            }
             self.mem.queue(txn)?;
             let seq = self.queued.fetch_add(1, SeqCst) + 1;
             if !self.hold.load(SeqCst) {
@@ -2102,6 +2193,38 @@ mod tests {
         assert_eq!(sim.reply(r).unwrap().result, Ok(()), "the read went once the write was durable");
         assert!(sim.replies.iter().position(|x| x.1 == w) < sim.replies.iter().position(|x| x.1 == r));
         assert!(!sim.nodes[&osd(0)].pg.awaits_commit());
+    }
+
+    #[test]
+    fn writes_that_find_the_commit_queue_full_wait_in_order_and_run_after_a_commit() {
+        // Goal: a full commit queue (Busy) is backpressure, not an error: the client is never told, the ops run
+        // in their order once the store has room, on the primary and on a replica. Method: make osd.0's store
+        // busy, send two writes and a read of the first object; nothing is answered; let it go: all three
+        // answered in order, with the read seeing the write. Then the same with a busy replica.
+        let mut sim = three();
+        sim.nodes[&osd(0)].store.busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let a = sim.write(0, 1, "a", b"one");
+        let b = sim.write(0, 2, "b", b"two");
+        let r = sim.op(0, 3, "a", vec![OsdOp::Read { offset: 0, len: 0 }], b"");
+        assert!(sim.replies.is_empty(), "nothing is answered while the store is busy");
+        sim.nodes[&osd(0)].store.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        sim.commit(0);
+        let at = |ctx: u64| sim.replies.iter().position(|x| x.1 == ctx).expect("answered");
+        assert!(at(a) < at(r), "the read of a waits for the write of a");
+        assert_eq!(sim.replies.len(), 3, "b is answered too, once");
+        assert!(sim.replies.iter().all(|x| x.2.result.is_ok()));
+        assert_eq!(&sim.replies[at(r)].3[..], b"one");
+        assert_eq!(sim.reply(b).unwrap().version, 2, "b kept its place after a");
+
+        sim.nodes[&osd(2)].store.busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let c = sim.write(0, 4, "c", b"three");
+        assert!(sim.reply(c).is_none(), "osd.2 has not taken it");
+        sim.nodes[&osd(2)].store.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        sim.commit(2);
+        assert_eq!(sim.reply(c).unwrap().result, Ok(()));
+        for i in 0..3 {
+            assert_eq!(sim.objects(i).len(), 3, "osd.{i}");
+        }
     }
 
     #[test]

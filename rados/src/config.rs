@@ -127,6 +127,22 @@ options! {
     osd_max_object_name_len: usize = 2048;
     /// Largest single write, bytes.
     osd_max_write_size: u64 = 90 << 20;
+    /// The OSD's object store: "bluestore" (durable: a block file and a metadata database in the OSD's data directory) or "memstore" (RAM only; its data is gone when the OSD stops).
+    osd_objectstore: String = "bluestore".to_string();
+    /// Size of BlueStore's block file, bytes, fixed when the OSD is created (a sparse file: space is used as data arrives).
+    bluestore_block_size: u64 = 10 << 30;
+    /// BlueStore's allocation unit, bytes: a power of two from 4096 to 65536, fixed when the OSD is created.
+    bluestore_min_alloc_size: u64 = 4096;
+    /// Overwrites of existing data shorter than this (and every write of part of an allocation unit) are deferred: written to the metadata database as a redo record with the commit, then in place; longer ones go to new space, bytes.
+    bluestore_prefer_deferred_size: u64 = 65536;
+    /// Checksum of stored data, one per 4 KiB block, verified on every read (only "crc32c").
+    bluestore_csum_type: String = "crc32c".to_string();
+    /// Memory BlueStore's metadata database may cache, bytes.
+    bluestore_cache_size: u64 = 256 << 20;
+    /// Bytes of writes queued for the commit thread at once; beyond it a write waits (the shard retries).
+    bluestore_throttle_bytes: u64 = 64 << 20;
+    /// Committed batches whose deferred (small in-place) writes may wait to be written together.
+    bluestore_max_deferred_txc: u64 = 32;
     /// An OSD this full (used / size of its store) is reported near full: HEALTH_WARN.
     mon_osd_nearfull_ratio: f64 = 0.85;
     /// An OSD this full takes no backfill (reported as HEALTH_WARN).
