@@ -222,6 +222,7 @@ struct Committer {
 }
 
 struct Inner {
+    label: Label,
     env: Arc<dyn Env>,
     db: Database,
     block: Arc<dyn BlockDevice>,
@@ -385,6 +386,13 @@ impl BlueStore {
         };
         check_options(&opts)?;
         let block = env.open(BLOCK_FILE, false).map_err(io("block file"))?;
+        let block_len = block.len().map_err(io("block file size"))?;
+        if block_len < label.block_bytes {
+            return Err(BlueStoreError::Damaged {
+                where_: where_.clone(),
+                why: format!("block file of {block_len} bytes, the label says {}", label.block_bytes),
+            });
+        }
         let db_dev = env.open(DB_FILE, false).map_err(io("db file"))?;
         let db_err =
             |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
@@ -464,6 +472,7 @@ impl BlueStore {
         }
         let free_aus = alloc.free_aus();
         let inner = Arc::new(Inner {
+            label,
             env,
             db,
             block,
@@ -504,6 +513,11 @@ impl BlueStore {
     /// store has failed. On any error nothing changed.
     pub fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
         self.inner.queue(txn)
+    }
+
+    /// The store's identity and geometry (fsid, OSD id, block size, allocation unit), fixed at mkfs.
+    pub fn label(&self) -> &Label {
+        &self.inner.label
     }
 
     /// The highest sequence number such that it and every earlier one are durable.

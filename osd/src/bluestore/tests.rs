@@ -671,6 +671,11 @@ fn options_are_checked_and_a_foreign_directory_is_refused() {
     assert!(matches!(BlueStore::open(&dir, &opts(8 << 20)), Err(BlueStoreError::NotAStore { .. })));
     BlueStore::mkfs(&dir, &opts(8 << 20), 3, [1; 16]).unwrap();
     let store = BlueStore::open(&dir, &opts(8 << 20)).unwrap();
+    assert_eq!((store.label().osd_id, store.label().fsid, store.label().block_bytes), (3, [1; 16], 8 << 20));
+    assert!(
+        matches!(BlueStore::open(&dir, &opts(8 << 20)), Err(BlueStoreError::Io { .. })),
+        "a store open in another process (here: another handle) is refused"
+    );
     store.apply(&write_txn("real", 3, b"on a real file")).unwrap();
     drop(store);
     let store = BlueStore::open(&dir, &opts(8 << 20)).unwrap();
