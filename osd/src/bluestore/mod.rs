@@ -689,18 +689,35 @@ impl Inner {
         let mut buf = vec![0u8; ((b1 - b0) * CSUM_BLOCK_BYTES) as usize];
         let at = pau * self.au + b0 * CSUM_BLOCK_BYTES;
         self.block.read_at(at, &mut buf).map_err(|e| io_err(&format!("block read at {at}"), e))?;
-        for (i, block) in buf.chunks(CSUM_BLOCK_BYTES as usize).enumerate() {
-            let want = csums[b0 as usize + i];
-            let got = crc32c(block);
-            if got != want {
-                return Err(StoreError::Io(format!(
-                    "checksum mismatch at block offset {}: crc32c {got:#010x}, expected {want:#010x}",
-                    at + i as u64 * CSUM_BLOCK_BYTES
-                )));
-            }
-        }
+        verify_blocks(at, &buf, &csums[b0 as usize..b1 as usize])?;
         let skip = (from - b0 * CSUM_BLOCK_BYTES) as usize;
         out.copy_from_slice(&buf[skip..skip + out.len()]);
+        Ok(())
+    }
+
+    /// Reads the part of `run` within `[offset, end)` into `buf` (object bytes from `offset`): one device
+    /// read of whole checksum blocks, each verified.
+    fn read_run(&self, run: &Run, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let from = run.obj.max(offset);
+        let to = (run.obj + run.units * self.au).min(end);
+        assert!(from < to, "a run is read only where it overlaps the read");
+        let b0 = (from - run.obj) / CSUM_BLOCK_BYTES;
+        let b1 = (to - run.obj).div_ceil(CSUM_BLOCK_BYTES);
+        let at = run.pau * self.au + b0 * CSUM_BLOCK_BYTES;
+        let csums = &run.csums[b0 as usize..b1 as usize];
+        let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        if (from - run.obj).is_multiple_of(CSUM_BLOCK_BYTES)
+            && dst.len() as u64 == (b1 - b0) * CSUM_BLOCK_BYTES
+        {
+            // Whole blocks: straight into the caller's buffer.
+            self.block.read_at(at, dst).map_err(|e| io_err(&format!("block read at {at}"), e))?;
+            return verify_blocks(at, dst, csums);
+        }
+        let mut tmp = vec![0u8; ((b1 - b0) * CSUM_BLOCK_BYTES) as usize];
+        self.block.read_at(at, &mut tmp).map_err(|e| io_err(&format!("block read at {at}"), e))?;
+        verify_blocks(at, &tmp, csums)?;
+        let skip = (from - run.obj - b0 * CSUM_BLOCK_BYTES) as usize;
+        dst.copy_from_slice(&tmp[skip..skip + dst.len()]);
         Ok(())
     }
 
@@ -720,6 +737,8 @@ impl Inner {
         let blobs = rtx.open_table(BLOBS).map_err(Self::db_err)?;
         let lo = blob_key(nid, offset / BLOB_BYTES);
         let hi = blob_key(nid, (end - 1) / BLOB_BYTES);
+        // Units contiguous in the object and on the device are read together.
+        let mut run: Option<Run> = None;
         for row in blobs.range(lo.as_slice()..=hi.as_slice()).map_err(Self::db_err)? {
             let (k, v) = row.map_err(Self::db_err)?;
             let (_, index) =
@@ -728,14 +747,38 @@ impl Inner {
             for (slot, s) in blob.slots.iter().enumerate() {
                 let Some((pau, csums)) = s else { continue };
                 let u0 = index * BLOB_BYTES + slot as u64 * self.au;
-                let from = u0.max(offset);
-                let to = (u0 + self.au).min(end);
-                if from >= to {
+                if u0 + self.au <= offset || u0 >= end {
                     continue;
                 }
-                let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                self.read_unit(*pau, csums, from - u0, to - u0, dst)?;
+                if self.deferred_cache.read().contains_key(pau) {
+                    if let Some(r) = run.take() {
+                        self.read_run(&r, offset, end, buf)?;
+                    }
+                    let (from, to) = (u0.max(offset), (u0 + self.au).min(end));
+                    let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                    self.read_unit(*pau, csums, from - u0, to - u0, dst)?;
+                    continue;
+                }
+                match &mut run {
+                    Some(r)
+                        if r.obj + r.units * self.au == u0
+                            && r.pau + r.units == *pau
+                            && r.units * self.au < RUN_BYTES_MAX =>
+                    {
+                        r.units += 1;
+                        r.csums.extend_from_slice(csums);
+                    }
+                    _ => {
+                        if let Some(r) = run.take() {
+                            self.read_run(&r, offset, end, buf)?;
+                        }
+                        run = Some(Run { obj: u0, pau: *pau, units: 1, csums: csums.clone() });
+                    }
+                }
             }
+        }
+        if let Some(r) = run.take() {
+            self.read_run(&r, offset, end, buf)?;
         }
         Ok(())
     }
@@ -1376,6 +1419,33 @@ impl Inner {
             n(layer.last_seq);
         }
     }
+}
+
+/// A device read is at most this long (a run of units contiguous in the object and on the device).
+const RUN_BYTES_MAX: u64 = 1 << 20;
+
+/// Units of an object contiguous in the object and on the device, with their checksums.
+struct Run {
+    /// Object offset of the first unit.
+    obj: u64,
+    pau: u64,
+    units: u64,
+    csums: Vec<u32>,
+}
+
+/// Checks each 4 KiB block of `data` (read from device offset `at`) against its crc32c.
+fn verify_blocks(at: u64, data: &[u8], csums: &[u32]) -> Result<(), StoreError> {
+    assert_eq!(data.len() as u64, csums.len() as u64 * CSUM_BLOCK_BYTES);
+    for (i, (block, &want)) in data.chunks(CSUM_BLOCK_BYTES as usize).zip(csums).enumerate() {
+        let got = crc32c(block);
+        if got != want {
+            return Err(StoreError::Io(format!(
+                "checksum mismatch at block offset {}: crc32c {got:#010x}, expected {want:#010x}",
+                at + i as u64 * CSUM_BLOCK_BYTES
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An onode key and the version of its object, as listings read them.

@@ -69,6 +69,8 @@ struct ObjState {
     attrs: Vec<(String, Bytes)>,
     omap: Vec<(String, Vec<u8>)>,
     omap_some: Vec<(String, Vec<u8>)>,
+    /// Reads at odd offsets and lengths.
+    parts: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -98,6 +100,10 @@ fn snapshot(s: &dyn ObjectStore, pgs_to_check: &[PgId]) -> Result<State, StoreEr
         for (name, _) in &names {
             let st = s.stat(pg, name)?;
             let data = s.read(pg, name, 0, u64::MAX)?.to_vec();
+            let parts = [(4095, 8194), (st.size / 3, 70_001), (st.size.saturating_sub(5), 100), (65_535, 2)]
+                .iter()
+                .map(|&(off, len)| s.read(pg, name, off, len).map(|b| b.to_vec()))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut omap = Vec::new();
             let mut after: Option<String> = None;
             loop {
@@ -118,6 +124,7 @@ fn snapshot(s: &dyn ObjectStore, pgs_to_check: &[PgId]) -> Result<State, StoreEr
                     attrs: s.getattrs(pg, name)?,
                     omap,
                     omap_some: s.omap_get(pg, name, &keys)?,
+                    parts,
                 },
             );
         }
@@ -140,7 +147,7 @@ fn diff(a: &State, b: &State) -> Option<String> {
         if x.size != y.size || x.version != y.version {
             return Some(format!("{k:?}: size/version {}/{} vs {}/{}", x.size, x.version, y.size, y.version));
         }
-        if x.data != y.data {
+        if x.data != y.data || x.parts != y.parts {
             let at = x.data.iter().zip(&y.data).position(|(p, q)| p != q);
             return Some(format!("{k:?}: data differs (first at {at:?})"));
         }
