@@ -90,6 +90,9 @@ const META_OMAP_BYTES: &str = "omap_bytes";
 
 /// Bytes of deferred writes that may wait to be written in place (they are also held in memory, for reads).
 const DEFERRED_BYTES_MAX: u64 = 16 << 20;
+/// What one queued op counts against `bluestore_throttle_bytes` besides its payload and omap pairs (its
+/// share of the in-memory layer).
+const OP_QUEUED_BYTES: u64 = 256;
 /// Longest a synchronous [`ObjectStore::apply`] waits for its commit before it reports an error.
 const APPLY_COMMIT_WAIT: Duration = Duration::from_secs(60);
 
@@ -107,8 +110,9 @@ pub struct BlueStoreOptions {
     pub bluestore_csum_type: String,
     /// Memory for metadata caching (redb's page cache).
     pub bluestore_cache_size: u64,
-    /// Payload bytes of transactions queued or being committed; beyond it [`BlueStore::queue`] returns
-    /// [`StoreError::Busy`] (Ceph's `bluestore_throttle_bytes`).
+    /// Bytes of transactions queued or being committed (payload, omap pairs, and a fixed cost per op);
+    /// beyond it [`BlueStore::queue`] returns [`StoreError::Busy`] (Ceph's `bluestore_throttle_bytes`). A
+    /// transaction larger than the bound alone is taken when nothing else is queued.
     pub bluestore_throttle_bytes: u64,
     /// Committed batches whose deferred writes may wait before they are written in place together (one
     /// flush of scattered writes for many batches instead of one per batch).
@@ -998,7 +1002,20 @@ impl Inner {
                 ops.len()
             )));
         }
-        let payload_bytes = txn.payload_bytes();
+        // What the transaction holds in memory until committed: payload, omap pairs, and a fixed cost per op
+        // (so metadata-only transactions are bounded too).
+        let payload_bytes = txn.payload_bytes()
+            + ops
+                .iter()
+                .map(|op| match op {
+                    TxOp::OmapSet { pairs, .. } => {
+                        pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+                    }
+                    TxOp::OmapRm { keys, .. } => keys.iter().map(|k| k.len() as u64).sum(),
+                    _ => 0,
+                })
+                .sum::<u64>()
+            + ops.len() as u64 * OP_QUEUED_BYTES;
         let mut guard = self.overlay.lock();
         let ov = &mut *guard;
         if let Some(e) = &ov.failed {
@@ -1006,7 +1023,7 @@ impl Inner {
         }
         if ov.pending_bytes > 0 && ov.pending_bytes + payload_bytes > self.opts.bluestore_throttle_bytes {
             return Err(StoreError::Busy(format!(
-                "{} payload bytes queued (bluestore_throttle_bytes {})",
+                "{} bytes queued (bluestore_throttle_bytes {})",
                 ov.pending_bytes, self.opts.bluestore_throttle_bytes
             )));
         }

@@ -802,6 +802,9 @@ fn a_full_queue_is_busy_and_statfs_adds_up() {
     store.pause_commits(true);
     store.queue(&write_txn("a", 0, &[1; 40 << 10])).unwrap();
     let seq = store.queue(&write_txn("b", 0, &[2; 20 << 10])).unwrap();
+    let mut small = Transaction::new();
+    small.omap_set(oid("b"), vec![("k".into(), vec![0; 4 << 10])]);
+    assert!(matches!(store.queue(&small), Err(StoreError::Busy(_))), "omap pairs count too");
     let busy = store.queue(&write_txn("c", 0, &[3; 20 << 10])).expect_err("over the bound");
     assert!(matches!(busy, StoreError::Busy(_)), "{busy}");
     assert!(store.stat(pgs()[0], "c").is_err(), "nothing of a refused transaction applied");
