@@ -702,6 +702,7 @@ impl Inner {
     /// Reads the part of `run` within `[offset, end)` into `buf` (object bytes from `offset`): one device
     /// read of whole checksum blocks, each verified.
     fn read_run(&self, run: &Run, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        assert_eq!(run.csums.len() as u64 * CSUM_BLOCK_BYTES, run.units * self.au, "one crc per 4 KiB");
         let from = run.obj.max(offset);
         let to = (run.obj + run.units * self.au).min(end);
         assert!(from < to, "a run is read only where it overlaps the read");
@@ -1418,6 +1419,7 @@ impl Inner {
             drop(cache);
             let mut ov = self.overlay.lock();
             ov.inflight = None;
+            assert!(ov.pending_bytes >= layer.payload_bytes && ov.reserved_aus >= layer.reserved_aus);
             ov.pending_bytes -= layer.payload_bytes;
             ov.reserved_aus -= layer.reserved_aus;
             ov.free_aus = c.alloc.free_aus();
@@ -1765,6 +1767,7 @@ impl Inner {
             if e.size < u0 + au {
                 buf[e.size.saturating_sub(u0) as usize..].fill(0);
             }
+            assert!(u0 < e.size, "a unit with data lies within the object");
             let csums: Vec<u32> = buf.chunks(CSUM_BLOCK_BYTES as usize).map(crc32c).collect();
             // New space for a new unit, or for a large write of a whole unit when there is space; else the
             // unit is rewritten in place through a deferred write.
