@@ -1594,10 +1594,13 @@ impl Inner {
                     c.omap_bytes -= (k.len() + n) as u64;
                 }
             }
-            onode.size = e.size;
-            onode.version = e.version;
-            onode.attrs = e.attrs.clone();
-            onodes.insert(key.as_slice(), onode.encode().as_slice()).map_err(Self::db_err)?;
+            // A data-only change (the common small overwrite) leaves the onode as it is: not rewritten.
+            if !had_base || onode.size != e.size || onode.version != e.version || onode.attrs != e.attrs {
+                onode.size = e.size;
+                onode.version = e.version;
+                onode.attrs = e.attrs.clone();
+                onodes.insert(key.as_slice(), onode.encode().as_slice()).map_err(Self::db_err)?;
+            }
         }
         let mut pgu = tx.open_table(PG_USAGE).map_err(Self::db_err)?;
         for (pg, u) in usage {

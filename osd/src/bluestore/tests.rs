@@ -407,6 +407,11 @@ fn power_cut_at_every_flush_keeps_a_committed_prefix() {
         let sector = if seed % 2 == 0 { 512 } else { 4096 };
         let probe = crash_run(seed, sector, 24, None, None)?;
         let flushes = probe.flush_ios();
+        // A seed replays exactly: the same IOs, so the same crash points.
+        let again = crash_run(seed, sector, 24, None, None)?;
+        if (again.flush_ios(), again.io_count()) != (flushes.clone(), probe.io_count()) {
+            return Err("two runs of one seed did different IO".into());
+        }
         for &f in &flushes {
             for die in [f, f + 1] {
                 crash_run(seed, sector, 24, Some(die), None)
