@@ -1,6 +1,6 @@
 //! A rough BlueStore throughput check on a real file: prefill 64 objects of 4 MiB, then 4 KiB writes from 8
 //! submitters with 16 transactions in flight each: overwrites of the prefilled objects (deferred writes), then
-//! new 4 KiB objects (new units).
+//! new 4 KiB objects (new units); then whole-object reads.
 //!
 //! ```text
 //! cargo run -p osd --example bluestore_bench -- /path/to/scratch/dir
@@ -83,8 +83,18 @@ fn main() {
         println!("{label}: {n} in {el:?} = {:.0} ops/s", n as f64 / el.as_secs_f64());
     }
     let t0 = Instant::now();
+    let mut bytes = 0;
+    for i in 0..OBJECTS {
+        bytes += s.read(pg, &format!("rbd_data.{i}"), 0, u64::MAX).expect("read").len();
+    }
+    let el = t0.elapsed();
+    println!(
+        "whole-object reads: {} MiB in {el:?} = {:.0} MiB/s",
+        bytes >> 20,
+        (bytes >> 20) as f64 / el.as_secs_f64()
+    );
+    let t0 = Instant::now();
     let r = s.fsck(false).expect("fsck");
     println!("fsck: {:?}, clean: {}", t0.elapsed(), r.is_clean());
     println!("{:?}", s.statfs());
-    let _ = s.pg_usage(pg);
 }

@@ -90,6 +90,9 @@ const META_OMAP_BYTES: &str = "omap_bytes";
 
 /// Bytes of deferred writes that may wait to be written in place (they are also held in memory, for reads).
 const DEFERRED_BYTES_MAX: u64 = 16 << 20;
+/// What one queued op counts against `bluestore_throttle_bytes` besides its payload and omap pairs (its
+/// share of the in-memory layer).
+const OP_QUEUED_BYTES: u64 = 256;
 
 /// BlueStore's options, by their Ceph names (the config table wiring is done elsewhere).
 #[derive(Clone, Debug)]
@@ -105,8 +108,9 @@ pub struct BlueStoreOptions {
     pub bluestore_csum_type: String,
     /// Memory for metadata caching (redb's page cache).
     pub bluestore_cache_size: u64,
-    /// Payload bytes of transactions queued or being committed; beyond it [`BlueStore::queue`] returns
-    /// [`StoreError::Busy`] (Ceph's `bluestore_throttle_bytes`).
+    /// Bytes of transactions queued or being committed (payload, omap pairs, and a fixed cost per op);
+    /// beyond it [`BlueStore::queue`] returns [`StoreError::Busy`] (Ceph's `bluestore_throttle_bytes`). A
+    /// transaction larger than the bound alone is taken when nothing else is queued.
     pub bluestore_throttle_bytes: u64,
     /// Committed batches whose deferred writes may wait before they are written in place together (one
     /// flush of scattered writes for many batches instead of one per batch).
@@ -220,6 +224,7 @@ struct Committer {
 }
 
 struct Inner {
+    label: Label,
     env: Arc<dyn Env>,
     db: Database,
     block: Arc<dyn BlockDevice>,
@@ -383,6 +388,13 @@ impl BlueStore {
         };
         check_options(&opts)?;
         let block = env.open(BLOCK_FILE, false).map_err(io("block file"))?;
+        let block_len = block.len().map_err(io("block file size"))?;
+        if block_len < label.block_bytes {
+            return Err(BlueStoreError::Damaged {
+                where_: where_.clone(),
+                why: format!("block file of {block_len} bytes, the label says {}", label.block_bytes),
+            });
+        }
         let db_dev = env.open(DB_FILE, false).map_err(io("db file"))?;
         let db_err =
             |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
@@ -462,6 +474,7 @@ impl BlueStore {
         }
         let free_aus = alloc.free_aus();
         let inner = Arc::new(Inner {
+            label,
             env,
             db,
             block,
@@ -502,6 +515,11 @@ impl BlueStore {
     /// store has failed. On any error nothing changed.
     pub fn queue(&self, txn: &Transaction) -> Result<CommitSeq, StoreError> {
         self.inner.queue(txn)
+    }
+
+    /// The store's identity and geometry (fsid, OSD id, block size, allocation unit), fixed at mkfs.
+    pub fn label(&self) -> &Label {
+        &self.inner.label
     }
 
     /// The highest sequence number such that it and every earlier one are durable.
@@ -673,18 +691,36 @@ impl Inner {
         let mut buf = vec![0u8; ((b1 - b0) * CSUM_BLOCK_BYTES) as usize];
         let at = pau * self.au + b0 * CSUM_BLOCK_BYTES;
         self.block.read_at(at, &mut buf).map_err(|e| io_err(&format!("block read at {at}"), e))?;
-        for (i, block) in buf.chunks(CSUM_BLOCK_BYTES as usize).enumerate() {
-            let want = csums[b0 as usize + i];
-            let got = crc32c(block);
-            if got != want {
-                return Err(StoreError::Io(format!(
-                    "checksum mismatch at block offset {}: crc32c {got:#010x}, expected {want:#010x}",
-                    at + i as u64 * CSUM_BLOCK_BYTES
-                )));
-            }
-        }
+        verify_blocks(at, &buf, &csums[b0 as usize..b1 as usize])?;
         let skip = (from - b0 * CSUM_BLOCK_BYTES) as usize;
         out.copy_from_slice(&buf[skip..skip + out.len()]);
+        Ok(())
+    }
+
+    /// Reads the part of `run` within `[offset, end)` into `buf` (object bytes from `offset`): one device
+    /// read of whole checksum blocks, each verified.
+    fn read_run(&self, run: &Run, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        assert_eq!(run.csums.len() as u64 * CSUM_BLOCK_BYTES, run.units * self.au, "one crc per 4 KiB");
+        let from = run.obj.max(offset);
+        let to = (run.obj + run.units * self.au).min(end);
+        assert!(from < to, "a run is read only where it overlaps the read");
+        let b0 = (from - run.obj) / CSUM_BLOCK_BYTES;
+        let b1 = (to - run.obj).div_ceil(CSUM_BLOCK_BYTES);
+        let at = run.pau * self.au + b0 * CSUM_BLOCK_BYTES;
+        let csums = &run.csums[b0 as usize..b1 as usize];
+        let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        if (from - run.obj).is_multiple_of(CSUM_BLOCK_BYTES)
+            && dst.len() as u64 == (b1 - b0) * CSUM_BLOCK_BYTES
+        {
+            // Whole blocks: straight into the caller's buffer.
+            self.block.read_at(at, dst).map_err(|e| io_err(&format!("block read at {at}"), e))?;
+            return verify_blocks(at, dst, csums);
+        }
+        let mut tmp = vec![0u8; ((b1 - b0) * CSUM_BLOCK_BYTES) as usize];
+        self.block.read_at(at, &mut tmp).map_err(|e| io_err(&format!("block read at {at}"), e))?;
+        verify_blocks(at, &tmp, csums)?;
+        let skip = (from - run.obj - b0 * CSUM_BLOCK_BYTES) as usize;
+        dst.copy_from_slice(&tmp[skip..skip + dst.len()]);
         Ok(())
     }
 
@@ -704,6 +740,8 @@ impl Inner {
         let blobs = rtx.open_table(BLOBS).map_err(Self::db_err)?;
         let lo = blob_key(nid, offset / BLOB_BYTES);
         let hi = blob_key(nid, (end - 1) / BLOB_BYTES);
+        // Units contiguous in the object and on the device are read together.
+        let mut run: Option<Run> = None;
         for row in blobs.range(lo.as_slice()..=hi.as_slice()).map_err(Self::db_err)? {
             let (k, v) = row.map_err(Self::db_err)?;
             let (_, index) =
@@ -712,14 +750,38 @@ impl Inner {
             for (slot, s) in blob.slots.iter().enumerate() {
                 let Some((pau, csums)) = s else { continue };
                 let u0 = index * BLOB_BYTES + slot as u64 * self.au;
-                let from = u0.max(offset);
-                let to = (u0 + self.au).min(end);
-                if from >= to {
+                if u0 + self.au <= offset || u0 >= end {
                     continue;
                 }
-                let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                self.read_unit(*pau, csums, from - u0, to - u0, dst)?;
+                if self.deferred_cache.read().contains_key(pau) {
+                    if let Some(r) = run.take() {
+                        self.read_run(&r, offset, end, buf)?;
+                    }
+                    let (from, to) = (u0.max(offset), (u0 + self.au).min(end));
+                    let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                    self.read_unit(*pau, csums, from - u0, to - u0, dst)?;
+                    continue;
+                }
+                match &mut run {
+                    Some(r)
+                        if r.obj + r.units * self.au == u0
+                            && r.pau + r.units == *pau
+                            && r.units * self.au < RUN_BYTES_MAX =>
+                    {
+                        r.units += 1;
+                        r.csums.extend_from_slice(csums);
+                    }
+                    _ => {
+                        if let Some(r) = run.take() {
+                            self.read_run(&r, offset, end, buf)?;
+                        }
+                        run = Some(Run { obj: u0, pau: *pau, units: 1, csums: csums.clone() });
+                    }
+                }
             }
+        }
+        if let Some(r) = run.take() {
+            self.read_run(&r, offset, end, buf)?;
         }
         Ok(())
     }
@@ -939,7 +1001,20 @@ impl Inner {
                 ops.len()
             )));
         }
-        let payload_bytes = txn.payload_bytes();
+        // What the transaction holds in memory until committed: payload, omap pairs, and a fixed cost per op
+        // (so metadata-only transactions are bounded too).
+        let payload_bytes = txn.payload_bytes()
+            + ops
+                .iter()
+                .map(|op| match op {
+                    TxOp::OmapSet { pairs, .. } => {
+                        pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+                    }
+                    TxOp::OmapRm { keys, .. } => keys.iter().map(|k| k.len() as u64).sum(),
+                    _ => 0,
+                })
+                .sum::<u64>()
+            + ops.len() as u64 * OP_QUEUED_BYTES;
         let mut guard = self.overlay.lock();
         let ov = &mut *guard;
         if let Some(e) = &ov.failed {
@@ -947,7 +1022,7 @@ impl Inner {
         }
         if ov.pending_bytes > 0 && ov.pending_bytes + payload_bytes > self.opts.bluestore_throttle_bytes {
             return Err(StoreError::Busy(format!(
-                "{} payload bytes queued (bluestore_throttle_bytes {})",
+                "{} bytes queued (bluestore_throttle_bytes {})",
                 ov.pending_bytes, self.opts.bluestore_throttle_bytes
             )));
         }
@@ -1342,6 +1417,7 @@ impl Inner {
             drop(cache);
             let mut ov = self.overlay.lock();
             ov.inflight = None;
+            assert!(ov.pending_bytes >= layer.payload_bytes && ov.reserved_aus >= layer.reserved_aus);
             ov.pending_bytes -= layer.payload_bytes;
             ov.reserved_aus -= layer.reserved_aus;
             ov.free_aus = c.alloc.free_aus();
@@ -1360,6 +1436,33 @@ impl Inner {
             n(layer.last_seq);
         }
     }
+}
+
+/// A device read is at most this long (a run of units contiguous in the object and on the device).
+const RUN_BYTES_MAX: u64 = 1 << 20;
+
+/// Units of an object contiguous in the object and on the device, with their checksums.
+struct Run {
+    /// Object offset of the first unit.
+    obj: u64,
+    pau: u64,
+    units: u64,
+    csums: Vec<u32>,
+}
+
+/// Checks each 4 KiB block of `data` (read from device offset `at`) against its crc32c.
+fn verify_blocks(at: u64, data: &[u8], csums: &[u32]) -> Result<(), StoreError> {
+    assert_eq!(data.len() as u64, csums.len() as u64 * CSUM_BLOCK_BYTES);
+    for (i, (block, &want)) in data.chunks(CSUM_BLOCK_BYTES as usize).zip(csums).enumerate() {
+        let got = crc32c(block);
+        if got != want {
+            return Err(StoreError::Io(format!(
+                "checksum mismatch at block offset {}: crc32c {got:#010x}, expected {want:#010x}",
+                at + i as u64 * CSUM_BLOCK_BYTES
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An onode key and the version of its object, as listings read them.
@@ -1489,10 +1592,13 @@ impl Inner {
                     c.omap_bytes -= (k.len() + n) as u64;
                 }
             }
-            onode.size = e.size;
-            onode.version = e.version;
-            onode.attrs = e.attrs.clone();
-            onodes.insert(key.as_slice(), onode.encode().as_slice()).map_err(Self::db_err)?;
+            // A data-only change (the common small overwrite) leaves the onode as it is: not rewritten.
+            if !had_base || onode.size != e.size || onode.version != e.version || onode.attrs != e.attrs {
+                onode.size = e.size;
+                onode.version = e.version;
+                onode.attrs = e.attrs.clone();
+                onodes.insert(key.as_slice(), onode.encode().as_slice()).map_err(Self::db_err)?;
+            }
         }
         let mut pgu = tx.open_table(PG_USAGE).map_err(Self::db_err)?;
         for (pg, u) in usage {
@@ -1662,6 +1768,7 @@ impl Inner {
             if e.size < u0 + au {
                 buf[e.size.saturating_sub(u0) as usize..].fill(0);
             }
+            assert!(u0 < e.size, "a unit with data lies within the object");
             let csums: Vec<u32> = buf.chunks(CSUM_BLOCK_BYTES as usize).map(crc32c).collect();
             // New space for a new unit, or for a large write of a whole unit when there is space; else the
             // unit is rewritten in place through a deferred write.

@@ -69,6 +69,8 @@ struct ObjState {
     attrs: Vec<(String, Bytes)>,
     omap: Vec<(String, Vec<u8>)>,
     omap_some: Vec<(String, Vec<u8>)>,
+    /// Reads at odd offsets and lengths.
+    parts: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -98,6 +100,10 @@ fn snapshot(s: &dyn ObjectStore, pgs_to_check: &[PgId]) -> Result<State, StoreEr
         for (name, _) in &names {
             let st = s.stat(pg, name)?;
             let data = s.read(pg, name, 0, u64::MAX)?.to_vec();
+            let parts = [(4095, 8194), (st.size / 3, 70_001), (st.size.saturating_sub(5), 100), (65_535, 2)]
+                .iter()
+                .map(|&(off, len)| s.read(pg, name, off, len).map(|b| b.to_vec()))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut omap = Vec::new();
             let mut after: Option<String> = None;
             loop {
@@ -118,6 +124,7 @@ fn snapshot(s: &dyn ObjectStore, pgs_to_check: &[PgId]) -> Result<State, StoreEr
                     attrs: s.getattrs(pg, name)?,
                     omap,
                     omap_some: s.omap_get(pg, name, &keys)?,
+                    parts,
                 },
             );
         }
@@ -140,7 +147,7 @@ fn diff(a: &State, b: &State) -> Option<String> {
         if x.size != y.size || x.version != y.version {
             return Some(format!("{k:?}: size/version {}/{} vs {}/{}", x.size, x.version, y.size, y.version));
         }
-        if x.data != y.data {
+        if x.data != y.data || x.parts != y.parts {
             let at = x.data.iter().zip(&y.data).position(|(p, q)| p != q);
             return Some(format!("{k:?}: data differs (first at {at:?})"));
         }
@@ -299,7 +306,16 @@ fn matching_prefix(accepted: &[Transaction], from: usize, state: &State) -> Resu
 
 /// One run of the workload of `seed`, in groups (paused while queued, then committed), optionally with the
 /// power going at mutating IO `die_at`; then power cut, remount, and the checks. Returns the disk.
-fn crash_run(seed: u64, sector: usize, txns: usize, die_at: Option<u64>) -> Result<SimDisk, String> {
+///
+/// With `recovery_die`, the power also goes that many mutating IOs into the first remount (during deferred
+/// replay, redb's repair, or the remount's own shutdown), and the store is remounted once more.
+fn crash_run(
+    seed: u64,
+    sector: usize,
+    txns: usize,
+    die_at: Option<u64>,
+    recovery_die: Option<u64>,
+) -> Result<SimDisk, String> {
     let disk = SimDisk::new(sector);
     let o = BlueStoreOptions {
         bluestore_max_deferred_txc: [1, 3, 32][((seed / 2 + seed) % 3) as usize],
@@ -359,6 +375,12 @@ fn crash_run(seed: u64, sector: usize, txns: usize, die_at: Option<u64>) -> Resu
     }
     drop(store);
     disk.power_cut(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    if let Some(k) = recovery_die {
+        disk.die_at_io(disk.io_count() + k);
+        // The remount fails or succeeds depending on where the power goes; either way it goes.
+        drop(BlueStore::open_in(env_of(&disk), &o));
+        disk.power_cut(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+    }
     let store = BlueStore::open_in(env_of(&disk), &o).map_err(|e| format!("remount: {e}"))?;
     check_fsck(&store, true)?;
     let state = snapshot(&store, &pgs()).map_err(|e| format!("read after remount: {e}"))?;
@@ -383,11 +405,17 @@ fn power_cut_at_every_flush_keeps_a_committed_prefix() {
     // with torn and reordered pending writes, on 512 B and 4 KiB sectors.
     for_seeds("power_cut_at_every_flush_keeps_a_committed_prefix", 100, 2, |seed| {
         let sector = if seed % 2 == 0 { 512 } else { 4096 };
-        let probe = crash_run(seed, sector, 24, None)?;
+        let probe = crash_run(seed, sector, 24, None, None)?;
         let flushes = probe.flush_ios();
+        // A seed replays exactly: the same IOs, so the same crash points.
+        let again = crash_run(seed, sector, 24, None, None)?;
+        if (again.flush_ios(), again.io_count()) != (flushes.clone(), probe.io_count()) {
+            return Err("two runs of one seed did different IO".into());
+        }
         for &f in &flushes {
             for die in [f, f + 1] {
-                crash_run(seed, sector, 24, Some(die)).map_err(|e| format!("power cut at io {die}: {e}"))?;
+                crash_run(seed, sector, 24, Some(die), None)
+                    .map_err(|e| format!("power cut at io {die}: {e}"))?;
             }
         }
         Ok(())
@@ -396,17 +424,21 @@ fn power_cut_at_every_flush_keeps_a_committed_prefix() {
 
 #[test]
 fn random_power_cuts_keep_a_committed_prefix() {
-    // Goal: as above, at arbitrary IOs (mid-commit, between a batch's data writes, during deferred
-    // replay at mount). Method: per seed, a probe counts the workload's mutating IOs; then power cuts at
-    // seeded random IO numbers within it.
+    // Goal: as above, at arbitrary IOs (mid-commit, between a batch's data writes, during the in-place
+    // writes of deferred batches), and again during the recovery (deferred replay at mount, redb's repair).
+    // Method: per seed, a probe counts the workload's mutating IOs; then power cuts at seeded random IO
+    // numbers within it, one of them followed by a second cut a few IOs into the remount.
     for_seeds("random_power_cuts_keep_a_committed_prefix", 1000, 12, |seed| {
         let sector = if seed % 3 == 0 { 4096 } else { 512 };
-        let probe = crash_run(seed, sector, 40, None)?;
+        let probe = crash_run(seed, sector, 40, None, None)?;
         let total = probe.io_count();
         let mut rng = SplitMix64::new(seed);
-        for _ in 0..3 {
+        for i in 0..3 {
             let die = 1 + rng.below(total);
-            crash_run(seed, sector, 40, Some(die)).map_err(|e| format!("power cut at io {die}: {e}"))?;
+            // One run in three also loses power during its recovery.
+            let again = (i == 2).then(|| 1 + rng.below(12));
+            crash_run(seed, sector, 40, Some(die), again)
+                .map_err(|e| format!("power cut at io {die}, then {again:?} ios into the remount: {e}"))?;
         }
         Ok(())
     });
@@ -671,6 +703,11 @@ fn options_are_checked_and_a_foreign_directory_is_refused() {
     assert!(matches!(BlueStore::open(&dir, &opts(8 << 20)), Err(BlueStoreError::NotAStore { .. })));
     BlueStore::mkfs(&dir, &opts(8 << 20), 3, [1; 16]).unwrap();
     let store = BlueStore::open(&dir, &opts(8 << 20)).unwrap();
+    assert_eq!((store.label().osd_id, store.label().fsid, store.label().block_bytes), (3, [1; 16], 8 << 20));
+    assert!(
+        matches!(BlueStore::open(&dir, &opts(8 << 20)), Err(BlueStoreError::Io { .. })),
+        "a store open in another process (here: another handle) is refused"
+    );
     store.apply(&write_txn("real", 3, b"on a real file")).unwrap();
     drop(store);
     let store = BlueStore::open(&dir, &opts(8 << 20)).unwrap();
@@ -770,6 +807,9 @@ fn a_full_queue_is_busy_and_statfs_adds_up() {
     store.pause_commits(true);
     store.queue(&write_txn("a", 0, &[1; 40 << 10])).unwrap();
     let seq = store.queue(&write_txn("b", 0, &[2; 20 << 10])).unwrap();
+    let mut small = Transaction::new();
+    small.omap_set(oid("b"), vec![("k".into(), vec![0; 4 << 10])]);
+    assert!(matches!(store.queue(&small), Err(StoreError::Busy(_))), "omap pairs count too");
     let busy = store.queue(&write_txn("c", 0, &[3; 20 << 10])).expect_err("over the bound");
     assert!(matches!(busy, StoreError::Busy(_)), "{busy}");
     assert!(store.stat(pgs()[0], "c").is_err(), "nothing of a refused transaction applied");
@@ -819,4 +859,55 @@ fn a_unit_is_not_released_while_a_reader_may_be_reading_it() {
     store.wait_committed(seq, WAIT).unwrap();
     assert_eq!(store.read(pgs()[0], "a", 0, u64::MAX).unwrap(), vec![2u8; 64 << 10]);
     check_fsck(&store, true).unwrap();
+}
+
+#[test]
+fn power_cut_during_deferred_replay_loses_nothing() {
+    // Goal: the redo records of deferred writes survive until their replay is durable, whatever the power
+    // does during the replay. Method: three committed small overwrites wait as deferred records; the power
+    // goes at the block flush of the shutdown that writes them in place (so those writes tear or vanish);
+    // then, for every k, the power goes again k IOs into the remount that replays them; a third mount must
+    // read every committed byte.
+    for sector in [512, 4096] {
+        let o = BlueStoreOptions { bluestore_max_deferred_txc: 32, ..opts(8 << 20) };
+        let setup = || {
+            let disk = SimDisk::new(sector);
+            let store = mkfs_open(&disk, &o);
+            store.apply(&write_txn("a", 0, &[1; 64 << 10])).unwrap();
+            for v in 2..5u8 {
+                store.apply(&write_txn("a", v as u64 * 4096, &[v; 4096])).unwrap();
+            }
+            (disk, store)
+        };
+        let mut want = vec![1u8; 64 << 10];
+        for v in 2..5usize {
+            want[v * 4096..(v + 1) * 4096].fill(v as u8);
+        }
+        // Probe: the shutdown's first flush is the block flush after the in-place writes.
+        let (disk, store) = setup();
+        let before = disk.flush_ios().len();
+        drop(store);
+        let shutdown_flush = disk.flush_ios()[before];
+        let mut replay_ios = 0;
+        for k in 1..=40u64 {
+            let (disk, store) = setup();
+            disk.die_at_io(shutdown_flush);
+            drop(store);
+            disk.power_cut(k);
+            let start = disk.io_count();
+            disk.die_at_io(start + k);
+            drop(BlueStore::open_in(env_of(&disk), &o));
+            let reached_end = !disk.is_dead();
+            disk.power_cut(k * 7919);
+            let store = BlueStore::open_in(env_of(&disk), &o)
+                .unwrap_or_else(|e| panic!("sector {sector}, k {k}: {e}"));
+            assert_eq!(store.read(pgs()[0], "a", 0, u64::MAX).unwrap(), want, "sector {sector}, k {k}");
+            check_fsck(&store, true).unwrap_or_else(|e| panic!("sector {sector}, k {k}: {e}"));
+            if reached_end {
+                replay_ios = k;
+                break;
+            }
+        }
+        assert!(replay_ios > 3, "the remount's replay and shutdown were cut at every IO ({replay_ios})");
+    }
 }
