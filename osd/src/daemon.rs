@@ -30,6 +30,7 @@ use rados::monclient::{MonClient, MonClientError};
 use rados::msg::{types, MonReply, MonRequest, OsdCommand, OsdCommandReply, OsdError, OsdOpRequest, PgStat};
 use rados::placement::Placement;
 
+use crate::bluestore::{BlueStore, BlueStoreOptions};
 use crate::exec::OpLimits;
 use crate::heartbeat::{HbReport, HeartbeatError, HeartbeatService, Peer};
 use crate::proto::{self, PeerMsg};
@@ -37,7 +38,6 @@ use crate::shard::{
     reply_command, Shard, ShardEvent, ShardHandle, ShardShared, StallGuard, SubmitError, INLINE_BATCH_MAX,
     TICK,
 };
-use crate::bluestore::{BlueStore, BlueStoreOptions};
 use crate::store::{MemStore, ObjectStore};
 
 /// How often PG stats go to the monitor (and how soon after a PG changes state, at most this plus a tick).
@@ -219,7 +219,8 @@ fn open_store(
                 tracing::info!(%id, block_bytes = opts.bluestore_block_size, "created a BlueStore");
             }
             let t = Instant::now();
-            let store = BlueStore::open(data_dir, &opts).map_err(|e| damaged(format!("opening the BlueStore: {e}")))?;
+            let store = BlueStore::open(data_dir, &opts)
+                .map_err(|e| damaged(format!("opening the BlueStore: {e}")))?;
             tracing::info!(%id, mount_ms = t.elapsed().as_millis() as u64, "BlueStore mounted");
             Ok(Arc::new(store))
         }

@@ -1038,7 +1038,9 @@ impl<C> Pg<C> {
             return;
         }
         match self.queue(&txn) {
-            Err(StoreError::Busy(_)) => self.store_backlog.push_back(Backlogged::RepOp { from, epoch, version, txn }),
+            Err(StoreError::Busy(_)) => {
+                self.store_backlog.push_back(Backlogged::RepOp { from, epoch, version, txn })
+            }
             r => self.answer_rep_op(from, epoch, version, r.map(|_| ())),
         }
     }

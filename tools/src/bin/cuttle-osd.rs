@@ -59,7 +59,8 @@ fn fsck(args: &Args) -> Result<bool> {
         anyhow::bail!("{} holds no BlueStore", dir.display());
     }
     // Options fixed at creation come from the store itself; the config (if any) only sizes caches.
-    let cfg = rados::config::Config::discover(args.daemon.conf.as_deref()).map(|(c, _)| c).unwrap_or_default();
+    let cfg =
+        rados::config::Config::discover(args.daemon.conf.as_deref()).map(|(c, _)| c).unwrap_or_default();
     let store = osd::bluestore::BlueStore::open(dir, &osd::daemon::bluestore_options(&cfg))
         .with_context(|| format!("opening {} (is the OSD still running?)", dir.display()))?;
     let t = std::time::Instant::now();
