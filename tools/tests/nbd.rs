@@ -308,7 +308,8 @@ fn nbd_map_serves_real_clients() {
 // the image mappable and its flushed data intact. Method: our NBD client pipelines rounds of 16 x 64 KiB
 // writes plus a flush; after a few rounds `rbd unmap` runs concurrently; every round whose flush was
 // acknowledged must read back through librbd. Then map again, write and flush, kill -9 the server,
-// showmapped cleans up, map again and read the data back through NBD.
+// showmapped cleans up, map again and read the data back through NBD; then `cuttle down`, `cuttle up`, and read
+// it all back through NBD again.
 #[test]
 fn nbd_unmap_and_kill_keep_flushed_data() {
     let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -395,7 +396,23 @@ fn nbd_unmap_and_kill_keep_flushed_data() {
     assert_ne!(cl.flags & 1, 0, "HAS_FLAGS");
     drop(cl);
     rbd_ok(&c, &["unmap", &uri]);
-    eprintln!("unmap/kill checks took {:?} (cluster up {:?})", t0.elapsed(), c.up_took);
+
+    // --- what was written through NBD survives `cuttle down` and `cuttle up`
+    for verb in ["down", "up"] {
+        let out = run(Command::new(cuttle_bin()).arg(verb).arg("--dir").arg(&c.dir));
+        assert!(out.status.success(), "cuttle {verb}: {}", stderr(&out));
+    }
+    let uri = map(&c, &["rbd/d"]);
+    let mut cl = Nbd::connect(&socket_of(&uri), "d");
+    assert_eq!(cl.read(5_000_001, 100_000), d, "data written through NBD lost across a cluster restart");
+    let overwritten = |n: usize| n * BLOCK < 5_100_001 && (n + 1) * BLOCK > 5_000_001;
+    for n in (0..acked_rounds * PER_ROUND).step_by(7).filter(|&n| !overwritten(n)) {
+        let got = cl.read((n * BLOCK) as u64, BLOCK as u32);
+        assert!(got[..] == pattern(n as u64 + 1, BLOCK)[..], "block {n} lost across a cluster restart");
+    }
+    drop(cl);
+    rbd_ok(&c, &["unmap", &uri]);
+    eprintln!("unmap/kill/restart checks took {:?} (cluster up {:?})", t0.elapsed(), c.up_took);
 }
 
 /// Sends `reqs` (type, flags, cookie, offset, length, data) back to back from another thread while this one
