@@ -286,6 +286,8 @@ fn config(mon: SocketAddr) -> Config {
         osd_heartbeat_interval: 0.5,
         osd_heartbeat_grace: 5.0,
         rados_mon_op_timeout: 5.0,
+        // These tests restart OSDs empty in-process; BlueStore's restarts are the end-to-end tests'.
+        osd_objectstore: "memstore".into(),
         ..Config::default()
     }
 }
