@@ -102,19 +102,40 @@ struct Subscriber {
     log: bool,
 }
 
-/// Brings a subscriber to the current epoch, unless it has not read what it was sent (then it is left
-/// behind, and a later call sends what it missed in one update, a full map if it fell far behind).
+/// Where map updates go: a subscriber's connection (a fake in tests).
+trait Outbox {
+    /// Bytes queued and not yet written to the peer.
+    fn outgoing_bytes(&self) -> u64;
+    fn send(&self, m: Message) -> bool;
+}
+
+impl Outbox for Connection {
+    fn outgoing_bytes(&self) -> u64 {
+        Connection::outgoing_bytes(self)
+    }
+    fn send(&self, m: Message) -> bool {
+        self.send_message(m).is_ok()
+    }
+}
+
 fn push_map(state: &MonState, s: &mut Subscriber) {
+    push_map_to(state, &s.conn, &mut s.have, SUBSCRIBER_BACKLOG_MAX);
+}
+
+/// Brings a subscriber at `have` to the current epoch, unless it has `backlog_max` bytes not yet written to
+/// it (then it is left behind, and a later call sends what it missed in one update: a full map if it fell
+/// far behind).
+fn push_map_to(state: &MonState, to: &dyn Outbox, have: &mut Option<Epoch>, backlog_max: u64) {
     let cur = state.map().epoch;
-    if s.have.is_some_and(|h| h >= cur) || s.conn.outgoing_bytes() >= SUBSCRIBER_BACKLOG_MAX {
+    if have.is_some_and(|h| h >= cur) || to.outgoing_bytes() >= backlog_max {
         return;
     }
-    if let Some(update) = state.map_update_since(s.have) {
-        if s.conn.send_message(Message::encode(types::MON_MAP, &update)).is_err() {
+    if let Some(update) = state.map_update_since(*have) {
+        if !to.send(Message::encode(types::MON_MAP, &update)) {
             return;
         }
     }
-    s.have = Some(cur);
+    *have = Some(cur);
 }
 
 /// Unix-epoch milliseconds that never go backwards: the wall clock read once at start, plus monotonic time.
@@ -387,4 +408,61 @@ impl Dispatcher for MonDispatcher {
 /// A messenger nonce that differs between monitor instances (a restarted monitor is a new peer instance).
 fn nonce() -> u64 {
     messenger::util::entropy()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::cell::RefCell;
+
+    use rados::msg::MapUpdate;
+
+    /// A subscriber that reads nothing until told to: what it was sent piles up here.
+    #[derive(Default)]
+    struct Stalled {
+        queued: RefCell<Vec<Message>>,
+    }
+
+    impl Outbox for Stalled {
+        fn outgoing_bytes(&self) -> u64 {
+            self.queued.borrow().iter().map(|m| m.payload_bytes() as u64).sum()
+        }
+        fn send(&self, m: Message) -> bool {
+            self.queued.borrow_mut().push(m);
+            true
+        }
+    }
+
+    // Goal: a subscriber that does not read costs the monitor at most its backlog bound, however many epochs
+    // pass, and once it reads it catches up in one update. Method: 600 epochs (OSD registrations) with a
+    // subscriber that never reads and a 4 KiB bound: what is queued for it stays within the bound plus one
+    // update; then it reads everything and one more push brings it to the newest epoch with a full map.
+    #[test]
+    fn a_subscriber_that_does_not_read_is_bounded_and_catches_up_with_one_update() {
+        const BOUND: u64 = 4096;
+        let cfg = Config { fsid: rados::Fsid([3; 16]).to_string(), ..Config::default() };
+        let (mut state, _) = MonState::create(MonOptions::from_config(&cfg).unwrap(), 1_000);
+        let sub = Stalled::default();
+        let mut have = Some(state.map().epoch);
+        let mut largest = 0;
+        for i in 0..600u32 {
+            let mut uuid = [0xa5u8; 16];
+            uuid[..4].copy_from_slice(&i.to_le_bytes());
+            let (reply, _) = state.handle(1_000, None, MonRequest::OsdNew { uuid, host: "h".into() });
+            assert!(matches!(reply, MonReply::OsdId(_)), "{reply:?}");
+            push_map_to(&state, &sub, &mut have, BOUND);
+            largest = largest.max(sub.queued.borrow().last().map_or(0, |m| m.payload_bytes() as u64));
+            assert!(sub.outgoing_bytes() <= BOUND + largest, "{} bytes queued", sub.outgoing_bytes());
+        }
+        let behind = have.unwrap();
+        assert!(behind < state.map().epoch, "the subscriber was left behind");
+        sub.queued.borrow_mut().clear();
+        push_map_to(&state, &sub, &mut have, BOUND);
+        assert_eq!(have, Some(state.map().epoch));
+        let q = sub.queued.borrow();
+        assert_eq!(q.len(), 1, "one update brings it up to date");
+        let update: MapUpdate = q[0].decode().unwrap();
+        assert_eq!(update.full.map(|m| m.epoch), Some(state.map().epoch), "far behind: a full map");
+    }
 }

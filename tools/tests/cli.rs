@@ -32,16 +32,18 @@ fn config_help_lists_every_option() {
 }
 
 // Goal: a reader that goes away (`cuttle config help | head -1`) ends the tool quietly with 141, not with a
-// panic and a backtrace. Method: spawn with stdout piped and close the read end before the tool writes.
+// panic and a backtrace. Method: the tool's stdout is a pipe whose read end is closed before it starts (so
+// its first write fails however the two processes are scheduled).
 #[test]
 fn a_closed_stdout_ends_the_tool_quietly() {
-    let mut child = std::process::Command::new(cuttle_bin())
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = std::process::Command::new(cuttle_bin())
         .args(["config", "help"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
