@@ -3,8 +3,8 @@
 # cluster with the default options, each OSD's peak resident memory, then a restart and each OSD's mount time.
 # Uses the optimized dev build (cargo build -p tools); the cluster lives in /tmp/m8 and is removed at the end.
 set -e
-cd /work/main; D=/tmp/m8; C=$D/cuttle.toml
-target/debug/cuttle down --dir $D 2>/dev/null; rm -rf $D
+cd "$(dirname "$0")/../.."; D=/tmp/m8; C=$D/cuttle.toml
+target/debug/cuttle down --dir $D 2>/dev/null || true; rm -rf $D
 target/debug/cuttle up --dir $D
 target/debug/rbd --conf $C create --size 9G rbd/big
 /usr/bin/time -v target/debug/rbd --conf $C bench --io-type write --io-size 4M --io-pattern seq --io-total 8G rbd/big 2>&1 | tail -30
