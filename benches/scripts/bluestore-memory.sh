@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."; D=/tmp/m8; C=$D/cuttle.toml
 target/debug/cuttle down --dir $D 2>/dev/null || true; rm -rf $D
 target/debug/cuttle up --dir $D
 target/debug/rbd --conf $C create --size 9G rbd/big
-/usr/bin/time -v target/debug/rbd --conf $C bench --io-type write --io-size 4M --io-pattern seq --io-total 8G rbd/big 2>&1 | tail -30
+target/debug/rbd --conf $C bench --io-type write --io-size 4M --io-pattern seq --io-total 8G rbd/big 2>&1 | tail -3
 for o in 0 1 2; do p=$(cat $D/osd.$o.pid); echo "osd.$o $(grep -E 'VmRSS|VmHWM' /proc/$p/status | tr '\n' ' ')"; done
 target/debug/cuttle --conf $C osd df
 du -sh $D/osd.*/block $D/osd.*/db
