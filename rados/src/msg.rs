@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Epoch, OsdId, PgId, PoolId};
-use crate::map::{Incremental, OsdAddrs, OsdMap};
+use crate::map::{Incremental, MapError, OsdAddrs, OsdMap};
 
 /// Message type numbers (the messenger's `msg_type`).
 pub mod types {
@@ -110,6 +110,38 @@ pub enum MonError {
 pub struct MapUpdate {
     pub full: Option<OsdMap>,
     pub incrementals: Vec<Incremental>,
+}
+
+/// An incremental of a [`MapUpdate`] that does not apply to the map before it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot apply incremental {epoch}: {source}")]
+pub struct MapUpdateError {
+    pub epoch: Epoch,
+    #[source]
+    pub source: MapError,
+}
+
+impl MapUpdate {
+    /// The map a subscriber holding `cur` moves to: the full map when it is newer than `cur`, then every
+    /// incremental past that applied in order (older ones are skipped). `None` when nothing is newer.
+    pub fn newer_map(self, cur: Option<&OsdMap>) -> Result<Option<OsdMap>, MapUpdateError> {
+        let mut next: Option<OsdMap> = None;
+        if let Some(full) = self.full {
+            if cur.is_none_or(|c| full.epoch > c.epoch) {
+                next = Some(full);
+            }
+        }
+        for inc in &self.incrementals {
+            let Some(base) = next.as_ref().or(cur) else { break };
+            if inc.epoch <= base.epoch {
+                continue;
+            }
+            let mut m = base.clone();
+            m.apply(inc).map_err(|source| MapUpdateError { epoch: inc.epoch, source })?;
+            next = Some(m);
+        }
+        Ok(next)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
