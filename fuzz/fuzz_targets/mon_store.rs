@@ -2,8 +2,8 @@
 //! error or restarts from a consistent state; it never panics.
 //! Method: build the store's records (`mon::store::Records`: the meta values, the incrementals, the uuid
 //! registry and the log rows) from the input, decode them with `Records::decode` as `Store::open` does,
-//! and restore the monitor's state from them with `MonState::restore` as the service does; then answer a
-//! status request and a subscription and run a tick, whose effects must encode. The input is raw or an
+//! and restore the monitor's state from them with `MonState::restore` as the service does; then answer the
+//! read-only commands and a subscription and run a tick, whose effects must encode. The input is raw or an
 //! edited encoding ([`cuttle_fuzz::seeded`]) of the records a short-lived real monitor persisted. (redb's
 //! own pages are not fuzzed here: `mon::store` opens files with redb's integrity check, and its test
 //! `damaged_bytes_never_panic` damages whole files.)
@@ -159,8 +159,20 @@ fuzz_target!(|data: &[u8]| {
     let p: Persisted = p;
     let now_ms = 5_000_000;
     let Ok(mut s) = MonState::restore(opts(), p, now_ms) else { return };
-    let (_reply, effects) = s.handle(now_ms, None, MonRequest::Command(MonCommand::Status));
-    check_effects(&s, &effects);
+    // The read-only commands, which walk everything restored.
+    let cmds = [
+        MonCommand::Status,
+        MonCommand::Health,
+        MonCommand::OsdTree,
+        MonCommand::OsdDump,
+        MonCommand::PoolLs,
+        MonCommand::OsdPingTimes,
+        MonCommand::Log { n: 5 },
+    ];
+    for cmd in cmds {
+        let (_reply, effects) = s.handle(now_ms, None, MonRequest::Command(cmd));
+        check_effects(&s, &effects);
+    }
     if let Some(u) = s.map_update_since(Some(Epoch(1))) {
         let m = u.newer_map(None).expect("the monitor's update applies");
         assert!(m.is_none_or(|m| &m == s.map()));
