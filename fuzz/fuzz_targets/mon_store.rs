@@ -15,7 +15,8 @@ use libfuzzer_sys::fuzz_target;
 use mon::state::Persisted;
 use mon::store::Records;
 use mon::{Effect, MonOptions, MonState};
-use rados::msg::{MonCommand, MonRequest};
+use rados::map::OsdInfo;
+use rados::msg::{LogEntry, LogLevel, MonCommand, MonRequest};
 use rados::{Epoch, OsdId};
 
 use cuttle_fuzz::{addrs, FSID};
@@ -140,6 +141,17 @@ fn seeds() -> &'static [Vec<u8>] {
         let effects = s.tick(1_000_000);
         persist(&mut r, &effects, &s);
         seeds.push(encode(&r));
+        // At the edges of the id spaces: the last log sequence number, the last OSD id.
+        let mut edge = r.clone();
+        let last = LogEntry { seq: u64::MAX, stamp_ms: 0, level: LogLevel::Warn, message: "last".into() };
+        edge.log.push((last.seq, postcard::to_stdvec(&last).expect("encodes")));
+        seeds.push(encode(&edge));
+        let mut edge = r.clone();
+        let mut map = s.map().clone();
+        let info = OsdInfo { addrs: None, up: false, in_: false, weight: 0, host: "edge".into() };
+        map.osds.insert(OsdId(u32::MAX), info);
+        edge.osdmap = Some(map.encode().expect("encodes"));
+        seeds.push(encode(&edge));
         seeds
     })
 }
