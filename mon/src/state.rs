@@ -45,6 +45,10 @@ pub const INCREMENTALS_KEPT: usize = 500;
 pub const MAP_UPDATE_INCREMENTALS_MAX: usize = 40;
 /// Cluster log entries kept (and shown by `cuttle log`).
 pub const LOG_ENTRIES_MAX: usize = 1000;
+/// Highest cluster log sequence number: numbers start at 1 and grow by one per entry, so a store holding one
+/// above this (2^63 entries: 292,000 years at a million a second) is damaged, and restoring from it could
+/// never log again without wrapping.
+pub const LOG_SEQ_MAX: u64 = 1 << 63;
 /// PGs summed over all pools. Bounds the monitor's work per health check and the OSDs' per-PG state.
 pub const TOTAL_PGS_MAX: u64 = 1 << 20;
 /// An up OSD that has reported before and then sends no report this long is marked
@@ -191,6 +195,8 @@ pub enum RestoreError {
     History { map: Epoch },
     #[error("stored uuid registry names {0}, which the map does not have")]
     Registry(OsdId),
+    #[error("stored log sequence number {0} leaves no room for new entries (at most {LOG_SEQ_MAX})")]
+    LogSeq(u64),
 }
 
 /// Why an OSD was marked down: decides what its next boot logs.
@@ -360,7 +366,11 @@ impl MonState {
         let pool_id_max = p.map.pools.keys().map(|p| p.0).max().unwrap_or(0).max(p.pool_id_max);
         let pool_created_ms = p.map.pools.keys().map(|&id| (id, now_ms)).collect();
         let any_up = p.map.osds.values().any(|i| i.up);
-        let next_log_seq = p.log.last().map_or(1, |e| e.seq + 1);
+        let next_log_seq = match p.log.last() {
+            Some(e) if e.seq >= LOG_SEQ_MAX => return Err(RestoreError::LogSeq(e.seq)),
+            Some(e) => e.seq + 1,
+            None => 1,
+        };
         let mut log: VecDeque<LogEntry> = p.log.into_iter().collect();
         while log.len() > LOG_ENTRIES_MAX {
             log.pop_front();
@@ -1231,6 +1241,7 @@ impl MonState {
     }
 
     fn log(&mut self, now_ms: u64, level: LogLevel, message: String, effects: &mut Vec<Effect>) {
+        assert!(self.next_log_seq <= LOG_SEQ_MAX, "restore refuses a log this far along");
         let entry = LogEntry { seq: self.next_log_seq, stamp_ms: now_ms, level, message };
         self.next_log_seq += 1;
         self.log.push_back(entry.clone());
@@ -1369,7 +1380,7 @@ impl MonState {
         json!({
             "epoch": self.map.epoch.0,
             "fsid": self.map.fsid.to_string(),
-            "max_osd": self.map.osds.keys().next_back().map_or(0, |o| o.0 + 1),
+            "max_osd": self.map.osds.keys().next_back().map_or(0, |o| u64::from(o.0) + 1),
             "pool_max": self.pool_id_max,
             "pools": pools,
             "osds": osds,
@@ -2402,6 +2413,57 @@ mod tests {
         let effects = c.s.tick(c.now);
         assert_eq!(commits(&effects).len(), 1);
         assert!(!c.up(0));
+    }
+
+    #[test]
+    fn restore_refuses_a_log_at_the_end_of_its_numbers() {
+        // Found reviewing what the mon_store fuzz target reaches (its edge seeds now cover it): a store whose
+        // last log entry is number u64::MAX made restore overflow computing the next number. Method: restore
+        // that input (the entry inline), then one just below the limit, which restores and logs on.
+        let mut c = Cluster::new(config("host", 2), &["a", "b"]);
+        let mut p = Persisted {
+            map: c.s.map().clone(),
+            incrementals: c.s.history.iter().cloned().collect(),
+            uuids: c.s.uuids.clone(),
+            pool_id_max: 0,
+            log: c.s.log_entries().cloned().collect(),
+        };
+        p.log.push(LogEntry { seq: u64::MAX, stamp_ms: 0, level: LogLevel::Warn, message: "last".into() });
+        let opts = || MonOptions::from_config(&config("host", 2)).unwrap();
+        assert!(matches!(MonState::restore(opts(), p.clone(), c.now), Err(RestoreError::LogSeq(u64::MAX))));
+        p.log.last_mut().unwrap().seq = LOG_SEQ_MAX;
+        assert!(matches!(
+            MonState::restore(opts(), p.clone(), c.now),
+            Err(RestoreError::LogSeq(LOG_SEQ_MAX))
+        ));
+        p.log.last_mut().unwrap().seq = LOG_SEQ_MAX - 1;
+        c.s = MonState::restore(opts(), p, c.now).unwrap();
+        let (_, effects) = c.s.handle(c.now, None, MonRequest::Command(MonCommand::OsdOut(OsdId(0))));
+        assert!(effects.iter().any(|e| matches!(e, Effect::Log(l) if l.seq == LOG_SEQ_MAX)));
+    }
+
+    #[test]
+    fn osd_dump_counts_max_osd_past_the_last_id() {
+        // Found reviewing what the mon_store fuzz target reaches (its edge seeds now cover it): a restored map
+        // holding osd.4294967295 made `osd dump` overflow computing max_osd (the highest id plus one). Method:
+        // restore such a map, dump it.
+        let c = Cluster::new(config("host", 2), &["a"]);
+        let mut map = c.s.map().clone();
+        let info = OsdInfo { addrs: None, up: false, in_: false, weight: 0, host: "edge".into() };
+        map.osds.insert(OsdId(u32::MAX), info);
+        let p = Persisted {
+            map,
+            incrementals: c.s.history.iter().cloned().collect(),
+            uuids: c.s.uuids.clone(),
+            pool_id_max: 0,
+            log: Vec::new(),
+        };
+        let mut r =
+            MonState::restore(MonOptions::from_config(&config("host", 2)).unwrap(), p, c.now).unwrap();
+        let (reply, _) = r.handle(c.now, None, MonRequest::Command(MonCommand::OsdDump));
+        let MonReply::Json(text) = reply else { panic!("{reply:?}") };
+        let dump: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(dump["max_osd"], 1u64 << 32);
     }
 
     #[test]

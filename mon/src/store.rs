@@ -180,72 +180,41 @@ impl Store {
         let get = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
             Ok(meta.get(key).map_err(|e| self.db_err(e))?.map(|v| v.value().to_vec()))
         };
-        let Some(format) = get(KEY_FORMAT)? else { return Err(StoreError::NotAStore { path: path.clone() }) };
-        let format = le_u32(&format).ok_or_else(|| self.corrupt("format record", "not 4 bytes"))?;
-        if format != FORMAT_VERSION {
-            return Err(StoreError::Version { path: path.clone(), found: format, expected: FORMAT_VERSION });
-        }
-        let stored_fsid = get(KEY_FSID)?.ok_or_else(|| self.corrupt("fsid", "missing"))?;
-        let stored_fsid: [u8; 16] =
-            stored_fsid.as_slice().try_into().map_err(|_| self.corrupt("fsid", "not 16 bytes"))?;
-        if Fsid(stored_fsid) != fsid {
-            return Err(StoreError::FsidMismatch {
-                path: path.clone(),
-                store: Fsid(stored_fsid),
-                config: fsid,
-            });
-        }
-        let Some(map) = get(KEY_OSDMAP)? else {
+        let mut records = Records {
+            format: get(KEY_FORMAT)?,
+            fsid: get(KEY_FSID)?,
+            osdmap: get(KEY_OSDMAP)?,
+            pool_id_max: get(KEY_POOL_ID_MAX)?,
+            ..Records::default()
+        };
+        // The meta records first: a store of another format may lay its other tables out differently.
+        records.check_meta(fsid).map_err(|e| self.record_err(e, fsid))?;
+        if records.osdmap.is_none() {
             // Created, but the first epoch was never committed: start over.
             return Ok(None);
-        };
-        let map = OsdMap::decode(&map).map_err(|e| self.corrupt("map", e))?;
-        if map.fsid != fsid {
-            return Err(self.corrupt("map", format!("map of cluster {} in the store of {fsid}", map.fsid)));
         }
-        let pool_id_max = match get(KEY_POOL_ID_MAX)? {
-            Some(v) => le_u32(&v).ok_or_else(|| self.corrupt("pool_id_max", "not 4 bytes"))?,
-            None => 0,
-        };
-
-        let mut incrementals = Vec::new();
         if tables.iter().any(|t| t == INCREMENTALS.name()) {
             let t = read.open_table(INCREMENTALS).map_err(|e| self.db_err(e))?;
             for row in t.iter().map_err(|e| self.db_err(e))? {
                 let (k, v) = row.map_err(|e| self.db_err(e))?;
-                let inc = Incremental::decode(v.value()).map_err(|e| self.corrupt("incremental", e))?;
-                if inc.epoch != Epoch(k.value()) {
-                    return Err(
-                        self.corrupt("incremental", format!("{} stored under e{}", inc.epoch, k.value()))
-                    );
-                }
-                incrementals.push(inc);
+                records.incrementals.push((k.value(), v.value().to_vec()));
             }
         }
-        let mut uuids = std::collections::BTreeMap::new();
         if tables.iter().any(|t| t == UUIDS.name()) {
             let t = read.open_table(UUIDS).map_err(|e| self.db_err(e))?;
             for row in t.iter().map_err(|e| self.db_err(e))? {
                 let (k, v) = row.map_err(|e| self.db_err(e))?;
-                uuids.insert(k.value().to_be_bytes(), OsdId(v.value()));
+                records.uuids.push((k.value(), v.value()));
             }
         }
-        let mut log: Vec<LogEntry> = Vec::new();
         if tables.iter().any(|t| t == LOG.name()) {
             let t = read.open_table(LOG).map_err(|e| self.db_err(e))?;
             for row in t.iter().map_err(|e| self.db_err(e))? {
                 let (k, v) = row.map_err(|e| self.db_err(e))?;
-                let entry: LogEntry =
-                    postcard::from_bytes(v.value()).map_err(|e| self.corrupt("log entry", e))?;
-                if entry.seq != k.value() {
-                    return Err(
-                        self.corrupt("log entry", format!("seq {} stored under {}", entry.seq, k.value()))
-                    );
-                }
-                log.push(entry);
+                records.log.push((k.value(), v.value().to_vec()));
             }
         }
-        Ok(Some(Persisted { map, incrementals, uuids, pool_id_max, log }))
+        records.decode(fsid).map_err(|e| self.record_err(e, fsid))
     }
 
     fn initialise(&self, fsid: Fsid) -> Result<(), StoreError> {
@@ -264,6 +233,101 @@ impl Store {
 
     fn corrupt(&self, what: &'static str, why: impl std::fmt::Display) -> StoreError {
         StoreError::Corrupt { path: self.path.clone(), what, why: why.to_string() }
+    }
+
+    /// `e` with the path, for the store opened for cluster `fsid`.
+    fn record_err(&self, e: RecordError, fsid: Fsid) -> StoreError {
+        let path = self.path.clone();
+        match e {
+            RecordError::NotAStore => StoreError::NotAStore { path },
+            RecordError::Version { found } => StoreError::Version { path, found, expected: FORMAT_VERSION },
+            RecordError::FsidMismatch { store } => StoreError::FsidMismatch { path, store, config: fsid },
+            RecordError::Corrupt { what, why } => StoreError::Corrupt { path, what, why },
+        }
+    }
+}
+
+/// The store's records as its tables hold them, before decoding: what [`Store::open`] reads from the file
+/// and decodes with [`Records::decode`]. Public (hidden) for the `mon_store` fuzz target, which decodes
+/// arbitrary records without a file.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct Records {
+    pub format: Option<Vec<u8>>,
+    pub fsid: Option<Vec<u8>>,
+    pub osdmap: Option<Vec<u8>>,
+    pub pool_id_max: Option<Vec<u8>>,
+    /// `(epoch key, value)` in key order, as the table iterates.
+    pub incrementals: Vec<(u32, Vec<u8>)>,
+    pub uuids: Vec<(u128, u32)>,
+    pub log: Vec<(u64, Vec<u8>)>,
+}
+
+/// Why [`Records`] do not decode; [`Store::open`] adds the path.
+#[doc(hidden)]
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("no format record")]
+    NotAStore,
+    #[error("format version {found}")]
+    Version { found: u32 },
+    #[error("store of cluster {store}")]
+    FsidMismatch { store: Fsid },
+    #[error("corrupt {what}: {why}")]
+    Corrupt { what: &'static str, why: String },
+}
+
+fn corrupt(what: &'static str, why: impl std::fmt::Display) -> RecordError {
+    RecordError::Corrupt { what, why: why.to_string() }
+}
+
+impl Records {
+    /// Checks the format record and that the store belongs to cluster `fsid`.
+    pub fn check_meta(&self, fsid: Fsid) -> Result<(), RecordError> {
+        let Some(format) = &self.format else { return Err(RecordError::NotAStore) };
+        let format = le_u32(format).ok_or_else(|| corrupt("format record", "not 4 bytes"))?;
+        if format != FORMAT_VERSION {
+            return Err(RecordError::Version { found: format });
+        }
+        let stored_fsid = self.fsid.as_ref().ok_or_else(|| corrupt("fsid", "missing"))?;
+        let stored_fsid: [u8; 16] =
+            stored_fsid.as_slice().try_into().map_err(|_| corrupt("fsid", "not 16 bytes"))?;
+        if Fsid(stored_fsid) != fsid {
+            return Err(RecordError::FsidMismatch { store: Fsid(stored_fsid) });
+        }
+        Ok(())
+    }
+
+    /// What the records hold for cluster `fsid`; `None` when no epoch was ever committed.
+    pub fn decode(self, fsid: Fsid) -> Result<Option<Persisted>, RecordError> {
+        self.check_meta(fsid)?;
+        let Some(map) = self.osdmap else { return Ok(None) };
+        let map = OsdMap::decode(&map).map_err(|e| corrupt("map", e))?;
+        if map.fsid != fsid {
+            return Err(corrupt("map", format!("map of cluster {} in the store of {fsid}", map.fsid)));
+        }
+        let pool_id_max = match self.pool_id_max {
+            Some(v) => le_u32(&v).ok_or_else(|| corrupt("pool_id_max", "not 4 bytes"))?,
+            None => 0,
+        };
+        let mut incrementals = Vec::new();
+        for (k, v) in self.incrementals {
+            let inc = Incremental::decode(&v).map_err(|e| corrupt("incremental", e))?;
+            if inc.epoch != Epoch(k) {
+                return Err(corrupt("incremental", format!("{} stored under e{k}", inc.epoch)));
+            }
+            incrementals.push(inc);
+        }
+        let uuids = self.uuids.into_iter().map(|(k, v)| (k.to_be_bytes(), OsdId(v))).collect();
+        let mut log: Vec<LogEntry> = Vec::new();
+        for (k, v) in self.log {
+            let entry: LogEntry = postcard::from_bytes(&v).map_err(|e| corrupt("log entry", e))?;
+            if entry.seq != k {
+                return Err(corrupt("log entry", format!("seq {} stored under {k}", entry.seq)));
+            }
+            log.push(entry);
+        }
+        Ok(Some(Persisted { map, incrementals, uuids, pool_id_max, log }))
     }
 }
 

@@ -346,7 +346,8 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 /// The PG metadata as stored: `last_update` and the remembered replies. Garbage in the metadata object (which
 /// only this module writes) is skipped with a warning rather than trusted.
-fn load_meta(store: &dyn ObjectStore, pg: PgId) -> (Eversion, Vec<DupEntry>) {
+#[doc(hidden)] // Public for the peer_msg fuzz target.
+pub fn load_meta(store: &dyn ObjectStore, pg: PgId) -> (Eversion, Vec<DupEntry>) {
     let mut last_update = Eversion::ZERO;
     let mut dups = Vec::new();
     let mut after: Option<String> = None;
@@ -379,7 +380,8 @@ fn load_meta(store: &dyn ObjectStore, pg: PgId) -> (Eversion, Vec<DupEntry>) {
 }
 
 /// Replaces the PG metadata wholesale (peering adopts another OSD's).
-fn meta_replace_txn(pg: PgId, last_update: Eversion, dups: &[DupEntry]) -> Transaction {
+#[doc(hidden)] // Public for the peer_msg fuzz target.
+pub fn meta_replace_txn(pg: PgId, last_update: Eversion, dups: &[DupEntry]) -> Transaction {
     let mut t = Transaction::new();
     t.touch(meta_oid(pg));
     t.omap_clear(meta_oid(pg));
@@ -408,7 +410,8 @@ fn read_copy(
 }
 
 /// The transaction that makes the local copy of `name` equal to `copy` (or absent).
-fn copy_txn(
+#[doc(hidden)] // Public for the peer_msg fuzz target.
+pub fn copy_txn(
     pg: PgId,
     name: &str,
     exists_locally: bool,
@@ -1511,7 +1514,8 @@ impl<C> Pg<C> {
     }
 }
 
-fn op_in_pg(op: &crate::store::TxOp, pg: PgId) -> bool {
+#[doc(hidden)] // Public for the peer_msg fuzz target.
+pub fn op_in_pg(op: &crate::store::TxOp, pg: PgId) -> bool {
     use crate::store::TxOp::*;
     match op {
         Touch { oid }

@@ -469,7 +469,9 @@ impl ListKey {
 struct MemPg {
     objects: HashMap<String, MemObject>,
     index: BTreeSet<ListKey>,
-    bytes: u64,
+    /// The sum of its objects' sizes. Wider than a size: sizes are logical (objects are sparse, and a replica
+    /// takes whatever size its primary sets), so two objects may already add up past 2^64.
+    bytes: u128,
 }
 
 impl MemPg {
@@ -658,25 +660,25 @@ impl MemStore {
                 write_chunks(o, *offset, data);
                 o.size = o.size.max(offset + len);
                 let after = o.size;
-                mpg.bytes = mpg.bytes + after - before;
+                mpg.bytes = mpg.bytes + u128::from(after) - u128::from(before);
             }
             TxOp::Zero { oid, offset, len } => {
                 let o = mpg.objects.get_mut(&oid.name).expect(invariant);
                 let before = o.size;
                 zero_chunks(o, *offset, *len);
                 o.size = o.size.max(offset + len);
-                mpg.bytes = mpg.bytes + o.size - before;
+                mpg.bytes = mpg.bytes + u128::from(o.size) - u128::from(before);
             }
             TxOp::Truncate { oid, size } => {
                 let o = mpg.objects.get_mut(&oid.name).expect(invariant);
                 let before = o.size;
                 truncate_chunks(o, *size);
                 o.size = *size;
-                mpg.bytes = mpg.bytes - before + o.size;
+                mpg.bytes = mpg.bytes - u128::from(before) + u128::from(o.size);
             }
             TxOp::Remove { oid } => {
                 let o = mpg.remove(&oid.name).expect(invariant);
-                mpg.bytes -= o.size;
+                mpg.bytes -= u128::from(o.size);
             }
             TxOp::SetAttr { oid, name, len } => {
                 let value = payload.next().expect("validated: one payload piece per setattr");
@@ -822,9 +824,16 @@ fn punch(o: &mut MemObject, from: u64, to: u64) {
     }
 }
 
+/// The offsets of the chunk at `chunk`. Inclusive: the last chunk of the offset space ends at 2^64, which a
+/// `u64` cannot hold (a replica applies what its primary sends, and a write may end at `u64::MAX`).
+fn chunk_range(chunk: u64) -> std::ops::RangeInclusive<u64> {
+    assert_eq!(chunk % CHUNK_BYTES, 0);
+    chunk..=chunk + (CHUNK_BYTES - 1)
+}
+
 /// Copies the pieces of the chunk at `chunk` into one buffer if it has more than [`PIECES_PER_CHUNK_MAX`].
 fn bound_pieces(o: &mut MemObject, chunk: u64) {
-    if o.pieces.range(chunk..chunk + CHUNK_BYTES).count() > PIECES_PER_CHUNK_MAX {
+    if o.pieces.range(chunk_range(chunk)).count() > PIECES_PER_CHUNK_MAX {
         consolidate(o, chunk);
     }
 }
@@ -832,7 +841,7 @@ fn bound_pieces(o: &mut MemObject, chunk: u64) {
 /// Copies the pieces of the chunk at `chunk` into one buffer (holes between them as zeros).
 fn consolidate(o: &mut MemObject, chunk: u64) {
     let pieces: Vec<(u64, Piece)> = {
-        let keys: Vec<u64> = o.pieces.range(chunk..chunk + CHUNK_BYTES).map(|(&k, _)| k).collect();
+        let keys: Vec<u64> = o.pieces.range(chunk_range(chunk)).map(|(&k, _)| k).collect();
         keys.into_iter().map(|k| (k, o.pieces.remove(&k).expect("just listed"))).collect()
     };
     let Some(end) = pieces.last().map(|(k, p)| p.end(*k)) else { return };
@@ -1028,13 +1037,18 @@ impl ObjectStore for MemStore {
         let shard = self.shards[Self::shard_of(pg)].read();
         shard
             .get(&pg)
-            .map_or(PgUsage::default(), |p| PgUsage { objects: p.objects.len() as u64, bytes: p.bytes })
+            // Saturating: the monitor's stats need no more than "a lot" for a PG of sparse giants.
+            .map_or(PgUsage::default(), |p| PgUsage {
+                objects: p.objects.len() as u64,
+                bytes: u64::try_from(p.bytes).unwrap_or(u64::MAX),
+            })
     }
 
     /// A MemStore has no device: its size is 0 (never full); data is what its PGs hold. Omap bytes are not
     /// counted (it would take a walk over every object).
     fn statfs(&self) -> OsdStatfs {
-        let data: u64 = self.shards.iter().map(|s| s.read().values().map(|p| p.bytes).sum::<u64>()).sum();
+        let data: u128 = self.shards.iter().map(|s| s.read().values().map(|p| p.bytes).sum::<u128>()).sum();
+        let data = u64::try_from(data).unwrap_or(u64::MAX);
         OsdStatfs { allocated: data, data_stored: data, ..OsdStatfs::default() }
     }
 }
@@ -1283,6 +1297,51 @@ mod tests {
         let big = Bytes::from(vec![7u8; 1000]);
         t.write(oid("a"), 0, big.clone());
         assert_eq!(t.to_wire().1.as_ptr(), big.as_ptr());
+    }
+
+    #[test]
+    fn writes_in_the_last_chunk_of_the_offset_space_apply() {
+        // Found by the store_txn fuzz target: a write ending just below 2^64 (which validation accepts, and a
+        // replica applies whatever its primary sends) overflowed computing where its chunk ends, and the
+        // sizes of two such objects overflowed the PG's byte count. The fuzzer's transaction, as postcard
+        // ops and 6 payload bytes with their crcs:
+        let ops: Vec<TxOp> = postcard::from_bytes(&[
+            6, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 11, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6,
+            255, 254, 254, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 251, 255, 255, 255, 255, 255, 255, 255, 255, 1, 1,
+            0, 0, 0, 248, 60, 248,
+        ])
+        .unwrap();
+        let t = Transaction::from_wire(ops, CrcBytes::computed(Bytes::from_static(b"abcdef"))).unwrap();
+        let s = MemStore::new();
+        s.apply(&t).unwrap();
+        let fuzzed = PgId::new(PoolId(1), 1);
+        let sizes: u128 =
+            s.list(fuzzed, None, 10).iter().map(|e| u128::from(s.stat(fuzzed, &e.name).unwrap().size)).sum();
+        assert_eq!(u128::from(s.pg_usage(fuzzed).bytes), sizes.min(u128::from(u64::MAX)));
+
+        // The plain case: three bytes ending at u64::MAX, then a zero and a write beside them in that chunk.
+        let end = u64::MAX - 3;
+        let mut t = Transaction::new();
+        t.write(oid("end"), end, Bytes::from_static(b"abc"));
+        t.zero(oid("end"), end - 10, 5);
+        t.write(oid("end"), end - 2, Bytes::from_static(b"z"));
+        s.apply(&t).unwrap();
+        assert_eq!(s.stat(pg(), "end").unwrap().size, u64::MAX);
+        let mut t = Transaction::new();
+        t.truncate(oid("big"), u64::MAX);
+        t.touch(oid("big"));
+        assert!(s.apply(&t).is_err(), "truncate before touch");
+        let mut t = Transaction::new();
+        t.touch(oid("big"));
+        t.truncate(oid("big"), u64::MAX);
+        s.apply(&t).unwrap();
+        assert_eq!(s.pg_usage(pg()).bytes, u64::MAX, "two objects of 2^64 - 1 bytes saturate the PG's count");
+        let mut t = Transaction::new();
+        t.remove(oid("big"));
+        s.apply(&t).unwrap();
+        assert_eq!(s.pg_usage(pg()).bytes, u64::MAX, "and removing one leaves the other's size exactly");
+        assert_eq!(&s.read(pg(), "end", end - 2, 10).unwrap()[..], b"z\0abc");
+        check_pieces(&s, "end");
     }
 
     /// The piece layout's invariants: pieces are non-empty, do not overlap, do not cross a chunk boundary, lie

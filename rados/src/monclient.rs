@@ -255,21 +255,15 @@ impl MonClient {
         let mut changed = None;
         {
             let mut cur = self.map.write();
-            let mut next: Option<OsdMap> = None;
-            if let Some(full) = u.full {
-                if cur.as_ref().is_none_or(|c| full.epoch > c.epoch) {
-                    next = Some(full);
+            match u.newer_map(cur.as_deref()) {
+                Ok(Some(n)) => {
+                    let n = Arc::new(n);
+                    *cur = Some(Arc::clone(&n));
+                    changed = Some(n);
                 }
-            }
-            for inc in &u.incrementals {
-                let base = next.as_ref().or(cur.as_deref());
-                let Some(base) = base else { break };
-                if inc.epoch <= base.epoch {
-                    continue;
-                }
-                let mut m = base.clone();
-                if let Err(e) = m.apply(inc) {
-                    tracing::warn!("cannot apply incremental {:?}: {e}; asking for a full map", inc.epoch);
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("{e}; asking for a full map");
                     drop(cur);
                     self.send_oneway(&MonRequest::Subscribe {
                         have: None,
@@ -277,12 +271,6 @@ impl MonClient {
                     });
                     return;
                 }
-                next = Some(m);
-            }
-            if let Some(n) = next {
-                let n = Arc::new(n);
-                *cur = Some(Arc::clone(&n));
-                changed = Some(n);
             }
         }
         if let Some(m) = changed {

@@ -2,10 +2,10 @@
 //! message's front; bulk bytes (write payloads, read results) travel in its data segment, never through serde.
 //! OSD-to-OSD messages (replication, heartbeats) belong to the `osd` crate and use the range 0x0300..0x03ff.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ids::{Epoch, OsdId, PgId, PoolId};
-use crate::map::{Incremental, OsdAddrs, OsdMap};
+use crate::map::{Incremental, MapError, OsdAddrs, OsdMap};
 
 /// Message type numbers (the messenger's `msg_type`).
 pub mod types {
@@ -110,10 +110,64 @@ pub enum MonError {
 }
 
 /// Maps pushed to subscribers: incrementals from the subscriber's epoch, or a full map.
+///
+/// Decoding checks what [`OsdMap::decode`] and [`Incremental::decode`] check (`validate`), so that a map a
+/// client installs from an update is as trustworthy as one from the monitor's store: the derived serde
+/// decoding of the bare structs checks nothing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MapUpdate {
+    #[serde(deserialize_with = "valid_full_map")]
     pub full: Option<OsdMap>,
+    #[serde(deserialize_with = "valid_incrementals")]
     pub incrementals: Vec<Incremental>,
+}
+
+fn valid_full_map<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OsdMap>, D::Error> {
+    let full = Option::<OsdMap>::deserialize(d)?;
+    if let Some(map) = &full {
+        map.validate().map_err(serde::de::Error::custom)?;
+    }
+    Ok(full)
+}
+
+fn valid_incrementals<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Incremental>, D::Error> {
+    let incrementals = Vec::<Incremental>::deserialize(d)?;
+    for inc in &incrementals {
+        inc.validate().map_err(serde::de::Error::custom)?;
+    }
+    Ok(incrementals)
+}
+
+/// An incremental of a [`MapUpdate`] that does not apply to the map before it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot apply incremental {epoch}: {source}")]
+pub struct MapUpdateError {
+    pub epoch: Epoch,
+    #[source]
+    pub source: MapError,
+}
+
+impl MapUpdate {
+    /// The map a subscriber holding `cur` moves to: the full map when it is newer than `cur`, then every
+    /// incremental past that applied in order (older ones are skipped). `None` when nothing is newer.
+    pub fn newer_map(self, cur: Option<&OsdMap>) -> Result<Option<OsdMap>, MapUpdateError> {
+        let mut next: Option<OsdMap> = None;
+        if let Some(full) = self.full {
+            if cur.is_none_or(|c| full.epoch > c.epoch) {
+                next = Some(full);
+            }
+        }
+        for inc in &self.incrementals {
+            let Some(base) = next.as_ref().or(cur) else { break };
+            if inc.epoch <= base.epoch {
+                continue;
+            }
+            let mut m = base.clone();
+            m.apply(inc).map_err(|source| MapUpdateError { epoch: inc.epoch, source })?;
+            next = Some(m);
+        }
+        Ok(next)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +439,43 @@ mod tests {
         });
         let bytes = postcard::to_stdvec(&m).unwrap();
         assert_eq!(postcard::from_bytes::<MonRequest>(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn map_update_with_an_invalid_full_map_is_refused() {
+        // Found by the mon_msg fuzz target: a MON_MAP body whose full map has upmap items for PG 1.66 of a
+        // pool of 8 PGs decoded, and MonClient installed the invalid map. The input, re-encoded: one OSD,
+        // pool 1 with 8 PGs, upmap items for PG 1.66 (seed 102).
+        let front: &[u8] = &[
+            1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 3, 1, 0, 0, 0, 1, 128, 128, 4, 5, 104, 111, 115,
+            116, 48, 1, 1, 1, 3, 114, 98, 100, 2, 1, 8, 1, 1, 102, 1, 0, 2, 0,
+        ];
+        let bad: MapUpdate = postcard::from_bytes::<MapUpdateUnchecked>(front).unwrap().into();
+        assert!(bad.full.as_ref().unwrap().validate().is_err(), "the input holds an invalid map");
+        assert!(postcard::from_bytes::<MapUpdate>(front).is_err());
+
+        // An invalid incremental (a pool of 0 PGs) is refused as well; valid updates still decode.
+        let mut inc = OsdMap::new(crate::Fsid([7; 16])).incremental();
+        let pool = crate::map::Pool { id: PoolId(1), name: "p".into(), size: 1, min_size: 1, pg_num: 0 };
+        inc.new_pools.insert(PoolId(1), pool);
+        let bytes = postcard::to_stdvec(&MapUpdate { full: None, incrementals: vec![inc] }).unwrap();
+        assert!(postcard::from_bytes::<MapUpdate>(&bytes).is_err());
+        let good = MapUpdate { full: Some(OsdMap::new(crate::Fsid([7; 16]))), incrementals: Vec::new() };
+        let bytes = postcard::to_stdvec(&good).unwrap();
+        assert_eq!(postcard::from_bytes::<MapUpdate>(&bytes).unwrap(), good);
+    }
+
+    /// [`MapUpdate`] as decoded before it checked its maps.
+    #[derive(Deserialize)]
+    struct MapUpdateUnchecked {
+        full: Option<OsdMap>,
+        incrementals: Vec<Incremental>,
+    }
+
+    impl From<MapUpdateUnchecked> for MapUpdate {
+        fn from(u: MapUpdateUnchecked) -> MapUpdate {
+            MapUpdate { full: u.full, incrementals: u.incrementals }
+        }
     }
 
     #[test]

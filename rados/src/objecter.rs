@@ -331,7 +331,8 @@ impl OpReply {
 }
 
 /// Splits a reply's data segment among its outputs.
-fn split_outs(outs: Vec<OpOut>, data: Bytes) -> Result<Vec<OpOutput>, String> {
+#[doc(hidden)] // Public for the osd_msg fuzz target.
+pub fn split_outs(outs: Vec<OpOut>, data: Bytes) -> Result<Vec<OpOutput>, String> {
     let mut at = 0usize;
     let mut v = Vec::with_capacity(outs.len());
     for o in outs {
