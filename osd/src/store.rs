@@ -127,7 +127,7 @@ impl TxOp {
     }
 
     /// The object the op changes; `None` for an op on a whole PG.
-    fn oid(&self) -> Option<&ObjectId> {
+    pub fn oid(&self) -> Option<&ObjectId> {
         match self {
             TxOp::Touch { oid }
             | TxOp::Write { oid, .. }

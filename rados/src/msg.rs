@@ -447,8 +447,8 @@ mod tests {
         // pool of 8 PGs decoded, and MonClient installed the invalid map. The input, re-encoded: one OSD,
         // pool 1 with 8 PGs, upmap items for PG 1.66 (seed 102).
         let front: &[u8] = &[
-            1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 3, 1, 0, 0, 0, 1, 128, 128, 4, 5, 104, 111, 115,
-            116, 48, 1, 1, 1, 3, 114, 98, 100, 2, 1, 8, 1, 1, 102, 1, 0, 2, 0,
+            1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 3, 1, 0, 0, 0, 1, 128, 128, 4, 5, 104, 111,
+            115, 116, 48, 1, 1, 1, 3, 114, 98, 100, 2, 1, 8, 1, 1, 102, 1, 0, 2, 0,
         ];
         let bad: MapUpdate = postcard::from_bytes::<MapUpdateUnchecked>(front).unwrap().into();
         assert!(bad.full.as_ref().unwrap().validate().is_err(), "the input holds an invalid map");

@@ -309,6 +309,24 @@ pub fn entropy() -> u64 {
     messenger::util::entropy()
 }
 
+/// Bytes as Ceph prints them: B, KiB, MiB, GiB, TiB (whole numbers without a fraction).
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// Parses sizes with K/M/G/T suffixes (powers of 1024; a trailing "B" or "iB" is accepted).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();

@@ -1042,17 +1042,7 @@ impl Inner {
                     keys.push(Vec::new());
                     continue;
                 }
-                TxOp::Touch { oid }
-                | TxOp::Write { oid, .. }
-                | TxOp::Zero { oid, .. }
-                | TxOp::Truncate { oid, .. }
-                | TxOp::Remove { oid }
-                | TxOp::SetAttr { oid, .. }
-                | TxOp::RmAttr { oid, .. }
-                | TxOp::OmapSet { oid, .. }
-                | TxOp::OmapRm { oid, .. }
-                | TxOp::OmapClear { oid }
-                | TxOp::SetVersion { oid, .. } => oid,
+                op => op.oid().expect("every op but RemovePg names an object"),
             };
             let key = onode_key(oid.pg, object_hash(oid.name.as_bytes()), &oid.name);
             if !shadows.contains_key(&key) {

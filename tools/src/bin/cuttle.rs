@@ -314,24 +314,8 @@ fn plain_status(v: &Value) -> String {
     s
 }
 
-/// Bytes as Ceph prints them: B, KiB, MiB, GiB, TiB.
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = b as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
-    }
-}
-
 fn plain_osd_df(v: &Value) -> String {
-    let kib = |n: &Value, k: &str| human_bytes(n[k].as_u64().unwrap_or(0).saturating_mul(1024));
+    let kib = |n: &Value, k: &str| tools::human_bytes(n[k].as_u64().unwrap_or(0).saturating_mul(1024));
     let mut s = format!(
         "{:<4} {:<7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>4} {}\n",
         "ID", "WEIGHT", "SIZE", "RAW USE", "DATA", "OMAP", "META", "AVAIL", "%USE", "PGS", "STATUS"
@@ -368,7 +352,7 @@ fn plain_osd_df(v: &Value) -> String {
 }
 
 fn plain_df(v: &Value) -> String {
-    let b = |n: &Value, k: &str| human_bytes(n[k].as_u64().unwrap_or(0));
+    let b = |n: &Value, k: &str| tools::human_bytes(n[k].as_u64().unwrap_or(0));
     let st = &v["stats"];
     let mut s = String::from("--- RAW STORAGE ---\n");
     s.push_str(&format!("{:>10} {:>10} {:>10} {:>9}\n", "SIZE", "AVAIL", "RAW USED", "%RAW USED"));

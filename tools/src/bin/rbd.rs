@@ -384,23 +384,6 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
     Ok(())
 }
 
-fn human(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn print_info(i: &ImageInfo, json: bool) -> Result<()> {
     if json {
         let v = serde_json::json!({
@@ -413,14 +396,14 @@ fn print_info(i: &ImageInfo, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("rbd image '{}':", i.name);
-    println!("\tsize {} in {} objects", human(i.size), i.num_objs);
-    println!("\torder {} ({} objects)", i.order, human(i.object_size));
+    println!("\tsize {} in {} objects", tools::human_bytes(i.size), i.num_objs);
+    println!("\torder {} ({} objects)", i.order, tools::human_bytes(i.object_size));
     println!("\tid: {}", i.id);
     println!("\tblock_name_prefix: {}", i.block_name_prefix);
     println!("\tformat: 2");
     println!("\tfeatures: {:#x}", i.features);
     if i.stripe_unit != i.object_size || i.stripe_count != 1 {
-        println!("\tstripe unit: {}", human(i.stripe_unit));
+        println!("\tstripe unit: {}", tools::human_bytes(i.stripe_unit));
         println!("\tstripe count: {}", i.stripe_count);
     }
     println!("\tcreate_timestamp: {}", i.created_unix_s);
@@ -458,7 +441,7 @@ fn du(client: &Client, pool: &str, image: &str, json: bool) -> Result<()> {
         );
     } else {
         println!("{:<20} {:>12} {:>12}", "NAME", "PROVISIONED", "USED");
-        println!("{:<20} {:>12} {:>12}", image, human(info.size), human(used));
+        println!("{:<20} {:>12} {:>12}", image, tools::human_bytes(info.size), tools::human_bytes(used));
     }
     Ok(())
 }
@@ -748,7 +731,10 @@ fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
             let ops = run.done_ops.load(Ordering::Relaxed);
             if !json {
                 let rate = (ops - last_ops) as f64;
-                println!("{sec:>5} {ops:>9} {rate:>9.2} {:>11}/s", human((rate as u64) * b.io_size));
+                println!(
+                    "{sec:>5} {ops:>9} {rate:>9.2} {:>11}/s",
+                    tools::human_bytes((rate as u64) * b.io_size)
+                );
             }
             last_ops = ops;
             sec += 1;
@@ -782,7 +768,7 @@ fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
         println!(
             "elapsed: {:.0}   ops: {ops}   ops/sec: {ops_per_s:.2}   bytes/sec: {}/s",
             elapsed,
-            human(bytes_per_s as u64)
+            tools::human_bytes(bytes_per_s as u64)
         );
     }
     Ok(())
