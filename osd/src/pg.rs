@@ -11,10 +11,14 @@
 //! The primary (first OSD of the acting set) orders the PG's writes. For each write request it executes the
 //! ops ([`crate::exec`]), gives the result the next PG version (`Eversion { epoch: interval start, v:
 //! last_update.v + 1 }`; the object's version becomes that), appends the PG metadata changes (new
-//! `last_update`, a remembered reply for the request id) to the same transaction, applies it locally, and sends
-//! it to every other acting OSD as a `RepOp`. The client is answered once every acting replica has applied it.
+//! `last_update`, a remembered reply for the request id) to the same transaction, queues it to its store, and
+//! sends it to every other acting OSD as a `RepOp`. The client is answered once the write is durable on every
+//! acting OSD: the primary's own commit is one more acknowledgement it waits for, and a replica answers its
+//! primary only once its copy is committed ([`Pg::handle_commit`]; see [`crate::store::ObjectStore`]).
 //! Replicas apply RepOps in the order they arrive (one ordered, lossless session per OSD pair), so each replica
-//! holds a prefix of the primary's writes of the interval.
+//! holds a prefix of the primary's writes of the interval. Everything else that reports the PG's stored state
+//! (peering summaries, remembered replies) also leaves only once what the PG queued is durable, and work that
+//! finds the store's commit queue full waits, in order, for its next commit.
 //!
 //! A resent request (same `ReqId`) that is still in flight waits for the first one; one that completed gets the
 //! remembered reply (a bounded record of the last [`DUPS_MAX`] writes, kept in the PG metadata on every
