@@ -144,7 +144,8 @@ impl TxOp {
         }
     }
 
-    fn pg(&self) -> PgId {
+    /// The PG the op changes.
+    pub fn pg(&self) -> PgId {
         match self {
             TxOp::RemovePg { pg } => *pg,
             op => op.oid().expect("every other op names an object").pg,

@@ -831,8 +831,6 @@ impl Inner {
                 deltas.insert(k.clone(), v.clone());
             }
         }
-        let mut out = Vec::new();
-        let mut d = deltas.into_iter().peekable();
         let table = rtx.open_table(OMAP).map_err(Self::db_err)?;
         let mut base_rows = match (&view.base, base_visible) {
             (Some(b), true) => {
@@ -849,7 +847,7 @@ impl Inner {
             }
             _ => None,
         };
-        let mut next_base = || -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let next_base = || -> Result<Option<(String, Vec<u8>)>, StoreError> {
             let Some(rows) = base_rows.as_mut() else { return Ok(None) };
             match rows.next() {
                 None => Ok(None),
@@ -861,28 +859,7 @@ impl Inner {
                 }
             }
         };
-        let mut b = next_base()?;
-        while out.len() < max {
-            let take_delta = match (&b, d.peek()) {
-                (None, None) => break,
-                (Some(_), None) => false,
-                (None, Some(_)) => true,
-                (Some((bk, _)), Some((dk, _))) => dk <= bk,
-            };
-            if take_delta {
-                let (k, v) = d.next().expect("peeked");
-                if b.as_ref().is_some_and(|(bk, _)| *bk == k) {
-                    b = next_base()?;
-                }
-                if let Some(v) = v {
-                    out.push((k, v));
-                }
-            } else {
-                out.push(b.take().expect("checked"));
-                b = next_base()?;
-            }
-        }
-        Ok(out)
+        merge_over_base(next_base, deltas, max, |k, v| (k, v), |k, v| v.map(|v| (k, v)))
     }
 
     fn list(&self, pg: PgId, after: Option<&str>, max: usize) -> Result<Vec<ListEntry>, StoreError> {
@@ -922,7 +899,7 @@ impl Inner {
         } else {
             None
         };
-        let mut next_base = || -> Result<Option<OnodeRow>, StoreError> {
+        let next_base = || -> Result<Option<OnodeRow>, StoreError> {
             let Some(r) = rows.as_mut() else { return Ok(None) };
             match r.next() {
                 None => Ok(None),
@@ -933,32 +910,17 @@ impl Inner {
                 }
             }
         };
-        let mut out = Vec::new();
-        let mut b = next_base()?;
-        let mut e = entries.into_iter().peekable();
-        let name_of = |k: &[u8]| String::from_utf8_lossy(&k[12..]).into_owned();
-        while out.len() < max {
-            let take_entry = match (&b, e.peek()) {
-                (None, None) => break,
-                (Some(_), None) => false,
-                (None, Some(_)) => true,
-                (Some((bk, _)), Some((ek, _))) => ek <= bk,
-            };
-            if take_entry {
-                let (k, l) = e.next().expect("peeked");
-                if b.as_ref().is_some_and(|(bk, _)| *bk == k) {
-                    b = next_base()?;
-                }
-                if l.exists {
-                    out.push(ListEntry { name: name_of(&k), version: l.version.unwrap_or(Eversion::ZERO) });
-                }
-            } else {
-                let (k, v) = b.take().expect("checked");
-                out.push(ListEntry { name: name_of(&k), version: v.unwrap_or(Eversion::ZERO) });
-                b = next_base()?;
-            }
-        }
-        Ok(out)
+        let entry = |k: &[u8], version: Option<Eversion>| ListEntry {
+            name: String::from_utf8_lossy(&k[12..]).into_owned(),
+            version: version.unwrap_or(Eversion::ZERO),
+        };
+        merge_over_base(
+            next_base,
+            entries,
+            max,
+            |k, v| entry(&k, v),
+            |k, l: Arc<ObjLayer>| l.exists.then(|| entry(&k, l.version)),
+        )
     }
 
     // -----------------------------------------------------------------------------------------------------------
@@ -1150,7 +1112,7 @@ impl Inner {
                 before.retain(|k, _| k[..8] != prefix);
                 continue;
             }
-            let pg = op_pg(op);
+            let pg = op.pg();
             let entry = match ov.live.objects.entry(key.clone()) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {
@@ -1458,21 +1420,39 @@ fn verify_blocks(at: u64, data: &[u8], csums: &[u32]) -> Result<(), StoreError> 
 /// An onode key and the version of its object, as listings read them.
 type OnodeRow = (Vec<u8>, Option<Eversion>);
 
-fn op_pg(op: &TxOp) -> PgId {
-    match op {
-        TxOp::RemovePg { pg } => *pg,
-        TxOp::Touch { oid }
-        | TxOp::Write { oid, .. }
-        | TxOp::Zero { oid, .. }
-        | TxOp::Truncate { oid, .. }
-        | TxOp::Remove { oid }
-        | TxOp::SetAttr { oid, .. }
-        | TxOp::RmAttr { oid, .. }
-        | TxOp::OmapSet { oid, .. }
-        | TxOp::OmapRm { oid, .. }
-        | TxOp::OmapClear { oid }
-        | TxOp::SetVersion { oid, .. } => oid.pg,
+/// Merges committed rows (from `next_base`, in key order) with a layer's entries (in key order; an entry wins
+/// over a committed row of the same key) into at most `max` results. `from_layer` returns `None` for an entry
+/// that hides its key (a removed object, a removed omap key).
+fn merge_over_base<K: Ord, B, L, T>(
+    mut next_base: impl FnMut() -> Result<Option<(K, B)>, StoreError>,
+    layer: impl IntoIterator<Item = (K, L)>,
+    max: usize,
+    from_base: impl Fn(K, B) -> T,
+    from_layer: impl Fn(K, L) -> Option<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    let mut layer = layer.into_iter().peekable();
+    let mut b = next_base()?;
+    while out.len() < max {
+        let take_layer = match (&b, layer.peek()) {
+            (None, None) => break,
+            (Some(_), None) => false,
+            (None, Some(_)) => true,
+            (Some((bk, _)), Some((lk, _))) => lk <= bk,
+        };
+        if take_layer {
+            let (k, l) = layer.next().expect("peeked");
+            if b.as_ref().is_some_and(|(bk, _)| *bk == k) {
+                b = next_base()?;
+            }
+            out.extend(from_layer(k, l));
+        } else {
+            let (k, v) = b.take().expect("checked");
+            out.push(from_base(k, v));
+            b = next_base()?;
+        }
     }
+    Ok(out)
 }
 
 fn set_usage(usage: &mut BTreeMap<PgId, PgUsage>, pg: PgId, u: PgUsage) {
