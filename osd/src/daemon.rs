@@ -183,6 +183,7 @@ pub fn bluestore_options(cfg: &Config) -> BlueStoreOptions {
         bluestore_cache_size: cfg.bluestore_cache_size,
         bluestore_throttle_bytes: cfg.bluestore_throttle_bytes,
         bluestore_max_deferred_txc: cfg.bluestore_max_deferred_txc,
+        bluestore_wal_max_bytes: cfg.bluestore_wal_max_bytes,
     }
 }
 

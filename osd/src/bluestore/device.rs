@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// A file-like device. Writes may sit in a volatile cache until [`BlockDevice::flush`] returns.
@@ -71,29 +72,50 @@ impl BlockDevice for FileDevice {
 }
 
 /// redb's storage over a [`BlockDevice`]: redb's file lives wherever the block file does (a directory, or
-/// the simulated disk), in the same power domain.
+/// the simulated disk), in the same power domain. Once `fenced` is set it refuses every write: a failed store
+/// must not let redb make its non-durable commits durable when it closes (they may point at deferred writes
+/// that never went in place; the WAL replays them at the next mount).
 #[derive(Debug)]
-pub struct RedbBackend(pub Arc<dyn BlockDevice>);
+pub struct RedbBackend {
+    pub dev: Arc<dyn BlockDevice>,
+    pub fenced: Arc<AtomicBool>,
+}
+
+impl RedbBackend {
+    pub fn new(dev: Arc<dyn BlockDevice>) -> RedbBackend {
+        RedbBackend { dev, fenced: Arc::new(AtomicBool::new(false)) }
+    }
+
+    fn check(&self) -> Result<(), io::Error> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the store failed: its metadata file takes no more writes"));
+        }
+        Ok(())
+    }
+}
 
 impl redb::StorageBackend for RedbBackend {
     fn len(&self) -> Result<u64, io::Error> {
-        self.0.len()
+        self.dev.len()
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.0.read_at(offset, out)
+        self.dev.read_at(offset, out)
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.0.set_len(len)
+        self.check()?;
+        self.dev.set_len(len)
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
-        self.0.flush()
+        self.check()?;
+        self.dev.flush()
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        self.0.write_at(offset, data)
+        self.check()?;
+        self.dev.write_at(offset, data)
     }
 }
 

@@ -4,8 +4,8 @@
 //! persisted free list, and belongs to one object only; no allocated unit is unreferenced (no leak:
 //! allocated == referenced, since a batch's frees are in the free list of its own commit); blobs lie within
 //! their object's size and belong to an existing object, as do omap rows; the in-memory allocator agrees
-//! with the persisted free list; PG usage rows equal the sums over the onodes; deferred records decode and
-//! write whole units that an object references. With `deep`, every 4 KiB of every referenced unit is read
+//! with the persisted free list; PG usage rows equal the sums over the onodes; deferred writes waiting to go
+//! in place write whole units that an object references. With `deep`, every 4 KiB of every referenced unit is read
 //! and checked against its crc32c.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,10 +15,10 @@ use redb::{ReadableDatabase, ReadableTable};
 use crate::store::{PgUsage, StoreError};
 
 use super::records::{
-    decode_blob_key, decode_deferred, decode_freelist, decode_omap_key, decode_onode_key, decode_pg_key,
+    decode_blob_key, decode_freelist, decode_omap_key, decode_onode_key, decode_pg_key,
     decode_usage, Blob, Onode, BLOB_BYTES, FREELIST_GROUP_AUS,
 };
-use super::{Inner, BLOBS, DEFERRED, FREELIST, OMAP, ONODES, PG_USAGE};
+use super::{Inner, BLOBS, FREELIST, OMAP, ONODES, PG_USAGE};
 
 /// Inconsistencies listed beyond this many are only counted.
 const ERRORS_LISTED_MAX: usize = 1000;
@@ -207,27 +207,11 @@ pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
         r.error(format!("pg usage rows {rows:?} differ from the objects' sums {usage:?}"));
     }
 
-    // Deferred records.
-    for row in rtx.open_table(DEFERRED).map_err(|e| db(e.into()))?.iter().map_err(|e| db(e.into()))? {
-        let (k, v) = row.map_err(|e| db(e.into()))?;
-        match decode_deferred(v.value()) {
-            Ok(writes) => {
-                for w in writes {
-                    r.deferred_writes += 1;
-                    if w.offset % au != 0
-                        || w.data.len() as u64 != au
-                        || !owner.contains_key(&(w.offset / au))
-                    {
-                        r.error(format!(
-                            "deferred record {}: write at {} of {} bytes is not a whole referenced unit",
-                            k.value(),
-                            w.offset,
-                            w.data.len()
-                        ));
-                    }
-                }
-            }
-            Err(e) => r.error(format!("deferred record {}: {e}", k.value())),
+    // Deferred writes waiting to go in place: each is a whole unit some object references.
+    for (pau, data) in inner.deferred_cache.read().iter() {
+        r.deferred_writes += 1;
+        if data.len() as u64 != au || !owner.contains_key(pau) {
+            r.error(format!("deferred write to unit {pau} of {} bytes is not a whole referenced unit", data.len()));
         }
     }
     if deep {

@@ -1,17 +1,19 @@
 //! BlueStore: a durable [`ObjectStore`] in the shape of Ceph's. Object data lives in one preallocated block
 //! file (`block`) managed by an extent allocator; metadata (onodes, data maps with per-4 KiB crc32c, xattrs,
-//! omap, the allocator's free list, PG usage, deferred writes) lives in redb (`db`). Byte layouts and the
-//! crash-recovery argument: `docs/bluestore.md`.
+//! omap, the allocator's free list, PG usage) lives in redb (`db`); a write-ahead log (`wal`, `wal.rs`) is
+//! where each batch becomes durable. Byte layouts and the crash-recovery argument: `docs/bluestore.md`.
 //!
 //! Write path. [`BlueStore::queue`] validates a transaction and applies it to an in-memory layer that reads
 //! see at once (`layer.rs`), then returns its [`CommitSeq`] without touching the disk. One commit thread
 //! takes every queued transaction as one batch and:
-//! 1. writes in place the deferred writes of the previous batch (their redo records are durable),
-//! 2. works out the batch against the on-disk metadata: new data and large whole-unit writes go to freshly
-//!    allocated units; small overwrites of existing units become deferred writes (redo records),
-//! 3. writes the new data, then ONE fdatasync of the block file,
-//! 4. ONE durable redb commit: metadata, free list, PG usage, this batch's redo record, and the deletion of
-//!    the previous batch's (now applied and flushed) record,
+//! 1. works out the batch against the metadata: writes of at least `bluestore_prefer_deferred_size` that
+//!    cover whole units go to freshly allocated units; smaller ones (to new or existing units) become
+//!    deferred writes, whose bytes travel in the WAL record and go in place later,
+//! 2. writes the fresh units, then one fdatasync of the block file (only if there were any),
+//! 3. appends ONE WAL record (the batch's metadata rows, its deferred writes, the units it freed), then ONE
+//!    fdatasync of the WAL: the batch is durable; redb takes the same rows in a non-durable commit,
+//! 4. now and then writes the deferred writes in place (no flush needed: the WAL still holds them) and, every
+//!    `bluestore_wal_max_bytes` of log, checkpoints: block flush, durable redb commit, log back to offset 0,
 //! 5. releases the units the batch stopped referencing, advances [`BlueStore::committed`] and calls the
 //!    commit notifier.
 //!
@@ -20,7 +22,8 @@
 //!
 //! What it deliberately is not (yet): compressing, caching object data (reads go to the block file; the
 //! metadata cache is redb's page cache, bounded by `bluestore_cache_size`), or fast to mount after a crash
-//! (redb repairs its own file then, which reads the whole metadata file; a clean mount reads no object).
+//! (redb repairs its own file then, which reads the whole metadata file, and the WAL is replayed; a clean
+//! mount reads no object).
 
 pub mod alloc;
 pub mod device;
@@ -28,6 +31,7 @@ pub mod fsck;
 pub mod layer;
 pub mod records;
 pub mod simdisk;
+pub mod wal;
 
 #[cfg(test)]
 mod tests;
@@ -42,7 +46,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 use messenger::crc::crc32c;
 use rados::ids::PgId;
@@ -57,10 +63,11 @@ use alloc::Allocator;
 use device::{BlockDevice, DirEnv, Env, RedbBackend};
 use layer::{ObjLayer, Piece};
 use records::{
-    blob_key, decode_deferred, decode_freelist, decode_pg_key, decode_u64, decode_usage, encode_deferred,
-    encode_freelist, encode_u64, encode_usage, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label,
-    Onode, BLOB_BYTES, CSUM_BLOCK_BYTES, CSUM_TYPE_CRC32C,
+    blob_key, decode_freelist, decode_pg_key, decode_u64, decode_usage, encode_freelist, encode_u64,
+    encode_usage, encode_wal_record, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label, Onode, TableId,
+    WalOp, BLOB_BYTES, CSUM_BLOCK_BYTES, CSUM_TYPE_CRC32C,
 };
+use wal::WAL_FILE;
 
 /// The position of a queued transaction: 1 for the first queued after open, then one more per transaction.
 pub type CommitSeq = u64;
@@ -77,7 +84,6 @@ pub(crate) const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bl
 pub(crate) const OMAP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("omap");
 pub(crate) const FREELIST: TableDefinition<u64, &[u8]> = TableDefinition::new("freelist");
 pub(crate) const PG_USAGE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pg_usage");
-pub(crate) const DEFERRED: TableDefinition<u64, &[u8]> = TableDefinition::new("deferred");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const META_LABEL: &str = "label";
@@ -89,6 +95,7 @@ const META_BATCH: &str = "batch";
 const META_OMAP_BYTES: &str = "omap_bytes";
 
 /// Bytes of deferred writes that may wait to be written in place (they are also held in memory, for reads).
+/// Bytes of deferred writes waiting in memory beyond which they go in place whatever their batch count.
 const DEFERRED_BYTES_MAX: u64 = 16 << 20;
 /// What one queued op counts against `bluestore_throttle_bytes` besides its payload and omap pairs (its
 /// share of the in-memory layer).
@@ -112,9 +119,11 @@ pub struct BlueStoreOptions {
     /// beyond it [`BlueStore::queue`] returns [`StoreError::Busy`] (Ceph's `bluestore_throttle_bytes`). A
     /// transaction larger than the bound alone is taken when nothing else is queued.
     pub bluestore_throttle_bytes: u64,
-    /// Committed batches whose deferred writes may wait before they are written in place together (one
-    /// flush of scattered writes for many batches instead of one per batch).
+    /// Committed batches whose deferred writes may wait before they are written in place together.
     pub bluestore_max_deferred_txc: u64,
+    /// WAL bytes after which the commit thread checkpoints (deferred writes in place, block flush, durable
+    /// redb commit) and starts the log again: bounds the log, redb's unflushed pages and replay time.
+    pub bluestore_wal_max_bytes: u64,
 }
 
 impl Default for BlueStoreOptions {
@@ -127,6 +136,7 @@ impl Default for BlueStoreOptions {
             bluestore_cache_size: 256 << 20,
             bluestore_throttle_bytes: 64 << 20,
             bluestore_max_deferred_txc: 32,
+            bluestore_wal_max_bytes: 32 << 20,
         }
     }
 }
@@ -213,11 +223,13 @@ struct Commits {
 /// The commit thread's own state.
 struct Committer {
     alloc: Allocator,
-    /// Committed batches' deferred writes not yet written in place, oldest first.
-    deferred: Vec<(u64, Vec<DeferredWrite>)>,
-    /// The units they write, with how many writes each.
-    deferred_units: HashMap<u64, u32>,
+    /// Batches since deferred writes last went in place that made some, and their bytes (the writes
+    /// themselves wait in [`Inner::deferred_cache`]).
+    deferred_batches: u64,
     deferred_bytes: u64,
+    wal: Arc<dyn BlockDevice>,
+    /// Where the next WAL record goes: 0 right after a checkpoint.
+    wal_at: u64,
     batch: u64,
     nid_max: u64,
     omap_bytes: u64,
@@ -227,6 +239,8 @@ struct Inner {
     label: Label,
     env: Arc<dyn Env>,
     db: Database,
+    /// Set when the store fails: redb then writes nothing more (see [`RedbBackend`]).
+    db_fence: Arc<std::sync::atomic::AtomicBool>,
     block: Arc<dyn BlockDevice>,
     db_dev: Arc<dyn BlockDevice>,
     opts: BlueStoreOptions,
@@ -238,7 +252,8 @@ struct Inner {
     overlay: Mutex<Overlay>,
     work: Condvar,
     /// Contents of units whose deferred write may not be on the block device yet: reads take them from here.
-    deferred_cache: RwLock<HashMap<u64, (u64, Bytes)>>,
+    /// Written only by the commit thread; an entry leaves at the publish after its write went in place.
+    deferred_cache: RwLock<HashMap<u64, Bytes>>,
     commits: Mutex<Commits>,
     committed_cv: Condvar,
     notifier: RwLock<Option<Notifier>>,
@@ -258,6 +273,112 @@ impl std::fmt::Debug for BlueStore {
     }
 }
 
+enum ReplayError {
+    Io(&'static str, std::io::Error),
+    Damaged(String),
+}
+
+/// Mount: brings redb up to the last batch the WAL holds. The records after redb's last durable batch are
+/// applied in order in one write transaction (rows are absolute, so applying one twice changes nothing);
+/// their deferred writes go in place, except those to a unit a later record freed (it may hold newer data
+/// now), then the block file is flushed and the transaction committed durably. Returns the records applied.
+fn replay_wal(
+    db: &Database,
+    wal: &Arc<dyn BlockDevice>,
+    block: &Arc<dyn BlockDevice>,
+    au: u64,
+    block_bytes: u64,
+) -> Result<usize, ReplayError> {
+    let db_err = |e: &dyn std::fmt::Display| ReplayError::Damaged(format!("metadata database: {e}"));
+    let batch = {
+        let rtx = db.begin_read().map_err(|e| db_err(&e))?;
+        let meta = rtx.open_table(META).map_err(|e| db_err(&e))?;
+        let v = meta.get(META_BATCH).map_err(|e| db_err(&e))?;
+        let v = v.ok_or_else(|| ReplayError::Damaged("no batch in meta".into()))?;
+        decode_u64(v.value()).map_err(|e| ReplayError::Damaged(e.to_string()))?
+    };
+    let records = wal::read_log(wal, batch + 1).map_err(|e| ReplayError::Io("wal read", e))?;
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let tx = db.begin_write().map_err(|e| db_err(&e))?;
+    let mut writes: BTreeMap<u64, Bytes> = BTreeMap::new();
+    {
+        let mut bytes_tables = [
+            tx.open_table(ONODES).map_err(|e| db_err(&e))?,
+            tx.open_table(BLOBS).map_err(|e| db_err(&e))?,
+            tx.open_table(OMAP).map_err(|e| db_err(&e))?,
+            tx.open_table(PG_USAGE).map_err(|e| db_err(&e))?,
+        ];
+        let mut freelist = tx.open_table(FREELIST).map_err(|e| db_err(&e))?;
+        let mut meta = tx.open_table(META).map_err(|e| db_err(&e))?;
+        for rec in &records {
+            for op in &rec.ops {
+                let (table, key, value) = match op {
+                    WalOp::Put { table, key, value } => (*table, key, Some(value)),
+                    WalOp::Del { table, key } => (*table, key, None),
+                    WalOp::Write(w) => {
+                        if w.offset % au != 0 || w.data.len() as u64 != au || w.offset + au > block_bytes {
+                            return Err(ReplayError::Damaged(format!(
+                                "WAL record {}: a deferred write at {} of {} bytes",
+                                rec.seq,
+                                w.offset,
+                                w.data.len()
+                            )));
+                        }
+                        writes.insert(w.offset / au, w.data.clone());
+                        continue;
+                    }
+                    WalOp::Free(unit) => {
+                        writes.remove(unit);
+                        continue;
+                    }
+                };
+                let r = match table {
+                    TableId::Freelist => {
+                        let k: [u8; 8] = key.as_slice().try_into().map_err(|_| {
+                            ReplayError::Damaged(format!("WAL record {}: a free-list key of {key:?}", rec.seq))
+                        })?;
+                        let k = u64::from_be_bytes(k);
+                        match value {
+                            Some(v) => freelist.insert(k, v.as_slice()).map(drop),
+                            None => freelist.remove(k).map(drop),
+                        }
+                    }
+                    TableId::Meta => {
+                        let k = std::str::from_utf8(key).map_err(|_| {
+                            ReplayError::Damaged(format!("WAL record {}: a meta key of {key:?}", rec.seq))
+                        })?;
+                        match value {
+                            Some(v) => meta.insert(k, v.as_slice()).map(drop),
+                            None => meta.remove(k).map(drop),
+                        }
+                    }
+                    t => {
+                        let i = match t {
+                            TableId::Onodes => 0,
+                            TableId::Blobs => 1,
+                            TableId::Omap => 2,
+                            _ => 3,
+                        };
+                        match value {
+                            Some(v) => bytes_tables[i].insert(key.as_slice(), v.as_slice()).map(drop),
+                            None => bytes_tables[i].remove(key.as_slice()).map(drop),
+                        }
+                    }
+                };
+                r.map_err(|e| db_err(&e))?;
+            }
+        }
+    }
+    for (unit, data) in &writes {
+        block.write_at(unit * au, data).map_err(|e| ReplayError::Io("deferred replay", e))?;
+    }
+    block.flush().map_err(|e| ReplayError::Io("deferred replay flush", e))?;
+    tx.commit().map_err(|e| db_err(&e))?;
+    Ok(records.len())
+}
+
 fn io_err(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(format!("{what}: {e}"))
 }
@@ -273,6 +394,13 @@ fn check_options(opts: &BlueStoreOptions) -> Result<u8, BlueStoreError> {
         return Err(BlueStoreError::Options(format!(
             "bluestore_csum_type {:?}: only crc32c is supported",
             opts.bluestore_csum_type
+        )));
+    }
+    if opts.bluestore_wal_max_bytes < wal::WAL_ALIGN {
+        return Err(BlueStoreError::Options(format!(
+            "bluestore_wal_max_bytes {}: at least {}",
+            opts.bluestore_wal_max_bytes,
+            wal::WAL_ALIGN
         )));
     }
     if opts.bluestore_max_deferred_txc == 0 {
@@ -329,6 +457,9 @@ impl BlueStore {
         let block = env.open(BLOCK_FILE, true).map_err(io("block file"))?;
         block.set_len(opts.bluestore_block_size).map_err(io("block file size"))?;
         block.flush().map_err(io("block file flush"))?;
+        let wal = env.open(WAL_FILE, true).map_err(io("wal file"))?;
+        wal.set_len(0).map_err(io("wal file"))?;
+        wal.flush().map_err(io("wal file flush"))?;
         let db_dev = env.open(DB_FILE, true).map_err(io("db file"))?;
         // A db left by an mkfs that crashed before its label is started over.
         db_dev.set_len(0).map_err(io("db file"))?;
@@ -336,7 +467,7 @@ impl BlueStore {
             |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
         let db = redb::Builder::new()
             .set_cache_size(16 << 20)
-            .create_with_backend(RedbBackend(db_dev))
+            .create_with_backend(RedbBackend::new(db_dev))
             .map_err(|e| db_err(&e))?;
         let tx = db.begin_write().map_err(|e| db_err(&e))?;
         {
@@ -344,7 +475,6 @@ impl BlueStore {
                 tx.open_table(t).map_err(|e| db_err(&e))?;
             }
             tx.open_table(FREELIST).map_err(|e| db_err(&e))?;
-            tx.open_table(DEFERRED).map_err(|e| db_err(&e))?;
             let mut meta = tx.open_table(META).map_err(|e| db_err(&e))?;
             meta.insert(META_LABEL, label.encode().as_slice()).map_err(|e| db_err(&e))?;
             for k in [META_NID_MAX, META_BATCH, META_OMAP_BYTES] {
@@ -398,16 +528,26 @@ impl BlueStore {
         let db_dev = env.open(DB_FILE, false).map_err(io("db file"))?;
         let db_err =
             |e: &dyn std::fmt::Display| BlueStoreError::Db { where_: where_.clone(), why: e.to_string() };
+        let backend = RedbBackend::new(db_dev.clone());
+        let db_fence = backend.fenced.clone();
         let db = redb::Builder::new()
             .set_cache_size(opts.bluestore_cache_size as usize)
-            .create_with_backend(RedbBackend(db_dev.clone()))
+            .create_with_backend(backend)
             .map_err(|e| db_err(&e))?;
         let damaged = |why: String| BlueStoreError::Damaged { where_: where_.clone(), why };
         let au = 1u64 << au_shift;
+        let wal = env.open(WAL_FILE, false).map_err(io("wal file"))?;
+        let replayed = replay_wal(&db, &wal, &block, au, label.block_bytes).map_err(|e| match e {
+            ReplayError::Io(what, source) => BlueStoreError::Io { where_: where_.clone(), what, source },
+            ReplayError::Damaged(why) => damaged(why),
+        })?;
+        if replayed > 0 {
+            tracing::info!("bluestore {where_}: replayed {replayed} WAL records");
+        }
         let total_aus = label.block_bytes / au;
         let mut alloc = Allocator::new(total_aus);
         let mut usage = BTreeMap::new();
-        let (nid_max, batch, omap_bytes, deferred) = {
+        let (nid_max, batch, omap_bytes) = {
             let rtx = db.begin_read().map_err(|e| db_err(&e))?;
             let meta = rtx.open_table(META).map_err(|e| db_err(&e))?;
             let get = |k: &str| -> Result<Vec<u8>, BlueStoreError> {
@@ -440,43 +580,14 @@ impl BlueStore {
                 let (objects, bytes) = decode_usage(v.value()).map_err(|e| damaged(e.to_string()))?;
                 usage.insert(pg, PgUsage { objects, bytes });
             }
-            let mut deferred = Vec::new();
-            for row in rtx.open_table(DEFERRED).map_err(|e| db_err(&e))?.iter().map_err(|e| db_err(&e))? {
-                let (k, v) = row.map_err(|e| db_err(&e))?;
-                deferred.push((k.value(), decode_deferred(v.value()).map_err(|e| damaged(e.to_string()))?));
-            }
-            (nid_max, batch, omap_bytes, deferred)
+            (nid_max, batch, omap_bytes)
         };
-        // Replay: every surviving redo record is written again (idempotent: absolute offsets and bytes), the
-        // block file flushed, then the records deleted in one commit.
-        if !deferred.is_empty() {
-            for (_, writes) in &deferred {
-                for w in writes {
-                    if w.offset % au != 0 || w.offset + w.data.len() as u64 > label.block_bytes {
-                        return Err(damaged(format!(
-                            "deferred write at {} of {} bytes",
-                            w.offset,
-                            w.data.len()
-                        )));
-                    }
-                    block.write_at(w.offset, &w.data).map_err(io("deferred replay"))?;
-                }
-            }
-            block.flush().map_err(io("deferred replay flush"))?;
-            let tx = db.begin_write().map_err(|e| db_err(&e))?;
-            {
-                let mut t = tx.open_table(DEFERRED).map_err(|e| db_err(&e))?;
-                for (k, _) in &deferred {
-                    t.remove(*k).map_err(|e| db_err(&e))?;
-                }
-            }
-            tx.commit().map_err(|e| db_err(&e))?;
-        }
         let free_aus = alloc.free_aus();
         let inner = Arc::new(Inner {
             label,
             env,
             db,
+            db_fence,
             block,
             db_dev,
             au,
@@ -491,9 +602,10 @@ impl BlueStore {
             notifier: RwLock::new(None),
             committer: Mutex::new(Committer {
                 alloc,
-                deferred: Vec::new(),
-                deferred_units: HashMap::new(),
+                deferred_batches: 0,
                 deferred_bytes: 0,
+                wal,
+                wal_at: 0,
                 batch,
                 nid_max,
                 omap_bytes,
@@ -612,6 +724,7 @@ struct View {
 impl Inner {
     fn fail(&self, e: StoreError) {
         tracing::error!("bluestore failed: {e}");
+        self.db_fence.store(true, Ordering::SeqCst);
         self.overlay.lock().failed.get_or_insert(e.clone());
         self.commits.lock().failed.get_or_insert(e);
         self.committed_cv.notify_all();
@@ -681,7 +794,7 @@ impl Inner {
         out: &mut [u8],
     ) -> Result<(), StoreError> {
         assert!(from < to && to <= self.au && out.len() as u64 == to - from);
-        if let Some((_, data)) = self.deferred_cache.read().get(&pau) {
+        if let Some(data) = self.deferred_cache.read().get(&pau) {
             out.copy_from_slice(&data[from as usize..to as usize]);
             return Ok(());
         }
@@ -1230,7 +1343,7 @@ impl Inner {
                     self.work.wait(&mut ov);
                 }
             };
-            if idle_stop && self.committer.lock().deferred.is_empty() {
+            if idle_stop && self.committer.lock().wal_at == 0 {
                 return;
             }
             // A panic (a broken invariant) fails the store like an IO error: waiters learn of it instead of
@@ -1244,11 +1357,11 @@ impl Inner {
         }
     }
 
-    /// One batch: everything queued (possibly nothing, at shutdown, to retire the last deferred writes).
+    /// One batch: everything queued (possibly nothing, at shutdown, to checkpoint).
     fn run_batch(&self) -> Result<(), StoreError> {
         let mut c = self.committer.lock();
         let c = &mut *c;
-        let (layer, usage) = {
+        let (layer, usage, stopping) = {
             let _gate = self.gate.write();
             let mut ov = self.overlay.lock();
             let layer = Arc::new(std::mem::take(&mut ov.live));
@@ -1256,103 +1369,124 @@ impl Inner {
             let usage: Vec<(PgId, PgUsage)> =
                 layer.pgs.iter().map(|pg| (*pg, ov.usage.get(pg).copied().unwrap_or_default())).collect();
             ov.inflight = Some(layer.clone());
-            (layer, usage)
+            (layer, usage, ov.stopping)
         };
-        assert!(!layer.is_empty() || !c.deferred.is_empty(), "a batch has work");
-        c.batch += 1;
-        let batch = c.batch;
-        // 1. Work out the batch.
-        let tx = self.db.begin_write().map_err(Self::db_err)?;
+        assert!(!layer.is_empty() || c.wal_at > 0, "a batch has work");
+        let mut tx = self.db.begin_write().map_err(Self::db_err)?;
         let mut plan = Plan::default();
-        self.materialize(c, &tx, &layer, &usage, &mut plan)?;
-        // 2. Earlier batches' deferred writes go in place (their records are durable) when enough have
-        // gathered, at shutdown, or when this batch frees a unit one of them writes: the unit may be reused
-        // once this commit is durable, and its record must be gone by then.
-        let frees_deferred = plan.frees.iter().any(|au| c.deferred_units.contains_key(au));
-        let apply_deferred = !c.deferred.is_empty()
-            && (layer.is_empty()
-                || frees_deferred
-                || c.deferred.len() as u64 >= self.opts.bluestore_max_deferred_txc
-                || c.deferred_bytes >= DEFERRED_BYTES_MAX);
-        if apply_deferred {
-            for (_, writes) in &c.deferred {
-                for w in writes {
-                    self.block.write_at(w.offset, &w.data).map_err(|e| io_err("deferred write", e))?;
+        if !layer.is_empty() {
+            c.batch += 1;
+            // 1. Work out the batch.
+            self.materialize(c, &tx, &layer, &usage, &mut plan)?;
+            // 2. Fresh units, then one flush: they are durable before the record that points at them.
+            self.write_fresh(&mut plan.fresh)?;
+            // 3. The record, then one flush: the batch is durable.
+            if !plan.deferred.is_empty() {
+                c.deferred_batches += 1;
+                c.deferred_bytes += plan.deferred.iter().map(|w| w.data.len() as u64).sum::<u64>();
+            }
+            self.log_rows(c, &tx, &mut plan)?;
+            let body = encode_wal_record(c.batch, &plan.rows);
+            let rec = wal::frame(&body);
+            c.wal.write_at(c.wal_at, &rec).map_err(|e| io_err("wal write", e))?;
+            c.wal.flush().map_err(|e| io_err("wal flush", e))?;
+            c.wal_at += rec.len() as u64;
+        }
+        // 4. Deferred writes in place, now and then; a checkpoint when the log is long or the store stops.
+        let checkpoint = c.wal_at > 0 && (stopping || c.wal_at >= self.opts.bluestore_wal_max_bytes);
+        let mut retired = Vec::new();
+        if c.deferred_batches > 0
+            && (checkpoint
+                || c.deferred_batches >= self.opts.bluestore_max_deferred_txc
+                || c.deferred_bytes >= DEFERRED_BYTES_MAX)
+        {
+            // A barrier: a reader that began before a unit's cache entry existed may still be reading the
+            // unit's old bytes from the device; every reader from here on finds the entry and reads that.
+            drop(self.gate.write());
+            let cache = self.deferred_cache.read();
+            for (pau, data) in cache.iter() {
+                // A unit this batch freed keeps its old bytes (readers of the old state may read them) and
+                // its pending write is void.
+                if !plan.frees.contains(pau) {
+                    self.block.write_at(pau * self.au, data).map_err(|e| io_err("deferred write", e))?;
+                    retired.push(*pau);
                 }
             }
+            c.deferred_batches = 0;
+            c.deferred_bytes = 0;
         }
-        // 3. New data, then one flush.
-        plan.fresh.sort_by_key(|(pau, _)| *pau);
+        if checkpoint {
+            self.block.flush().map_err(|e| io_err("block flush", e))?;
+            if layer.is_empty() {
+                // A durable commit with a row in it, whatever redb does with an empty one.
+                let mut meta = tx.open_table(META).map_err(Self::db_err)?;
+                meta.insert(META_BATCH, encode_u64(c.batch).as_slice()).map_err(Self::db_err)?;
+            }
+            tx.set_durability(Durability::Immediate).map_err(Self::db_err)?;
+            tx.commit().map_err(Self::db_err)?;
+            c.wal_at = 0;
+        } else {
+            tx.set_durability(Durability::None).map_err(Self::db_err)?;
+            tx.commit().map_err(Self::db_err)?;
+        }
+        // 5. Publish.
+        self.omap_bytes.store(c.omap_bytes, Ordering::Relaxed);
+        self.publish(c, &layer, retired, plan.frees);
+        Ok(())
+    }
+
+    /// Writes a batch's fresh units, runs of neighbours as one write, then flushes the block file.
+    fn write_fresh(&self, fresh: &mut [(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        fresh.sort_by_key(|(pau, _)| *pau);
         let mut i = 0;
-        while i < plan.fresh.len() {
+        while i < fresh.len() {
             let mut j = i + 1;
-            while j < plan.fresh.len() && plan.fresh[j].0 == plan.fresh[j - 1].0 + 1 {
+            while j < fresh.len() && fresh[j].0 == fresh[j - 1].0 + 1 {
                 j += 1;
             }
-            let at = plan.fresh[i].0 * self.au;
+            let at = fresh[i].0 * self.au;
             if j - i == 1 {
-                self.block.write_at(at, &plan.fresh[i].1).map_err(|e| io_err("block write", e))?;
+                self.block.write_at(at, &fresh[i].1).map_err(|e| io_err("block write", e))?;
             } else {
                 let mut joined = Vec::with_capacity((j - i) * self.au as usize);
-                for (_, b) in &plan.fresh[i..j] {
+                for (_, b) in &fresh[i..j] {
                     joined.extend_from_slice(b);
                 }
                 self.block.write_at(at, &joined).map_err(|e| io_err("block write", e))?;
             }
             i = j;
         }
-        if apply_deferred || !plan.fresh.is_empty() {
-            self.block.flush().map_err(|e| io_err("block flush", e))?;
+        self.block.flush().map_err(|e| io_err("block flush", e))
+    }
+
+    /// Puts the rest of a batch's changes in `tx` and in its record: free-list groups (units taken, and this
+    /// batch's frees already cleared), counters, then the deferred writes and the frees.
+    fn log_rows(&self, c: &mut Committer, tx: &WriteTransaction, plan: &mut Plan) -> Result<(), StoreError> {
+        let mut fl = tx.open_table(FREELIST).map_err(Self::db_err)?;
+        let mut groups = c.alloc.take_dirty();
+        groups.extend(plan.frees.iter().map(|au| au / records::FREELIST_GROUP_AUS));
+        for g in groups {
+            let v = encode_freelist(&c.alloc.group_words(g, &plan.frees));
+            fl.insert(g, v.as_slice()).map_err(Self::db_err)?;
+            plan.rows.push(WalOp::Put { table: TableId::Freelist, key: g.to_be_bytes().to_vec(), value: v });
         }
-        // 4. One durable metadata commit.
-        {
-            let mut t = tx.open_table(DEFERRED).map_err(Self::db_err)?;
-            if apply_deferred {
-                for (b, _) in &c.deferred {
-                    t.remove(*b).map_err(Self::db_err)?;
-                }
-            }
-            if !plan.deferred.is_empty() {
-                t.insert(batch, encode_deferred(&plan.deferred).as_slice()).map_err(Self::db_err)?;
-            }
-            let mut fl = tx.open_table(FREELIST).map_err(Self::db_err)?;
-            // Groups with units taken, and groups with units freed: both change in this commit.
-            let mut groups = c.alloc.take_dirty();
-            groups.extend(plan.frees.iter().map(|au| au / records::FREELIST_GROUP_AUS));
-            for g in groups {
-                fl.insert(g, encode_freelist(&c.alloc.group_words(g, &plan.frees)).as_slice())
-                    .map_err(Self::db_err)?;
-            }
-            let mut meta = tx.open_table(META).map_err(Self::db_err)?;
-            meta.insert(META_BATCH, encode_u64(batch).as_slice()).map_err(Self::db_err)?;
-            meta.insert(META_NID_MAX, encode_u64(c.nid_max).as_slice()).map_err(Self::db_err)?;
-            meta.insert(META_OMAP_BYTES, encode_u64(c.omap_bytes).as_slice()).map_err(Self::db_err)?;
+        let mut meta = tx.open_table(META).map_err(Self::db_err)?;
+        for (k, v) in [(META_BATCH, c.batch), (META_NID_MAX, c.nid_max), (META_OMAP_BYTES, c.omap_bytes)] {
+            let v = encode_u64(v);
+            meta.insert(k, v.as_slice()).map_err(Self::db_err)?;
+            plan.rows.push(WalOp::Put { table: TableId::Meta, key: k.as_bytes().to_vec(), value: v });
         }
-        tx.commit().map_err(Self::db_err)?;
-        // 5. Publish.
-        let mut retired = Vec::new();
-        if apply_deferred {
-            for (b, writes) in c.deferred.drain(..) {
-                retired.extend(writes.iter().map(|w| (w.offset / self.au, b)));
-            }
-            c.deferred_units.clear();
-            c.deferred_bytes = 0;
-        }
-        if !plan.deferred.is_empty() {
-            for w in &plan.deferred {
-                *c.deferred_units.entry(w.offset / self.au).or_default() += 1;
-                c.deferred_bytes += w.data.len() as u64;
-            }
-            c.deferred.push((batch, std::mem::take(&mut plan.deferred)));
-        }
-        self.omap_bytes.store(c.omap_bytes, Ordering::Relaxed);
-        self.publish(c, &layer, retired, plan.frees);
+        plan.rows.extend(plan.deferred.drain(..).map(WalOp::Write));
+        plan.rows.extend(plan.frees.iter().map(|u| WalOp::Free(*u)));
         Ok(())
     }
 
     /// Makes a committed batch the state below the live layer: drops its layer, returns the units it freed,
-    /// forgets retired deferred writes, reports the commit.
-    fn publish(&self, c: &mut Committer, layer: &Layer, retired: Vec<(u64, u64)>, frees: BTreeSet<u64>) {
+    /// forgets the cache entries of units written in place or freed, reports the commit.
+    fn publish(&self, c: &mut Committer, layer: &Layer, retired: Vec<u64>, frees: BTreeSet<u64>) {
         {
             let _gate = self.gate.write();
             for au in &frees {
@@ -1361,10 +1495,8 @@ impl Inner {
             // The releases are in the free list already (written with the frees applied).
             let _ = c.alloc.take_dirty();
             let mut cache = self.deferred_cache.write();
-            for (pau, batch) in retired {
-                if cache.get(&pau).is_some_and(|(b, _)| *b == batch) {
-                    cache.remove(&pau);
-                }
+            for pau in retired.iter().chain(&frees) {
+                cache.remove(pau);
             }
             drop(cache);
             let mut ov = self.overlay.lock();
@@ -1482,8 +1614,35 @@ struct Plan {
     /// Whole new units: (physical unit, bytes).
     fresh: Vec<(u64, Vec<u8>)>,
     deferred: Vec<DeferredWrite>,
-    /// Units the batch stops referencing.
+    /// Units the batch stopped referencing.
     frees: BTreeSet<u64>,
+    /// The metadata rows it changes, in order: its WAL record.
+    rows: Vec<WalOp>,
+}
+
+/// Sets a metadata row and records it for the WAL. Returns the old value's length.
+fn put_row(
+    t: &mut redb::Table<&[u8], &[u8]>,
+    rows: &mut Vec<WalOp>,
+    table: TableId,
+    key: &[u8],
+    value: &[u8],
+) -> Result<Option<usize>, StoreError> {
+    let old = t.insert(key, value).map_err(Inner::db_err)?.map(|o| o.value().len());
+    rows.push(WalOp::Put { table, key: key.to_vec(), value: value.to_vec() });
+    Ok(old)
+}
+
+/// Removes a metadata row and records it for the WAL. Returns the old value's length.
+fn del_row(
+    t: &mut redb::Table<&[u8], &[u8]>,
+    rows: &mut Vec<WalOp>,
+    table: TableId,
+    key: &[u8],
+) -> Result<Option<usize>, StoreError> {
+    let old = t.remove(key).map_err(Inner::db_err)?.map(|o| o.value().len());
+    rows.push(WalOp::Del { table, key: key.to_vec() });
+    Ok(old)
 }
 
 impl Inner {
@@ -1512,7 +1671,7 @@ impl Inner {
             }
             for (k, nid) in doomed {
                 self.delete_object_data(c, &mut blobs, &mut omap, nid, plan)?;
-                onodes.remove(k.as_slice()).map_err(Self::db_err)?;
+                del_row(&mut onodes, &mut plan.rows, TableId::Onodes, &k)?;
             }
         }
         for (key, e) in &layer.objects {
@@ -1528,7 +1687,7 @@ impl Inner {
             if !e.exists {
                 if let Some(b) = base {
                     self.delete_object_data(c, &mut blobs, &mut omap, b.nid, plan)?;
-                    onodes.remove(key.as_slice()).map_err(Self::db_err)?;
+                    del_row(&mut onodes, &mut plan.rows, TableId::Onodes, key)?;
                 }
                 continue;
             }
@@ -1545,18 +1704,16 @@ impl Inner {
             };
             self.materialize_data(c, &mut blobs, onode.nid, old_size, e, plan)?;
             if e.omap_cleared && had_base {
-                self.delete_omap(c, &mut omap, onode.nid)?;
+                self.delete_omap(c, &mut omap, onode.nid, plan)?;
             }
             for (k, v) in &e.omap {
                 let key = omap_key(onode.nid, k);
                 let old = match v {
                     Some(v) => {
                         c.omap_bytes += (k.len() + v.len()) as u64;
-                        omap.insert(key.as_slice(), v.as_slice())
-                            .map_err(Self::db_err)?
-                            .map(|o| o.value().len())
+                        put_row(&mut omap, &mut plan.rows, TableId::Omap, &key, v)?
                     }
-                    None => omap.remove(key.as_slice()).map_err(Self::db_err)?.map(|o| o.value().len()),
+                    None => del_row(&mut omap, &mut plan.rows, TableId::Omap, &key)?,
                 };
                 if let Some(n) = old {
                     c.omap_bytes -= (k.len() + n) as u64;
@@ -1567,17 +1724,16 @@ impl Inner {
                 onode.size = e.size;
                 onode.version = e.version;
                 onode.attrs = e.attrs.clone();
-                onodes.insert(key.as_slice(), onode.encode().as_slice()).map_err(Self::db_err)?;
+                put_row(&mut onodes, &mut plan.rows, TableId::Onodes, key, &onode.encode())?;
             }
         }
         let mut pgu = tx.open_table(PG_USAGE).map_err(Self::db_err)?;
         for (pg, u) in usage {
             let k = pg_key(*pg);
             if u.objects == 0 {
-                pgu.remove(k.as_slice()).map_err(Self::db_err)?;
+                del_row(&mut pgu, &mut plan.rows, TableId::PgUsage, &k)?;
             } else {
-                pgu.insert(k.as_slice(), encode_usage(u.objects, u.bytes).as_slice())
-                    .map_err(Self::db_err)?;
+                put_row(&mut pgu, &mut plan.rows, TableId::PgUsage, &k, &encode_usage(u.objects, u.bytes))?;
             }
         }
         Ok(())
@@ -1588,6 +1744,7 @@ impl Inner {
         c: &mut Committer,
         omap: &mut redb::Table<&[u8], &[u8]>,
         nid: u64,
+        plan: &mut Plan,
     ) -> Result<(), StoreError> {
         let lo = nid.to_be_bytes();
         let hi = (nid + 1).to_be_bytes();
@@ -1595,6 +1752,7 @@ impl Inner {
         for row in omap.extract_from_if(lo.as_slice()..hi.as_slice(), |_, _| true).map_err(Self::db_err)? {
             let (k, v) = row.map_err(Self::db_err)?;
             removed += (k.value().len() - 8 + v.value().len()) as u64;
+            plan.rows.push(WalOp::Del { table: TableId::Omap, key: k.value().to_vec() });
         }
         c.omap_bytes -= removed;
         Ok(())
@@ -1612,14 +1770,15 @@ impl Inner {
         let lo = blob_key(nid, 0);
         let hi = blob_key(nid, u64::MAX);
         for row in blobs.extract_from_if(lo.as_slice()..=hi.as_slice(), |_, _| true).map_err(Self::db_err)? {
-            let (_, v) = row.map_err(Self::db_err)?;
+            let (k, v) = row.map_err(Self::db_err)?;
             let blob =
                 Blob::decode(v.value()).map_err(|e| StoreError::Io(format!("metadata damaged: {e}")))?;
             for (pau, _) in blob.slots.iter().flatten() {
                 self.free_unit(plan, *pau);
             }
+            plan.rows.push(WalOp::Del { table: TableId::Blobs, key: k.value().to_vec() });
         }
-        self.delete_omap(c, omap, nid)
+        self.delete_omap(c, omap, nid, plan)
     }
 
     fn free_unit(&self, plan: &mut Plan, pau: u64) {
@@ -1740,40 +1899,37 @@ impl Inner {
             }
             assert!(u0 < e.size, "a unit with data lies within the object");
             let csums: Vec<u32> = buf.chunks(CSUM_BLOCK_BYTES as usize).map(crc32c).collect();
-            // New space for a new unit, or for a large write of a whole unit when there is space; else the
-            // unit is rewritten in place through a deferred write.
-            let new_unit = match &existing {
-                None => Some(
-                    c.alloc
-                        .allocate()
-                        .ok_or_else(|| StoreError::NoSpace("allocator empty despite reservations".into()))?,
-                ),
-                Some(_) if big_whole => c.alloc.allocate(),
-                Some(_) => None,
-            };
-            match (new_unit, existing) {
-                (Some(pau), old) => {
-                    if let Some((old, _)) = old {
-                        self.free_unit(plan, old);
+            // A large write of a whole unit goes to new space (when there is space): written once, directly.
+            // Anything smaller is a deferred write, to a new unit or in place: its bytes go in the WAL record
+            // (one flush for the batch), and in place later.
+            let (pau, direct) = match &existing {
+                None => {
+                    let pau = c.alloc.allocate();
+                    (pau.ok_or_else(|| StoreError::NoSpace("allocator empty despite reservations".into()))?, big_whole)
+                }
+                Some((old, _)) => match big_whole.then(|| c.alloc.allocate()).flatten() {
+                    Some(pau) => {
+                        self.free_unit(plan, *old);
+                        (pau, true)
                     }
-                    plan.fresh.push((pau, buf));
-                    blob.slots[slot] = Some((pau, csums));
-                }
-                (None, Some((pau, _))) => {
-                    let data = Bytes::from(buf);
-                    self.deferred_cache.write().insert(pau, (c.batch, data.clone()));
-                    plan.deferred.push(DeferredWrite { offset: pau * au, data });
-                    blob.slots[slot] = Some((pau, csums));
-                }
-                (None, None) => unreachable!("a new unit was allocated or the error returned"),
+                    None => (*old, false),
+                },
+            };
+            if direct {
+                plan.fresh.push((pau, buf));
+            } else {
+                let data = Bytes::from(buf);
+                self.deferred_cache.write().insert(pau, data.clone());
+                plan.deferred.push(DeferredWrite { offset: pau * au, data });
             }
+            blob.slots[slot] = Some((pau, csums));
         }
         for (index, blob) in loaded {
             let k = blob_key(nid, index);
             if blob.is_empty() {
-                blobs.remove(k.as_slice()).map_err(Self::db_err)?;
+                del_row(blobs, &mut plan.rows, TableId::Blobs, &k)?;
             } else {
-                blobs.insert(k.as_slice(), blob.encode().as_slice()).map_err(Self::db_err)?;
+                put_row(blobs, &mut plan.rows, TableId::Blobs, &k, &blob.encode())?;
             }
         }
         Ok(())

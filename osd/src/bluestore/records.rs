@@ -334,7 +334,8 @@ impl Blob {
     }
 }
 
-/// A deferred write: bytes to put at a device offset, in place, after the commit that records them.
+/// A deferred write: bytes to put at a device offset, in place, once the WAL record that holds them is
+/// durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeferredWrite {
     pub offset: u64,
@@ -344,38 +345,143 @@ pub struct DeferredWrite {
 /// Largest deferred write (one allocation unit is at most 64 KiB).
 pub const DEFERRED_WRITE_BYTES_MAX: usize = BLOB_BYTES as usize;
 
-pub fn encode_deferred(writes: &[DeferredWrite]) -> Vec<u8> {
-    let bytes: usize = writes.iter().map(|w| 12 + w.data.len()).sum();
-    let mut v = begin(4 + bytes);
-    v.extend_from_slice(&(writes.len() as u32).to_le_bytes());
-    for w in writes {
-        assert!(w.data.len() <= DEFERRED_WRITE_BYTES_MAX);
-        v.extend_from_slice(&w.offset.to_le_bytes());
-        v.extend_from_slice(&(w.data.len() as u32).to_le_bytes());
-        v.extend_from_slice(&w.data);
+/// The metadata tables, by their number in WAL records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableId {
+    Onodes = 0,
+    Blobs = 1,
+    Omap = 2,
+    /// Keys: the group number, u64 BE.
+    Freelist = 3,
+    PgUsage = 4,
+    /// Keys: the UTF-8 name.
+    Meta = 5,
+}
+
+impl TableId {
+    fn from_u8(b: u8) -> Option<TableId> {
+        Some(match b {
+            0 => TableId::Onodes,
+            1 => TableId::Blobs,
+            2 => TableId::Omap,
+            3 => TableId::Freelist,
+            4 => TableId::PgUsage,
+            5 => TableId::Meta,
+            _ => return None,
+        })
+    }
+}
+
+/// One change a batch makes, as its WAL record carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalOp {
+    /// A metadata row set to a value.
+    Put { table: TableId, key: Vec<u8>, value: Vec<u8> },
+    /// A metadata row removed.
+    Del { table: TableId, key: Vec<u8> },
+    /// A deferred write (a whole allocation unit, at its offset).
+    Write(DeferredWrite),
+    /// An allocation unit the batch stopped referencing: an earlier record's write to it is void.
+    Free(u64),
+}
+
+/// Largest metadata key or value in a WAL record (an omap value or an onode with its attributes).
+const WAL_FIELD_BYTES_MAX: usize = 1 << 30;
+
+/// A batch's WAL record body: `1` | seq u64 | count u32 | ops | crc u32. Ops: `1` table u8 key_len u32 key
+/// value_len u32 value (put); `2` table u8 key_len u32 key (delete); `3` offset u64 len u32 bytes (deferred
+/// write); `4` unit u64 (free).
+pub fn encode_wal_record(seq: u64, ops: &[WalOp]) -> Vec<u8> {
+    let bytes: usize = ops
+        .iter()
+        .map(|op| match op {
+            WalOp::Put { key, value, .. } => 10 + key.len() + value.len(),
+            WalOp::Del { key, .. } => 6 + key.len(),
+            WalOp::Write(w) => 13 + w.data.len(),
+            WalOp::Free(_) => 9,
+        })
+        .sum();
+    let mut v = begin(12 + bytes);
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+    for op in ops {
+        match op {
+            WalOp::Put { table, key, value } => {
+                v.push(1);
+                v.push(*table as u8);
+                v.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                v.extend_from_slice(key);
+                v.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                v.extend_from_slice(value);
+            }
+            WalOp::Del { table, key } => {
+                v.push(2);
+                v.push(*table as u8);
+                v.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                v.extend_from_slice(key);
+            }
+            WalOp::Write(w) => {
+                assert!(w.data.len() <= DEFERRED_WRITE_BYTES_MAX);
+                v.push(3);
+                v.extend_from_slice(&w.offset.to_le_bytes());
+                v.extend_from_slice(&(w.data.len() as u32).to_le_bytes());
+                v.extend_from_slice(&w.data);
+            }
+            WalOp::Free(unit) => {
+                v.push(4);
+                v.extend_from_slice(&unit.to_le_bytes());
+            }
+        }
     }
     seal(v)
 }
 
-pub fn decode_deferred(buf: &[u8]) -> Result<Vec<DeferredWrite>, RecordError> {
-    let what = "deferred record";
+/// Decodes a WAL record body: its batch number and ops.
+pub fn decode_wal_record(buf: &[u8]) -> Result<(u64, Vec<WalOp>), RecordError> {
+    let what = "WAL record";
     let mut r = Reader::checked(buf, what)?;
+    let seq = r.u64()?;
     let n = r.u32()? as usize;
-    // Each write takes at least 12 bytes: a count beyond that is damage, not an allocation to attempt.
-    if n > buf.len() / 12 {
-        return Err(RecordError::Invalid { what, why: format!("{n} writes in {} bytes", buf.len()) });
+    // Each op takes at least 9 bytes: a count beyond that is damage, not an allocation to attempt.
+    if n > buf.len() / 9 {
+        return Err(RecordError::Invalid { what, why: format!("{n} ops in {} bytes", buf.len()) });
     }
-    let mut out = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n);
     for _ in 0..n {
-        let offset = r.u64()?;
-        let len = r.u32()? as usize;
-        if len > DEFERRED_WRITE_BYTES_MAX {
-            return Err(RecordError::Invalid { what, why: format!("write of {len} bytes") });
-        }
-        out.push(DeferredWrite { offset, data: Bytes::copy_from_slice(r.take(len)?) });
+        let op = match r.u8()? {
+            tag @ (1 | 2) => {
+                let t = r.u8()?;
+                let table = TableId::from_u8(t)
+                    .ok_or_else(|| RecordError::Invalid { what, why: format!("table {t}") })?;
+                let field = |r: &mut Reader| -> Result<Vec<u8>, RecordError> {
+                    let len = r.u32()? as usize;
+                    if len > WAL_FIELD_BYTES_MAX {
+                        return Err(RecordError::Invalid { what, why: format!("a field of {len} bytes") });
+                    }
+                    Ok(r.take(len)?.to_vec())
+                };
+                let key = field(&mut r)?;
+                if tag == 1 {
+                    WalOp::Put { table, key, value: field(&mut r)? }
+                } else {
+                    WalOp::Del { table, key }
+                }
+            }
+            3 => {
+                let offset = r.u64()?;
+                let len = r.u32()? as usize;
+                if len > DEFERRED_WRITE_BYTES_MAX {
+                    return Err(RecordError::Invalid { what, why: format!("write of {len} bytes") });
+                }
+                WalOp::Write(DeferredWrite { offset, data: Bytes::copy_from_slice(r.take(len)?) })
+            }
+            4 => WalOp::Free(r.u64()?),
+            tag => return Err(RecordError::Invalid { what, why: format!("op tag {tag}") }),
+        };
+        ops.push(op);
     }
     r.end()?;
-    Ok(out)
+    Ok((seq, ops))
 }
 
 /// A free-list record: one bit per allocation unit of a group of [`FREELIST_GROUP_AUS`], 1 = allocated.
@@ -489,7 +595,7 @@ pub fn decode_any(table: u8, buf: &[u8]) -> Result<(), RecordError> {
     match table % 8 {
         0 => Onode::decode(buf).map(drop),
         1 => Blob::decode(buf).map(drop),
-        2 => decode_deferred(buf).map(drop),
+        2 => decode_wal_record(buf).map(drop),
         3 => decode_freelist(buf).map(drop),
         4 => decode_usage(buf).map(drop),
         5 => Label::decode(buf).map(drop),
@@ -513,16 +619,19 @@ mod tests {
         let mut blob = Blob::empty(12);
         blob.slots[3] = Some((99, vec![0xdead_beef]));
         blob.slots[15] = Some((1 << 40, vec![1]));
-        let def = vec![
-            DeferredWrite { offset: 4096, data: Bytes::from(vec![1u8; 4096]) },
-            DeferredWrite { offset: 0, data: Bytes::new() },
+        let wal = vec![
+            WalOp::Put { table: TableId::Blobs, key: vec![1, 2], value: vec![3; 40] },
+            WalOp::Del { table: TableId::Meta, key: b"batch".to_vec() },
+            WalOp::Write(DeferredWrite { offset: 4096, data: Bytes::from(vec![1u8; 4096]) }),
+            WalOp::Write(DeferredWrite { offset: 0, data: Bytes::new() }),
+            WalOp::Free(77),
         ];
         let label =
             Label { fsid: [5; 16], osd_id: 3, block_bytes: 1 << 30, min_alloc_bytes: 4096, csum_type: 1 };
         let words: Vec<u64> = (0..FREELIST_WORDS as u64).map(|i| i * 0x1234_5678_9abc).collect();
         assert_eq!(Onode::decode(&onode.encode()).unwrap(), onode);
         assert_eq!(Blob::decode(&blob.encode()).unwrap(), blob);
-        assert_eq!(decode_deferred(&encode_deferred(&def)).unwrap(), def);
+        assert_eq!(decode_wal_record(&encode_wal_record(9, &wal)).unwrap(), (9, wal.clone()));
         assert_eq!(Label::decode(&label.encode()).unwrap(), label);
         assert_eq!(decode_freelist(&encode_freelist(&words)).unwrap(), words);
         assert_eq!(decode_usage(&encode_usage(4, 5)).unwrap(), (4, 5));
@@ -533,7 +642,7 @@ mod tests {
         let samples: Vec<(u8, Vec<u8>)> = vec![
             (0, onode.encode()),
             (1, blob.encode()),
-            (2, encode_deferred(&def[..1])),
+            (2, encode_wal_record(3, &wal)),
             (3, encode_freelist(&words)),
             (4, encode_usage(1, 2)),
             (5, label.encode()),

@@ -144,6 +144,11 @@ impl SimDisk {
         self.state.lock().flush_ios.clone()
     }
 
+    /// Writes and length changes, over all files, not yet made durable by a flush.
+    pub fn files_pending(&self) -> usize {
+        self.state.lock().files.values().map(|f| f.pending.len()).sum()
+    }
+
     /// Bytes read from `name` so far.
     pub fn bytes_read(&self, name: &str) -> u64 {
         self.state.lock().files.get(name).map_or(0, |f| f.bytes_read)

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rados::ids::{Epoch, PgId, PoolId};
-use redb::ReadableTableMetadata;
 
 use super::simdisk::{SimDisk, SplitMix64};
 use super::*;
@@ -320,6 +319,8 @@ fn crash_run(
     let o = BlueStoreOptions {
         bluestore_max_deferred_txc: [1, 3, 32][((seed / 2 + seed) % 3) as usize],
         bluestore_min_alloc_size: [4096, 4096, 16384, 65536][((seed / 3) % 4) as usize],
+        // Checkpoints every few batches, or none before the shutdown.
+        bluestore_wal_max_bytes: [16 << 10, 128 << 10, 32 << 20][((seed / 5) % 3) as usize],
         ..opts(16 << 20)
     };
     let store = mkfs_open(&disk, &o);
@@ -455,6 +456,7 @@ fn random_transactions_match_memstore() {
         let o = BlueStoreOptions {
             bluestore_max_deferred_txc: 1 + seed % 4,
             bluestore_min_alloc_size: [4096, 16384, 65536][(seed % 3) as usize],
+            bluestore_wal_max_bytes: [8 << 10, 32 << 20][(seed % 2) as usize],
             ..opts(32 << 20)
         };
         let mut store = mkfs_open(&disk, &o);
@@ -539,12 +541,20 @@ fn a_flipped_bit_at_rest_is_an_error_never_data() {
 
 #[test]
 fn device_errors_are_reported_and_a_failed_flush_stops_the_store() {
-    // Goal: EIO on read is returned as an error; EIO on a data write, a failed block flush and a failed
-    // metadata flush each put the store in the failed state, in which nothing after the failure is reported
-    // committed and every later queue() fails. Method: inject each fault into a fresh store and watch.
-    let o = opts(8 << 20);
-    for (file, what) in [(BLOCK_FILE, "write"), (BLOCK_FILE, "flush"), (DB_FILE, "flush"), (DB_FILE, "write")]
-    {
+    // Goal: EIO on read is returned as an error; EIO on a data write, a failed block flush, a failed WAL
+    // write or flush and a failed metadata write or flush (at a checkpoint) each put the store in the failed
+    // state, in which nothing after the failure is reported committed and every later queue() fails. Method:
+    // inject each fault into a fresh store and watch: a 4 KiB write goes to the WAL only, a 64 KiB one to the
+    // block file first; with a one-page WAL every batch checkpoints.
+    let every_batch_checkpoints = BlueStoreOptions { bluestore_wal_max_bytes: 4096, ..opts(8 << 20) };
+    for (file, what, len, o) in [
+        (wal::WAL_FILE, "write", 4096, opts(8 << 20)),
+        (wal::WAL_FILE, "flush", 4096, opts(8 << 20)),
+        (BLOCK_FILE, "write", 64 << 10, opts(8 << 20)),
+        (BLOCK_FILE, "flush", 64 << 10, opts(8 << 20)),
+        (DB_FILE, "flush", 4096, every_batch_checkpoints.clone()),
+        (DB_FILE, "write", 4096, every_batch_checkpoints.clone()),
+    ] {
         let disk = SimDisk::new(4096);
         let store = mkfs_open(&disk, &o);
         store.apply(&write_txn("a", 0, &[1; 4096])).unwrap();
@@ -553,24 +563,27 @@ fn device_errors_are_reported_and_a_failed_flush_stops_the_store() {
             "write" => disk.fail_write(file, 1),
             _ => disk.fail_flush(file, 1),
         }
-        let seq = store.queue(&write_txn("b", 0, &[2; 4096])).unwrap();
+        let seq = store.queue(&write_txn("b", 0, &vec![2; len])).unwrap();
         let err = store.wait_committed(seq, WAIT).expect_err("the commit fails");
         assert!(matches!(err, StoreError::Io(_)), "{file} {what}: {err}");
         assert!(store.failed().is_some(), "{file} {what}");
-        assert_eq!(store.committed(), before, "{file} {what}: nothing after the failure is committed");
+        // A failed checkpoint comes after the batch's record was durable; otherwise nothing is committed.
+        if file != DB_FILE {
+            assert_eq!(store.committed(), before, "{file} {what}: nothing after the failure is committed");
+        }
         assert!(store.queue(&write_txn("c", 0, &[3; 10])).is_err(), "{file} {what}: queue after failure");
         // Reads still serve what was queued.
-        assert_eq!(store.read(pgs()[0], "b", 0, 4096).unwrap(), vec![2; 4096]);
+        assert_eq!(store.read(pgs()[0], "b", 0, len as u64).unwrap(), vec![2; len]);
         drop(store);
         disk.power_cut(1);
         let store = BlueStore::open_in(env_of(&disk), &o).unwrap();
-        assert_eq!(store.read(pgs()[0], "a", 0, 4096).unwrap(), vec![1; 4096], "{file} {what}");
+        assert_eq!(store.read(pgs()[0], "a", 0, 4096).unwrap_or_else(|e| panic!("{file} {what}: {e}")), vec![1; 4096], "{file} {what}");
         check_fsck(&store, true).unwrap();
     }
-    // EIO on read.
+    // EIO on read (of a unit written directly: a deferred one is served from memory until it is in place).
     let disk = SimDisk::new(4096);
-    let store = mkfs_open(&disk, &o);
-    store.apply(&write_txn("a", 0, &[1; 4096])).unwrap();
+    let store = mkfs_open(&disk, &opts(8 << 20));
+    store.apply(&write_txn("a", 0, &[1; 64 << 10])).unwrap();
     disk.fail_reads(BLOCK_FILE, 0, 4096);
     assert!(matches!(store.read(pgs()[0], "a", 0, 10), Err(StoreError::Io(_))));
     disk.clear_read_faults();
@@ -650,7 +663,7 @@ fn mount_reads_no_objects() {
         }
         drop(store);
         let db0 = disk.bytes_read(DB_FILE);
-        drop(redb::Builder::new().create_with_backend(device::RedbBackend(disk.device(DB_FILE))).unwrap());
+        drop(redb::Builder::new().create_with_backend(device::RedbBackend::new(disk.device(DB_FILE))).unwrap());
         let bare = disk.bytes_read(DB_FILE) - db0;
         let (db0, block0) = (disk.bytes_read(DB_FILE), disk.bytes_read(BLOCK_FILE));
         let store = BlueStore::open_in(env_of(&disk), &o).unwrap();
@@ -718,30 +731,42 @@ fn options_are_checked_and_a_foreign_directory_is_refused() {
 }
 
 #[test]
-fn small_overwrites_are_deferred_and_large_ones_take_new_space() {
-    // Goal: the write strategies. A 4 KiB overwrite of an existing unit keeps its place (deferred, redo
-    // record, then in place); a whole-unit write of at least bluestore_prefer_deferred_size takes new units
-    // and frees the old ones in the same commit. Method: watch statfs and the deferred table.
+fn small_writes_are_deferred_and_large_ones_take_new_space() {
+    // Goal: the write strategies. A small write, to a new unit or over an existing one, is deferred: its bytes
+    // travel in the batch's WAL record and wait in memory to go in place (an overwrite keeps the unit's
+    // place); a whole-unit write of at least bluestore_prefer_deferred_size takes new units, written directly,
+    // and frees the old ones in the same commit. Method: watch statfs, the deferred writes waiting and the
+    // WAL's length; remount and compare.
     let disk = SimDisk::new(4096);
-    let o = opts(8 << 20);
+    let o = BlueStoreOptions { bluestore_max_deferred_txc: 32, ..opts(8 << 20) };
     let store = mkfs_open(&disk, &o);
+    let waiting = |s: &BlueStore| s.inner.deferred_cache.read().len();
+    let wal_at = |s: &BlueStore| s.inner.committer.lock().wal_at;
     store.apply(&write_txn("a", 0, &[1; 128 << 10])).unwrap();
     let used = store.statfs().allocated;
     assert_eq!(used, 128 << 10);
+    assert_eq!(waiting(&store), 0, "a large write is written directly");
+    let after_large = wal_at(&store);
+    assert!(after_large <= 8192, "the large write's record holds no data: {after_large} bytes");
     store.apply(&write_txn("a", 8192, &[2; 4096])).unwrap();
     assert_eq!(store.statfs().allocated, used, "a small overwrite takes no new space");
-    {
-        let rtx = store.inner.db.begin_read().unwrap();
-        let t = rtx.open_table(DEFERRED).unwrap();
-        assert_eq!(t.len().unwrap(), 1, "the overwrite's redo record is durable");
-    }
+    assert_eq!(waiting(&store), 1);
+    assert!(wal_at(&store) - after_large >= 4096, "the overwrite's bytes are in the log");
+    store.apply(&write_txn("b", 0, &[4; 4096])).unwrap();
+    assert_eq!(store.statfs().allocated, used + 4096, "a small write to a new unit takes one unit");
+    assert_eq!(waiting(&store), 2, "and is deferred too");
     store.apply(&write_txn("a", 0, &[3; 128 << 10])).unwrap();
-    assert_eq!(store.statfs().allocated, used, "the old units were freed when the new ones were taken");
-    {
-        let rtx = store.inner.db.begin_read().unwrap();
-        assert_eq!(rtx.open_table(DEFERRED).unwrap().len().unwrap(), 0, "the applied record is gone");
-    }
+    assert_eq!(store.statfs().allocated, used + 4096, "the old units were freed when the new ones were taken");
+    assert_eq!(waiting(&store), 1, "the freed unit's deferred write is void");
     assert_eq!(store.read(pgs()[0], "a", 0, 128 << 10).unwrap(), vec![3; 128 << 10]);
+    assert_eq!(store.read(pgs()[0], "b", 0, 4096).unwrap(), vec![4; 4096]);
+    check_fsck(&store, true).unwrap();
+    drop(store);
+    assert_eq!(disk.files_pending(), 0, "a clean shutdown leaves nothing unflushed");
+    let store = BlueStore::open_in(env_of(&disk), &o).unwrap();
+    assert_eq!(waiting(&store), 0, "the shutdown's checkpoint wrote them in place");
+    assert_eq!(store.read(pgs()[0], "a", 0, 128 << 10).unwrap(), vec![3; 128 << 10]);
+    assert_eq!(store.read(pgs()[0], "b", 0, 4096).unwrap(), vec![4; 4096]);
     check_fsck(&store, true).unwrap();
 }
 
