@@ -7,45 +7,14 @@
 # Usage: benches/scripts/rbd-vs-ceph.sh [IO_TOTAL_4K] [IO_TOTAL_4M] [FIO_SECONDS]  (default 256M 2G 10)
 set -euo pipefail
 t4k="${1:-256M}"; t4m="${2:-2G}"; fsec="${3:-10}"
-root="$(cd "$(dirname "$0")/../.." && pwd)"
-work="$(mktemp -d /tmp/rbd-vs-ceph.XXXXXX)"
-cp "$root/../shared/bench/ceph-baseline.sh" "$root/../shared/bench/radosping.c" "$work/"
-cd "$root" && cargo build --release -q -p tools
-bin="$root/target/release"
+. "$(dirname "$0")/lib.sh"
+bench_init rbd-vs-ceph
 # Neither system pays the VM's first-touch cost for guest pages the host does not back (see prefault.sh): it
 # runs before each system, because the host takes idle guest memory back within minutes.
-"$root/benches/scripts/prefault.sh"
-out="$work/results"; : > "$out"
-rbdbench() { # NAME CMD...: keeps ops/sec and bytes/sec from the summary line
-  local name="$1"; shift
-  "$@" > "$work/$name.txt" 2>&1
-  python3 - "$name" "$work/$name.txt" >> "$out" <<'PY'
-import re, sys
-t = open(sys.argv[2]).read()
-m = re.search(r"ops/sec:\s*([0-9.]+)", t)
-# bytes/sec is printed with units ("535 MiB/s") by Ceph 16; MB/s is computed from ops/sec and the io size.
-print(sys.argv[1], m.group(1) if m else "nan", "0")
-PY
-}
-fiobench() { # NAME rw FIO-ARGS...
-  local name="$1" rw="$2"; shift 2
-  fio --output-format=json --time_based --runtime="$fsec" --name=j --rw="$rw" --bs=4k --iodepth=16 "$@" > "$work/$name.json" 2>"$work/$name.err" || true
-  python3 - "$name" "$work/$name.json" >> "$out" <<'PY'
-import json, sys
-try:
-    text = open(sys.argv[2]).read()
-    # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
-    j = json.loads(text[text.index("{"):])["jobs"][0]
-    side = "write" if j["write"]["io_bytes"] > 0 else "read"
-    print(sys.argv[1], j[side]["iops"], j[side]["bw_bytes"])
-except Exception:
-    print(sys.argv[1], "nan", "nan")
-PY
-}
+prefault
 
 # --- Ceph ---
-cd "$work"
-CEPH_DIR="$work/ceph" bash ceph-baseline.sh up memstore >"$work/ceph-up.log" 2>&1 || { tail -20 "$work/ceph-up.log"; exit 1; }
+ceph_up memstore
 B=(rbd -c "$work/ceph/ceph.conf")
 "${B[@]}" create --size 1G rbd/bench
 rbdbench ceph-write-4K-rand "${B[@]}" bench --io-type write --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
@@ -54,11 +23,11 @@ rbdbench ceph-write-4M-seq "${B[@]}" bench --io-type write --io-size 4M --io-thr
 CEPH_CONF="$work/ceph/ceph.conf" fiobench ceph-fio-randwrite-4K randwrite --ioengine=rbd --clientname=admin --pool=rbd --rbdname=bench --direct=1
 CEPH_CONF="$work/ceph/ceph.conf" fiobench ceph-fio-randread-4K randread --ioengine=rbd --clientname=admin --pool=rbd --rbdname=bench --direct=1
 "${B[@]}" rm rbd/bench >/dev/null 2>&1 || true
-bash ceph-baseline.sh down >/dev/null 2>&1 || true
+ceph_down
 
 # --- cuttle ---
-"$root/benches/scripts/prefault.sh"
-"$bin/cuttle" up --dir "$work/cuttle" >/dev/null
+prefault
+cuttle_up "$work/cuttle"
 export CUTTLE_CONF="$work/cuttle/cuttle.toml" CUTTLE_RBD_RUN_DIR="$work/run"
 "$bin/rbd" create --size 1G rbd/bench
 rbdbench cuttle-write-4K-rand "$bin/rbd" bench --io-type write --io-size 4K --io-threads 16 --io-total "$t4k" --io-pattern rand rbd/bench
@@ -78,13 +47,13 @@ uri=$("$bin/rbd" map rbd/bench)
 fiobench cuttle-fio-randwrite-4K-unix randwrite --ioengine=nbd --uri="$uri"
 fiobench cuttle-fio-randread-4K-unix randread --ioengine=nbd --uri="$uri"
 "$bin/rbd" unmap rbd/bench >/dev/null
-"$bin/cuttle" down --dir "$work/cuttle" >/dev/null
+cuttle_down "$work/cuttle"
 
 python3 - "$out" <<'PY'
 import sys
 r = {}
 for line in open(sys.argv[1]):
-    name, ops, bps = line.split()
+    name, ops, bps = line.split()[:3]
     r[name] = (float(ops), float(bps))
 print("| figure | Ceph 16 memstore | cuttle | ratio | target |")
 print("|---|---|---|---|---|")
