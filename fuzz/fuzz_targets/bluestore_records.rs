@@ -1,13 +1,13 @@
 //! Feeds arbitrary bytes to BlueStore's on-disk record decoders (onodes, blobs with their checksums,
-//! deferred-write redo records, free-list groups, PG usage rows, the label, and the table keys): they read
+//! WAL records (metadata rows, deferred writes, frees), free-list groups, PG usage rows, the label, and the table keys): they read
 //! what a crash, a bad disk or a bug left in the metadata file, and must return errors, never panic. Whatever
 //! decodes must re-encode to bytes that decode to the same value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use osd::bluestore::records::{
-    decode_blob_key, decode_deferred, decode_freelist, decode_omap_key, decode_onode_key, decode_usage,
-    encode_deferred, encode_freelist, encode_usage, Blob, Label, Onode,
+    decode_blob_key, decode_freelist, decode_omap_key, decode_onode_key, decode_usage, decode_wal_record,
+    encode_freelist, encode_usage, encode_wal_record, Blob, Label, Onode,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -33,8 +33,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 => {
-            if let Ok(w) = decode_deferred(rec) {
-                assert_eq!(decode_deferred(&encode_deferred(&w)).expect("re-encoded deferred record"), w);
+            if let Ok((seq, ops)) = decode_wal_record(rec) {
+                let again = decode_wal_record(&encode_wal_record(seq, &ops)).expect("re-encoded WAL record");
+                assert_eq!(again, (seq, ops));
             }
         }
         3 => {
