@@ -6,7 +6,7 @@
 #    16, an fdatasync every 16 writes), IOPS; 4 MiB sequential writes, MiB/s;
 #  - `rados bench`, 16 in flight: 4 KiB write and random read, 4 MiB write and sequential read; the daemons' CPU
 #    per op (utime+stime of mon + OSDs, /proc/PID/stat) and the bytes they wrote to the disk per op
-#    (write_bytes of mon + OSDs, /proc/PID/io);
+#    (sectors written to the disk under the clusters, /sys/class/block, after a sync);
 #  - `rbd bench` 4 KiB random writes, 16 threads, on an image first written whole by `rbd bench` 4 MiB writes;
 #  - fio 4 KiB random writes then reads at iodepth 16 on that image: Ceph through librbd (ioengine=rbd), cuttle
 #    through its `rbd map` NBD export (ioengine=nbd, unix socket).
@@ -173,7 +173,7 @@ for ph, unit, scale, target in [("write-4K", "us", 1e6, "<= 0.125x"), ("rand-4K"
     row(f"daemon CPU per op, rados bench {ph} ({unit}/op, mon+OSDs utime+stime)", cpu("ceph-"), cpu("cuttle-"), "{:.0f}",
         target, (lambda c, k, q: q <= 0.125) if target else None)
 wb = lambda s, ph, size: div(g(r, s + ph, "wb"), g(r, s + ph, "ops") * size)
-row("disk bytes written per 4 MiB rados write (x 4 MiB; mon+OSDs write_bytes, 3 replicas)",
+row("disk bytes written per 4 MiB rados write (x 4 MiB; the disk's own count, 3 replicas)",
     wb("ceph-", "write-4M", 4 << 20), wb("cuttle-", "write-4M", 4 << 20), "{:.2f}", "cuttle <= 3.3", lambda c, k, q: k <= 3.3)
 row("disk bytes written per 4 KiB rados write (x 4 KiB)", wb("ceph-", "write-4K", 4096), wb("cuttle-", "write-4K", 4096), "{:.1f}")
 rate = lambda s: div(g(r, s + "write-4M", "wb"), g(r, s + "write-4M", "secs")) / 2**20
