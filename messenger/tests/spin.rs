@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
@@ -31,10 +31,18 @@ fn worker_sleeps() -> u64 {
     n
 }
 
-/// Worker sleeps per round trip of `n` requests sent one at a time from a client to a server that answers each,
-/// over a session with the client's policy `client` and the server's policy `server`, on a pool whose workers
-/// spin for `spin`.
-fn sleeps_per_round_trip(spin: Duration, client: Policy, server: Policy, n: u64) -> f64 {
+/// Round trips each measurement makes: up to `ROUND_TRIPS`, fewer once `ROUND_TRIPS_TIME` has passed, but never
+/// fewer than `ROUND_TRIPS_MIN`. A round trip costs the scheduler a few wake-ups: quiet, 2000 take ~70 ms; beside
+/// a CPU hog each wake-up can wait for the hog's time slice, and a fixed count took 36 times as long. The time
+/// budget keeps a busy machine's run within a few times the quiet one; the minimum keeps the ratio meaningful.
+const ROUND_TRIPS: u64 = 2000;
+const ROUND_TRIPS_MIN: u64 = 200;
+const ROUND_TRIPS_TIME: Duration = Duration::from_millis(150);
+
+/// Worker sleeps per round trip of requests sent one at a time from a client to a server that answers each
+/// (as many as [`ROUND_TRIPS`] and friends allow), over a session with the client's policy `client` and the
+/// server's policy `server`, on a pool whose workers spin for `spin`.
+fn sleeps_per_round_trip(spin: Duration, client: Policy, server: Policy) -> f64 {
     let pool = WorkerPool::with_spin(2, spin).unwrap();
     let policies = vec![(EntityType::Client, server)];
     let server =
@@ -50,8 +58,11 @@ fn sleeps_per_round_trip(spin: Duration, client: Policy, server: Policy, n: u64)
     };
     round_trip(0); // the connection is up
     let before = worker_sleeps();
-    for tid in 1..=n {
-        round_trip(tid);
+    let start = Instant::now();
+    let mut n = 0;
+    while n < ROUND_TRIPS && (n < ROUND_TRIPS_MIN || start.elapsed() < ROUND_TRIPS_TIME) {
+        n += 1;
+        round_trip(n);
     }
     let sleeps = worker_sleeps() - before;
     client.msgr.shutdown();
@@ -61,7 +72,7 @@ fn sleeps_per_round_trip(spin: Duration, client: Policy, server: Policy, n: u64)
 }
 
 // Goal: a worker awaiting a lossless peer's answer catches it without going to sleep, and a worker with the
-// spin off sleeps for each one. Method: 2000 request/reply round trips, one at a time, over a lossless session
+// spin off sleeps for each one. Method: 200-2000 request/reply round trips, one at a time, over a lossless session
 // (each side's last message is unacknowledged until the other answers), once with a 20 ms spin and once with
 // none, counting the workers' voluntary context switches.
 #[test]
@@ -69,8 +80,8 @@ fn a_worker_awaiting_a_lossless_peer_spins_instead_of_sleeping() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init_tracing();
     let (client, server) = (Policy::lossless_client(), Policy::stateful_server());
-    let spinning = sleeps_per_round_trip(Duration::from_millis(20), client, server, 2000);
-    let sleeping = sleeps_per_round_trip(Duration::ZERO, client, server, 2000);
+    let spinning = sleeps_per_round_trip(Duration::from_millis(20), client, server);
+    let sleeping = sleeps_per_round_trip(Duration::ZERO, client, server);
     eprintln!("worker sleeps per round trip: {spinning:.3} spinning, {sleeping:.3} not");
     assert!(sleeping >= 1.0, "without the spin, the workers sleep for every round trip: {sleeping:.2}");
     assert!(
@@ -88,7 +99,7 @@ fn lossy_sessions_never_make_a_worker_spin() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init_tracing();
     let (client, server) = (Policy::lossy_client(), Policy::stateless_server());
-    let sleeps = sleeps_per_round_trip(Duration::from_millis(20), client, server, 2000);
+    let sleeps = sleeps_per_round_trip(Duration::from_millis(20), client, server);
     eprintln!("worker sleeps per round trip over a lossy session: {sleeps:.3}");
     assert!(sleeps >= 1.0, "the workers spun instead of sleeping: {sleeps:.2} sleeps per round trip");
 }
