@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,53 +23,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn len(&self) -> io::Result<u64>;
     /// Grows (with zeros) or shrinks the device.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// [`BlockDevice::write_at`] for large writes nobody reads back soon: a device that can writes them past
-    /// the OS page cache when `offset`, the length and `data`'s address are multiples of [`DIRECT_ALIGN`]
-    /// (see [`AlignedBuf`]). Durable only after [`BlockDevice::flush`], like any write.
-    fn write_direct_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.write_at(offset, data)
-    }
 }
 
-/// What direct IO needs aligned: file offset, length and memory address.
-pub const DIRECT_ALIGN: usize = 4096;
-
-/// Zeroed bytes that start at a [`DIRECT_ALIGN`] boundary in memory (over-allocated and sliced: no `unsafe`).
-pub struct AlignedBuf {
-    v: Vec<u8>,
-    at: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn zeroed(len: usize) -> AlignedBuf {
-        let v = vec![0u8; len + DIRECT_ALIGN];
-        let at = v.as_ptr().align_offset(DIRECT_ALIGN);
-        assert!(at < DIRECT_ALIGN, "a byte pointer can always be aligned");
-        AlignedBuf { v, at, len }
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.v[self.at..self.at + self.len]
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.v[self.at..self.at + self.len]
-    }
-}
-
-/// Buffered writes go to the page cache at most this many bytes at a time. The kernel builds a folio per
-/// write up to the write's size, and a later 4 KiB write into a large folio costs in proportion to the folio
-/// (ext4 walks its buffer heads): measured, 2 MiB folios left by 4 MiB writes made 4 KiB overwrites spend a
-/// quarter of an OSD's CPU in `ext4_block_write_begin`.
-const BUFFERED_WRITE_BYTES_MAX: usize = 64 << 10;
-
-/// A real file, read and written with positioned IO; large aligned writes go through a second descriptor
-/// opened with `O_DIRECT` (when the file system takes it), so they cost no page-cache copy.
+/// A real file, read and written with positioned IO.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
-    direct: Option<File>,
 }
 
 impl FileDevice {
@@ -86,12 +45,7 @@ impl FileDevice {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
-        // tmpfs and some others refuse O_DIRECT: then every write is buffered.
-        let direct =
-            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).map_err(|e| {
-                tracing::debug!("{}: no direct IO ({e}); writes go through the page cache", path.display());
-            });
-        Ok(FileDevice { file, direct: direct.ok() })
+        Ok(FileDevice { file })
     }
 }
 
@@ -114,21 +68,6 @@ impl BlockDevice for FileDevice {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
-    }
-
-    fn write_direct_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let aligned = |n: usize| n.is_multiple_of(DIRECT_ALIGN);
-        match &self.direct {
-            Some(d) if aligned(offset as usize) && aligned(data.len()) && aligned(data.as_ptr() as usize) => {
-                d.write_all_at(data, offset)
-            }
-            _ => {
-                for (i, piece) in data.chunks(BUFFERED_WRITE_BYTES_MAX).enumerate() {
-                    self.file.write_all_at(piece, offset + (i * BUFFERED_WRITE_BYTES_MAX) as u64)?;
-                }
-                Ok(())
-            }
-        }
     }
 }
 
@@ -238,40 +177,5 @@ impl Env for DirEnv {
 
     fn describe(&self) -> String {
         self.dir.display().to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn direct_and_buffered_writes_read_back_the_same() {
-        // Goal: write_direct_at puts the same bytes in the file whichever way it goes (O_DIRECT when offset,
-        // length and address are aligned; buffered in pieces otherwise), and reads through the page cache see
-        // them, also over bytes a buffered write cached before. Method: a file in the temp directory.
-        let path = std::env::temp_dir().join(format!("cuttle-device-test-{}", std::process::id()));
-        let dev = FileDevice::open(&path, true).unwrap();
-        dev.set_len(1 << 20).unwrap();
-        dev.write_at(8192, &[7u8; 4096]).unwrap();
-        let mut read = vec![0u8; 4096];
-        dev.read_at(8192, &mut read).unwrap(); // cached now
-        let mut buf = AlignedBuf::zeroed(256 << 10);
-        assert!((buf.as_slice().as_ptr() as usize).is_multiple_of(DIRECT_ALIGN));
-        for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
-            *b = (i % 251) as u8;
-        }
-        dev.write_direct_at(0, buf.as_slice()).unwrap(); // aligned: direct where the file system allows
-        let odd = vec![9u8; 100_000];
-        dev.write_direct_at(300_001, &odd).unwrap(); // unaligned: buffered
-        dev.flush().unwrap();
-        let mut back = vec![0u8; 256 << 10];
-        dev.read_at(0, &mut back).unwrap();
-        assert_eq!(back, buf.as_slice(), "the direct write replaced the cached bytes too");
-        let mut back = vec![0u8; odd.len()];
-        dev.read_at(300_001, &mut back).unwrap();
-        assert_eq!(back, odd);
-        drop(dev);
-        std::fs::remove_file(&path).unwrap();
     }
 }
