@@ -35,6 +35,8 @@ fn history() -> &'static (Vec<OsdMap>, Vec<Incremental>) {
         inc.old_pg_upmap_items.insert(PgId::new(PoolId(1), 3));
         inc.new_pg_upmap_items
             .insert(PgId::new(PoolId(1), 7), vec![(OsdId(0), OsdId(7)), (OsdId(1), OsdId(0))]);
+        inc.old_full_osds.insert(OsdId(1));
+        inc.new_full_osds.insert(OsdId(7));
         incs.push(inc);
         let mut maps = vec![OsdMap::new(cuttle_fuzz::FSID)];
         for inc in &incs {

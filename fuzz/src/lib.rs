@@ -60,7 +60,7 @@ pub fn addrs(n: u8) -> rados::map::OsdAddrs {
 }
 
 /// A small valid map and the incrementals that built it from the empty map: three OSDs on two hosts (two
-/// up), a pool of 8 PGs and one of 3, and an upmap exception.
+/// up, one of them full), a pool of 8 PGs and one of 3, and an upmap exception.
 pub fn small_cluster() -> (rados::map::OsdMap, Vec<rados::map::Incremental>) {
     use rados::map::{OsdChange, OsdInfo, OsdMap, Pool, WEIGHT_ONE};
     use rados::{OsdId, PgId, PoolId};
@@ -93,6 +93,7 @@ pub fn small_cluster() -> (rados::map::OsdMap, Vec<rados::map::Incremental>) {
     step(&mut map, &|inc| {
         inc.new_pg_upmap_items.insert(PgId::new(PoolId(1), 3), vec![(OsdId(0), OsdId(2))]);
         inc.osd_changes.insert(OsdId(2), OsdChange { weight: Some(WEIGHT_ONE / 2), ..OsdChange::default() });
+        inc.new_full_osds.insert(OsdId(1));
     });
     (map, incs)
 }

@@ -462,7 +462,8 @@ impl MonState {
     }
 
     /// The passage of time: failure reports whose grace has passed, silent OSDs, OSDs down long enough to be
-    /// marked out, and health changes for the cluster log. All map changes of one tick form one epoch.
+    /// marked out, OSDs whose reports made them full or no longer full, and health changes for the cluster
+    /// log. All map changes of one tick form one epoch.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
         let mut inc = self.map.incremental();
@@ -502,9 +503,20 @@ impl MonState {
                 }
             }
         }
+        // Ceph's full state in the map, from the same reports as OSD_FULL: primaries refuse writes that add
+        // data to the PGs of a full OSD, so a full replica is never sent a write it has no room for. A down
+        // OSD keeps its state (its disk is as full as it was) until it reports again.
+        for (osd, ratio) in self.osd_used_ratios() {
+            let full = ratio >= self.opts.full_ratios[2];
+            if full && !self.map.is_full(osd) {
+                inc.new_full_osds.insert(osd);
+            } else if !full && self.map.is_full(osd) {
+                inc.old_full_osds.insert(osd);
+            }
+        }
         if !inc.is_empty() {
-            // Up/down/in changes of existing OSDs and the balancer's upmaps (checked as it builds them):
-            // cannot be invalid.
+            // Up/down/in/full changes of existing OSDs (cleared only where set) and the balancer's upmaps
+            // (checked as it builds them): cannot be invalid.
             self.commit(inc, now_ms, &mut effects).expect("tick's incremental is valid");
             for (id, reason) in downs {
                 self.after_down(id, now_ms, reason);
@@ -1350,11 +1362,18 @@ impl MonState {
                 let addr = |f: fn(&OsdAddrs) -> std::net::SocketAddr| {
                     info.addrs.as_ref().map_or(Value::Null, |a| Value::String(f(a).to_string()))
                 };
+                // Ceph's state names, in its (alphabetical) order.
+                let state: Vec<&str> =
+                    [Some("exists"), self.map.is_full(id).then_some("full"), info.up.then_some("up")]
+                        .into_iter()
+                        .flatten()
+                        .collect();
                 json!({
                     "osd": id.0,
                     "uuid": by_id.get(&id).map(|u| Fsid(*u).to_string()),
                     "up": info.up as u8,
                     "in": info.in_ as u8,
+                    "state": state,
                     "weight": if info.in_ { 1.0 } else { 0.0 },
                     "crush_weight": info.weight as f64 / WEIGHT_ONE as f64,
                     "host": info.host,
@@ -1633,6 +1652,26 @@ mod tests {
                 });
             }
             per_osd
+        }
+
+        /// `osd` reports `pgs` and `used` bytes used of a 1000-byte store.
+        fn report_used(&mut self, osd: u32, used: u64, pgs: Vec<PgStat>) {
+            let statfs = OsdStatfs {
+                total: 1000,
+                available: 1000 - used,
+                allocated: used,
+                data_stored: used,
+                omap: 0,
+                meta: 0,
+            };
+            let r = MonRequest::OsdReport {
+                osd: OsdId(osd),
+                epoch: self.s.map().epoch,
+                pgs,
+                ping_times: vec![],
+                statfs,
+            };
+            assert_eq!(self.req(Some(OsdId(osd)), r).0, MonReply::Ok);
         }
 
         fn up(&self, i: u32) -> bool {
@@ -2121,22 +2160,7 @@ mod tests {
         c.cmd(pool_create("rbd", None, None, Some(8)));
         let stats = c.primaries_stats(PoolId(1), 3, 2);
         let statfs = |c: &mut Cluster, osd: u32, used: u64| {
-            let st = OsdStatfs {
-                total: 1000,
-                available: 1000 - used,
-                allocated: used,
-                data_stored: used,
-                omap: 0,
-                meta: 0,
-            };
-            let r = MonRequest::OsdReport {
-                osd: OsdId(osd),
-                epoch: c.s.map().epoch,
-                pgs: stats.get(&OsdId(osd)).cloned().unwrap_or_default(),
-                ping_times: vec![],
-                statfs: st,
-            };
-            assert_eq!(c.req(Some(OsdId(osd)), r).0, MonReply::Ok);
+            c.report_used(osd, used, stats.get(&OsdId(osd)).cloned().unwrap_or_default());
         };
         statfs(&mut c, 0, 500);
         statfs(&mut c, 1, 860);
@@ -2161,6 +2185,38 @@ mod tests {
         statfs(&mut c, 2, 100);
         statfs(&mut c, 1, 100);
         assert_eq!(c.s.health(c.now).status, HealthStatus::Ok, "freed space clears the checks");
+    }
+
+    #[test]
+    fn tick_marks_a_full_osd_in_the_map_and_clears_it_once_it_has_room() {
+        // Goal: Ceph's per-OSD full state follows the OSDs' reports through the map (so primaries can refuse
+        // writes a full replica could not apply), both ways, without an epoch when nothing changed. Method:
+        // osd.2 reports 96 % used, then the tick; again; then 50 %.
+        let mut c = Cluster::new(config("osd", 2), &["h", "h", "h"]);
+        c.report_used(0, 500, vec![]);
+        c.report_used(2, 960, vec![]);
+        let epoch = c.epoch();
+        let effects = c.s.tick(c.now);
+        let incs = commits(&effects);
+        assert_eq!(incs.len(), 1);
+        assert_eq!(incs[0].new_full_osds, BTreeSet::from([OsdId(2)]));
+        assert!(incs[0].old_full_osds.is_empty());
+        assert_eq!(c.epoch(), epoch + 1);
+        assert!(c.s.map().is_full(OsdId(2)) && !c.s.map().is_full(OsdId(0)));
+        let dump = c.json(MonCommand::OsdDump);
+        assert_eq!(dump["osds"][2]["state"], json!(["exists", "full", "up"]));
+        assert_eq!(dump["osds"][0]["state"], json!(["exists", "up"]));
+        assert!(commits(&c.s.tick(c.now)).is_empty(), "still full: no new epoch");
+
+        c.report_used(2, 500, vec![]);
+        let effects = c.s.tick(c.now);
+        let incs = commits(&effects);
+        assert_eq!(incs.len(), 1);
+        assert_eq!(incs[0].old_full_osds, BTreeSet::from([OsdId(2)]));
+        assert!(incs[0].new_full_osds.is_empty());
+        assert!(c.s.map().full_osds.is_empty());
+        assert!(commits(&c.s.tick(c.now)).is_empty(), "no longer full: no new epoch");
+        assert_eq!(c.epoch(), epoch + 2);
     }
 
     #[test]

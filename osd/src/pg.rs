@@ -315,8 +315,9 @@ pub struct Pg<C> {
     after_commit: VecDeque<(CommitSeq, PgOutput<C>)>,
     /// The newest commit sequence of a transaction this PG queued.
     last_queued: CommitSeq,
-    /// This OSD's store is past `mon_osd_full_ratio`: writes that add data are refused (ENOSPC).
-    full: bool,
+    /// The full OSD for whose sake writes that add data are refused (ENOSPC): this one, its store past
+    /// `mon_osd_full_ratio`, or one of the acting set that the map marks full.
+    full: Option<OsdId>,
     /// What found the store's commit queue full (`StoreError::Busy`), in arrival order: retried after each
     /// commit. While it is not empty, every new op and replicated write joins it, so order is kept.
     store_backlog: VecDeque<Backlogged<C>>,
@@ -483,7 +484,7 @@ impl<C> Pg<C> {
             outputs: VecDeque::new(),
             after_commit: VecDeque::new(),
             last_queued: CommitSeq(0),
-            full: false,
+            full: None,
             store_backlog: VecDeque::new(),
             backlog_retry: false,
             last_slow_log: None,
@@ -520,8 +521,15 @@ impl<C> Pg<C> {
         self.outputs.pop_front()
     }
 
-    /// Whether this OSD's store is full (see [`Pg::handle_client_op`]): set by the shard from the store's use.
-    pub fn set_full(&mut self, full: bool) {
+    /// The acting set of the PG's current map, primary first (empty before the first map).
+    pub fn acting(&self) -> &[OsdId] {
+        self.view.as_ref().map_or(&[], |v| v.acting.as_slice())
+    }
+
+    /// Which OSD, if any, is too full to take writes that add data (see [`Pg::handle_client_op`]): set by the
+    /// shard from its store's use and the map's full OSDs. A replica that is full must stop writes at the
+    /// primary: one it cannot apply would make it diverge and the PG peer again.
+    pub fn set_full(&mut self, full: Option<OsdId>) {
         self.full = full;
     }
 
@@ -801,8 +809,9 @@ impl<C> Pg<C> {
     fn execute(&mut self, now: Instant, seq: u64, since: Instant, op: ClientOp<C>) {
         let next = Eversion { epoch: self.interval, v: self.last_update.v + 1 };
         let write = exec::is_write(&op.req.ops);
-        if write && self.full && !exec::frees_only(&op.req.ops) {
-            let e = OsdError::NoSpace(format!("{} is full; delete data to free space", self.whoami));
+        let adds_data = write && !exec::frees_only(&op.req.ops);
+        if let Some(osd) = self.full.filter(|_| adds_data) {
+            let e = OsdError::NoSpace(format!("{osd} is full; delete data to free space"));
             let version = self.store.stat(self.pgid, &op.req.oid).map_or(0, |s| s.version.v);
             return self.reply_err(op.ctx, &op.req, e, version);
         }
@@ -2234,6 +2243,39 @@ mod tests {
         assert_eq!(sim.reply(c).unwrap().result, Ok(()));
         for i in 0..3 {
             assert_eq!(sim.objects(i).len(), 3, "osd.{i}");
+        }
+    }
+
+    #[test]
+    fn a_replica_marked_full_stops_writes_at_the_primary_but_not_deletes() {
+        // Goal: Ceph's full state: a primary whose acting set holds a full OSD refuses writes that add data
+        // with ENOSPC naming that OSD, rather than send the replica a write it has no room for (it would
+        // refuse it, and the PG would peer again); deletes still go through, so space can be freed; writes
+        // resume once the OSD is no longer full. Method: three OSDs; the primary's PG is told osd.2 is full,
+        // as the shard does from the map.
+        let mut sim = three();
+        sim.write(0, 1, "a", b"abc");
+        sim.write(0, 2, "b", b"def");
+        sim.nodes.get_mut(&osd(0)).unwrap().pg.set_full(Some(osd(2)));
+        let w = sim.write(0, 3, "c", b"new");
+        let refused = OsdError::NoSpace("osd.2 is full; delete data to free space".into());
+        assert_eq!(sim.reply(w).unwrap().result, Err(refused));
+        let d = sim.op(0, 4, "a", vec![OsdOp::Remove], b"");
+        assert_eq!(sim.reply(d).unwrap().result, Ok(()));
+        for i in 0..3 {
+            assert_eq!(sim.objects(i), vec![("b".to_string(), b"def".to_vec(), 2)], "osd.{i}");
+        }
+        assert_eq!(
+            (sim.state(0), sim.nodes[&osd(0)].pg.interval()),
+            (PgState::Active, Epoch(1)),
+            "no peering"
+        );
+
+        sim.nodes.get_mut(&osd(0)).unwrap().pg.set_full(None);
+        let w = sim.write(0, 5, "c", b"new");
+        assert_eq!(sim.reply(w).unwrap().result, Ok(()));
+        for i in 0..3 {
+            assert_eq!(sim.objects(i).len(), 2, "osd.{i}");
         }
     }
 

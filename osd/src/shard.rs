@@ -157,7 +157,8 @@ pub struct ShardShared {
     /// Poked when a PG becomes active or inactive (the daemon reports to the monitor soon).
     pub report_now: Sender<()>,
     pub guard: Arc<StallGuard>,
-    /// `mon_osd_full_ratio`: past it, the shard's PGs refuse writes that add data.
+    /// `mon_osd_full_ratio`: past it, the shard's PGs refuse writes that add data (before the monitor marks
+    /// this OSD full in the map, which stops the PGs of other primaries too).
     pub full_ratio: f64,
 }
 
@@ -295,6 +296,7 @@ impl Shard {
         }
         self.map = Some(Arc::clone(&map));
         let me = self.sh.whoami;
+        let store_full = self.store_full();
         let placement = Placement::new(&map);
         let mut seen: Vec<PgId> = Vec::new();
         for pool in map.pools.values() {
@@ -330,6 +332,8 @@ impl Shard {
                     .pgs
                     .entry(pgid)
                     .or_insert_with(|| Pg::new(pgid, me, Arc::clone(&self.sh.store), self.sh.limits));
+                // Before the map: what the new map lets run must already see who is full.
+                pg.set_full(full_osd(me, store_full, &map, &view.acting));
                 pg.handle_map(now, view);
                 seen.push(pgid);
             }
@@ -377,10 +381,17 @@ impl Shard {
         }
     }
 
+    /// Whether this OSD's own store is past `mon_osd_full_ratio`.
+    fn store_full(&self) -> bool {
+        self.sh.store.statfs().used_ratio().is_some_and(|r| r >= self.sh.full_ratio)
+    }
+
     fn tick(&mut self, now: Instant) {
-        let full = self.sh.store.statfs().used_ratio().is_some_and(|r| r >= self.sh.full_ratio);
+        let store_full = self.store_full();
+        let me = self.sh.whoami;
         for pg in self.pgs.values_mut() {
-            pg.set_full(full);
+            let map = self.map.as_ref().expect("PGs are made by a map, so the shard has one");
+            pg.set_full(full_osd(me, store_full, map, pg.acting()));
             pg.tick(now);
         }
         let pgids: Vec<PgId> = self.pgs.keys().copied().collect();
@@ -506,6 +517,16 @@ impl Runner for Shard {
             self.tick(now);
         }
     }
+}
+
+/// The full OSD that stops writes adding data to a PG placed on `acting`: this one when its own store is full
+/// (it need not wait for the monitor to mark it), else the first of `acting` that `map` marks full. Ceph's
+/// primaries check the acting set the same way, so that a full replica is never sent a write it cannot apply.
+fn full_osd(me: OsdId, store_full: bool, map: &OsdMap, acting: &[OsdId]) -> Option<OsdId> {
+    if store_full {
+        return Some(me);
+    }
+    acting.iter().copied().find(|&osd| map.is_full(osd))
 }
 
 /// Checks a request's PG against our map: the pool exists, the PG is in range, the object maps to it.

@@ -149,7 +149,7 @@ options! {
     mon_osd_nearfull_ratio: f64 = 0.85;
     /// An OSD this full takes no backfill (reported as HEALTH_WARN).
     mon_osd_backfillfull_ratio: f64 = 0.90;
-    /// An OSD this full refuses writes to its PGs with ENOSPC (reads and deletes still work): HEALTH_ERR.
+    /// An OSD this full is marked full in the map: writes to its PGs fail with ENOSPC (reads, deletes work): HEALTH_ERR.
     mon_osd_full_ratio: f64 = 0.95;
     /// Ops a client keeps in flight at once.
     objecter_inflight_ops: usize = 1024;

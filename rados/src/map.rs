@@ -1,4 +1,4 @@
-//! The OSD map: which OSDs exist, where they listen, whether they are up and in, and which pools exist.
+//! The OSD map: which OSDs exist, where they listen, whether they are up, in and full, and which pools exist.
 //!
 //! As in Ceph, every change makes a new epoch, exactly one greater than the last. The monitor publishes each
 //! change as an [`Incremental`]; daemons and clients apply incrementals in order with [`OsdMap::apply`] and
@@ -18,9 +18,11 @@
 //!
 //! Versions: 1 had no upmap exceptions; 2 appends [`OsdMap::pg_upmap_items`] to the map and
 //! [`Incremental::new_pg_upmap_items`], [`Incremental::old_pg_upmap_items`] to the incremental (a tuple is
-//! its fields in order, a `Vec` a varint length then the items). Decoding reads both, because the monitor's
-//! store holds maps and incrementals written by older builds; a version 1 value decodes with no upmaps.
-//! Encoding writes only the newest version: every daemon of a cluster runs the same build.
+//! its fields in order, a `Vec` a varint length then the items); 3 appends [`OsdMap::full_osds`] to the map
+//! and [`Incremental::new_full_osds`], [`Incremental::old_full_osds`] to the incremental (a set is a varint
+//! length then the items in ascending order). Decoding reads all three, because the monitor's store holds
+//! maps and incrementals written by older builds; a version 1 value decodes with no upmaps, versions 1 and 2
+//! with no full OSDs. Encoding writes only the newest version: every daemon of a cluster runs the same build.
 //!
 //! Decoding checks the version, the size limit, that no bytes trail the value, and the same invariants
 //! [`OsdMap::validate`] checks, so a decoded value is as trustworthy as one built locally.
@@ -72,6 +74,9 @@ const _: () = assert!(
         + POOLS_MAX * POOL_ENTRY_BYTES_MAX
         + 3
         + PG_UPMAPS_MAX * UPMAP_ENTRY_BYTES_MAX
+        // The full OSDs: each one of the map's OSDs, so at most OSDS_MAX ids.
+        + 3
+        + OSDS_MAX * 5
         <= MAP_BYTES_MAX,
     "a valid OsdMap must always encode within MAP_BYTES_MAX"
 );
@@ -92,6 +97,10 @@ pub struct OsdMap {
     /// (`balancer`) writes them to even out PGs per OSD; entries of a PG that no longer exists are dropped
     /// by [`OsdMap::apply`]. Every entry is [`valid_upmap_items`].
     pub pg_upmap_items: BTreeMap<PgId, Vec<(OsdId, OsdId)>>,
+    /// Ceph's `CEPH_OSD_FULL` state: OSDs whose stores reached `mon_osd_full_ratio` when they last reported,
+    /// as the monitor judged. A primary refuses writes that add data to a PG whose acting set holds one, so
+    /// that no replica is sent a write it has no room for. Every entry is an OSD of [`OsdMap::osds`].
+    pub full_osds: BTreeSet<OsdId>,
 }
 
 /// What the map says about one OSD.
@@ -147,8 +156,9 @@ pub struct Pool {
 /// the same incremental), `removed_osds` are deleted, `new_pools` are created or replaced wholesale (a pool's
 /// `pg_num` or `size` change is a replacement), `removed_pools` are deleted, `old_pg_upmap_items` are
 /// removed, the upmaps of PGs that no longer exist (pool removed, seed beyond a new `pg_num`) are dropped,
-/// and `new_pg_upmap_items` are set, each for a PG that exists. An id may not be both created or changed
-/// and removed in one incremental.
+/// `new_pg_upmap_items` are set, each for a PG that exists, then `old_full_osds` are cleared and
+/// `new_full_osds` marked. A removed OSD leaves the full set with the map. An id may not be both created or
+/// changed (marked or cleared full included) and removed in one incremental.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incremental {
     /// Must match the map's.
@@ -169,6 +179,10 @@ pub struct Incremental {
     pub new_pg_upmap_items: BTreeMap<PgId, Vec<(OsdId, OsdId)>>,
     /// PGs whose upmap exceptions are removed (Ceph's `old_pg_upmap_items`); each must have some.
     pub old_pg_upmap_items: BTreeSet<PgId>,
+    /// OSDs marked full; each must exist once the OSDs are created and removed (one already full stays so).
+    pub new_full_osds: BTreeSet<OsdId>,
+    /// OSDs no longer full; each must be full.
+    pub old_full_osds: BTreeSet<OsdId>,
 }
 
 /// The fields of one OSD that an incremental changes; `None` leaves a field as it was.
@@ -243,6 +257,12 @@ pub enum InvalidMap {
     /// An incremental both sets and removes a PG's upmap items.
     #[error("PG {pg}: upmap items both set and removed")]
     UpmapSetAndRemoved { pg: PgId },
+    /// A map marks full an OSD it does not have.
+    #[error("{osd} is marked full but does not exist")]
+    FullUnknownOsd { osd: OsdId },
+    /// An incremental both marks an OSD full and clears it.
+    #[error("{osd} is both marked full and cleared")]
+    FullSetAndCleared { osd: OsdId },
 }
 
 /// Why [`OsdMap::apply`] refused an incremental. The map is unchanged after any of these.
@@ -258,9 +278,12 @@ pub enum MapError {
     /// `new_osds` names an OSD the map already has.
     #[error("{0} created but already exists")]
     OsdExists(OsdId),
-    /// `osd_changes` or `removed_osds` names an OSD the map does not have.
+    /// `osd_changes`, `removed_osds` or `new_full_osds` names an OSD the map does not have.
     #[error("{0} changed or removed but does not exist")]
     UnknownOsd(OsdId),
+    /// `old_full_osds` names an OSD that is not full.
+    #[error("{0} cleared of full but is not full")]
+    NotFull(OsdId),
     /// `removed_pools` names a pool the map does not have.
     #[error("pool {0} removed but does not exist")]
     UnknownPool(PoolId),
@@ -298,7 +321,7 @@ pub enum CodecError {
 
 impl OsdMap {
     /// Version byte written before the body; bump it whenever the body's encoding changes.
-    pub const ENCODING_VERSION: u8 = 2;
+    pub const ENCODING_VERSION: u8 = 3;
 
     /// The empty map at epoch 0, before the monitor has committed anything. The first incremental makes
     /// epoch 1.
@@ -309,6 +332,7 @@ impl OsdMap {
             osds: BTreeMap::new(),
             pools: BTreeMap::new(),
             pg_upmap_items: BTreeMap::new(),
+            full_osds: BTreeSet::new(),
         }
     }
 
@@ -330,6 +354,11 @@ impl OsdMap {
         self.osds.get(&osd).is_some_and(|info| info.in_)
     }
 
+    /// Whether `osd` is marked full (see [`OsdMap::full_osds`]).
+    pub fn is_full(&self, osd: OsdId) -> bool {
+        self.full_osds.contains(&osd)
+    }
+
     /// Whether `pg` is a PG of one of the map's pools.
     pub fn pg_exists(&self, pg: PgId) -> bool {
         self.pools.get(&pg.pool).is_some_and(|pool| pg.seed < pool.pg_num)
@@ -341,8 +370,8 @@ impl OsdMap {
     }
 
     /// Checks every invariant of a full map: limits, pool fields, unique pool names, up OSDs have addresses,
-    /// well-formed upmap items of existing PGs. Upmap items may name OSDs that are gone or out: placement
-    /// ignores such items, and the balancer removes them.
+    /// well-formed upmap items of existing PGs, full OSDs that exist. Upmap items may name OSDs that are gone
+    /// or out: placement ignores such items, and the balancer removes them.
     pub fn validate(&self) -> Result<(), InvalidMap> {
         if self.pg_upmap_items.len() > PG_UPMAPS_MAX {
             return Err(InvalidMap::TooManyUpmaps { count: self.pg_upmap_items.len() });
@@ -355,6 +384,9 @@ impl OsdMap {
         }
         for (&osd, info) in &self.osds {
             info.validate(osd)?;
+        }
+        if let Some(&osd) = self.full_osds.iter().find(|o| !self.osds.contains_key(o)) {
+            return Err(InvalidMap::FullUnknownOsd { osd });
         }
         let mut names: BTreeMap<&str, PoolId> = BTreeMap::new();
         for (&key, pool) in &self.pools {
@@ -399,6 +431,7 @@ impl OsdMap {
         }
         for &osd in &inc.removed_osds {
             next.osds.remove(&osd).ok_or(MapError::UnknownOsd(osd))?;
+            next.full_osds.remove(&osd);
         }
         for (&pool_id, pool) in &inc.new_pools {
             next.pools.insert(pool_id, pool.clone());
@@ -415,6 +448,17 @@ impl OsdMap {
         next.pg_upmap_items.retain(|pg, _| pools.get(&pg.pool).is_some_and(|pool| pg.seed < pool.pg_num));
         for (&pg, items) in &inc.new_pg_upmap_items {
             next.pg_upmap_items.insert(pg, items.clone());
+        }
+        for &osd in &inc.old_full_osds {
+            if !next.full_osds.remove(&osd) {
+                return Err(MapError::NotFull(osd));
+            }
+        }
+        for &osd in &inc.new_full_osds {
+            if !next.osds.contains_key(&osd) {
+                return Err(MapError::UnknownOsd(osd));
+            }
+            next.full_osds.insert(osd);
         }
         next.epoch = inc.epoch;
         next.validate()?;
@@ -435,7 +479,8 @@ impl OsdMap {
     /// the result has passed [`OsdMap::validate`].
     pub fn decode(bytes: &[u8]) -> Result<OsdMap, CodecError> {
         let map = match split_version(Self::ENCODING_VERSION, bytes)? {
-            (1, body) => OsdMap::from(decode_body::<OsdMapV1>(body)?),
+            (1, body) => OsdMap::from(OsdMapV2::from(decode_body::<OsdMapV1>(body)?)),
+            (2, body) => OsdMap::from(decode_body::<OsdMapV2>(body)?),
             (_, body) => decode_body::<OsdMap>(body)?,
         };
         map.validate()?;
@@ -445,7 +490,7 @@ impl OsdMap {
 
 impl Incremental {
     /// Version byte written before the body; bump it whenever the body's encoding changes.
-    pub const ENCODING_VERSION: u8 = 2;
+    pub const ENCODING_VERSION: u8 = 3;
 
     /// An incremental that changes nothing but the epoch.
     pub fn new(fsid: Fsid, epoch: Epoch) -> Incremental {
@@ -459,13 +504,22 @@ impl Incremental {
             removed_pools: BTreeSet::new(),
             new_pg_upmap_items: BTreeMap::new(),
             old_pg_upmap_items: BTreeSet::new(),
+            new_full_osds: BTreeSet::new(),
+            old_full_osds: BTreeSet::new(),
         }
     }
 
     /// Checks what can be checked without the map it applies to: limits, the fields of new OSDs and
-    /// pools, and that no id is both created or changed and removed. [`OsdMap::apply`] checks the rest.
+    /// pools, and that no id is both created or changed and removed, nor an OSD both marked full and cleared.
+    /// [`OsdMap::apply`] checks the rest.
     pub fn validate(&self) -> Result<(), InvalidMap> {
-        for count in [self.new_osds.len(), self.osd_changes.len(), self.removed_osds.len()] {
+        for count in [
+            self.new_osds.len(),
+            self.osd_changes.len(),
+            self.removed_osds.len(),
+            self.new_full_osds.len(),
+            self.old_full_osds.len(),
+        ] {
             if count > OSDS_MAX {
                 return Err(InvalidMap::TooManyOsds { count });
             }
@@ -492,6 +546,14 @@ impl Incremental {
             if self.removed_osds.contains(&osd) {
                 return Err(InvalidMap::OsdChangedAndRemoved { osd });
             }
+        }
+        for &osd in self.new_full_osds.iter().chain(&self.old_full_osds) {
+            if self.removed_osds.contains(&osd) {
+                return Err(InvalidMap::OsdChangedAndRemoved { osd });
+            }
+        }
+        if let Some(&osd) = self.new_full_osds.intersection(&self.old_full_osds).next() {
+            return Err(InvalidMap::FullSetAndCleared { osd });
         }
         for (&key, pool) in &self.new_pools {
             pool.validate(key)?;
@@ -524,6 +586,8 @@ impl Incremental {
             && self.removed_pools.is_empty()
             && self.new_pg_upmap_items.is_empty()
             && self.old_pg_upmap_items.is_empty()
+            && self.new_full_osds.is_empty()
+            && self.old_full_osds.is_empty()
     }
 
     /// The wire and disk form: version byte, then postcard. Refuses an incremental that fails
@@ -537,7 +601,8 @@ impl Incremental {
     /// doc); the result has passed [`Incremental::validate`].
     pub fn decode(bytes: &[u8]) -> Result<Incremental, CodecError> {
         let inc = match split_version(Self::ENCODING_VERSION, bytes)? {
-            (1, body) => Incremental::from(decode_body::<IncrementalV1>(body)?),
+            (1, body) => Incremental::from(IncrementalV2::from(decode_body::<IncrementalV1>(body)?)),
+            (2, body) => Incremental::from(decode_body::<IncrementalV2>(body)?),
             (_, body) => decode_body::<Incremental>(body)?,
         };
         inc.validate()?;
@@ -633,10 +698,27 @@ struct OsdMapV1 {
     pools: BTreeMap<PoolId, Pool>,
 }
 
-impl From<OsdMapV1> for OsdMap {
-    fn from(v1: OsdMapV1) -> OsdMap {
+impl From<OsdMapV1> for OsdMapV2 {
+    fn from(v1: OsdMapV1) -> OsdMapV2 {
         let OsdMapV1 { fsid, epoch, osds, pools } = v1;
-        OsdMap { fsid, epoch, osds, pools, pg_upmap_items: BTreeMap::new() }
+        OsdMapV2 { fsid, epoch, osds, pools, pg_upmap_items: BTreeMap::new() }
+    }
+}
+
+/// The body of a version 2 map: version 3 without full OSDs. Kept to read old stores.
+#[derive(Deserialize)]
+struct OsdMapV2 {
+    fsid: Fsid,
+    epoch: Epoch,
+    osds: BTreeMap<OsdId, OsdInfo>,
+    pools: BTreeMap<PoolId, Pool>,
+    pg_upmap_items: BTreeMap<PgId, Vec<(OsdId, OsdId)>>,
+}
+
+impl From<OsdMapV2> for OsdMap {
+    fn from(v2: OsdMapV2) -> OsdMap {
+        let OsdMapV2 { fsid, epoch, osds, pools, pg_upmap_items } = v2;
+        OsdMap { fsid, epoch, osds, pools, pg_upmap_items, full_osds: BTreeSet::new() }
     }
 }
 
@@ -652,10 +734,10 @@ struct IncrementalV1 {
     removed_pools: BTreeSet<PoolId>,
 }
 
-impl From<IncrementalV1> for Incremental {
-    fn from(v1: IncrementalV1) -> Incremental {
+impl From<IncrementalV1> for IncrementalV2 {
+    fn from(v1: IncrementalV1) -> IncrementalV2 {
         let IncrementalV1 { fsid, epoch, new_osds, osd_changes, removed_osds, new_pools, removed_pools } = v1;
-        Incremental {
+        IncrementalV2 {
             fsid,
             epoch,
             new_osds,
@@ -665,6 +747,49 @@ impl From<IncrementalV1> for Incremental {
             removed_pools,
             new_pg_upmap_items: BTreeMap::new(),
             old_pg_upmap_items: BTreeSet::new(),
+        }
+    }
+}
+
+/// The body of a version 2 incremental: version 3 without full OSD changes. Kept to read old stores.
+#[derive(Deserialize)]
+struct IncrementalV2 {
+    fsid: Fsid,
+    epoch: Epoch,
+    new_osds: BTreeMap<OsdId, OsdInfo>,
+    osd_changes: BTreeMap<OsdId, OsdChange>,
+    removed_osds: BTreeSet<OsdId>,
+    new_pools: BTreeMap<PoolId, Pool>,
+    removed_pools: BTreeSet<PoolId>,
+    new_pg_upmap_items: BTreeMap<PgId, Vec<(OsdId, OsdId)>>,
+    old_pg_upmap_items: BTreeSet<PgId>,
+}
+
+impl From<IncrementalV2> for Incremental {
+    fn from(v2: IncrementalV2) -> Incremental {
+        let IncrementalV2 {
+            fsid,
+            epoch,
+            new_osds,
+            osd_changes,
+            removed_osds,
+            new_pools,
+            removed_pools,
+            new_pg_upmap_items,
+            old_pg_upmap_items,
+        } = v2;
+        Incremental {
+            fsid,
+            epoch,
+            new_osds,
+            osd_changes,
+            removed_osds,
+            new_pools,
+            removed_pools,
+            new_pg_upmap_items,
+            old_pg_upmap_items,
+            new_full_osds: BTreeSet::new(),
+            old_full_osds: BTreeSet::new(),
         }
     }
 }
@@ -789,9 +914,34 @@ mod tests {
         inc
     }
 
+    /// The version 2 map with osd.0 full, as version 3 carries it.
+    fn pinned_map_v3() -> OsdMap {
+        let mut map = pinned_map_v2();
+        map.full_osds.insert(OsdId(0));
+        map
+    }
+
+    /// The version 2 incremental that also marks osd.2 (created by it) full and clears osd.0.
+    fn pinned_incremental_v3() -> Incremental {
+        let mut inc = pinned_incremental_v2();
+        inc.new_full_osds.insert(OsdId(2));
+        inc.old_full_osds.insert(OsdId(0));
+        inc
+    }
+
     // Pinned encodings. If one of these tests fails, the wire and disk format changed: either revert the
-    // change or bump ENCODING_VERSION and update the literal deliberately. Version 2 is the version 1 body
-    // followed by the upmap fields, so its vectors are built from version 1's.
+    // change or bump ENCODING_VERSION and update the literal deliberately. Each version is the body of the
+    // one before followed by its new fields, so its vectors are built from version 1's.
+    const PINNED_MAP_V3_FULL_HEX: &str = concat!(
+        "01", // 1 full OSD
+        "00", //   osd.0
+    );
+    const PINNED_INCREMENTAL_V3_FULL_HEX: &str = concat!(
+        "01", // 1 OSD marked full
+        "02", //   osd.2
+        "01", // 1 OSD cleared
+        "00", //   osd.0
+    );
     const PINNED_MAP_V2_UPMAPS_HEX: &str = concat!(
         "01",   // 1 PG with upmap items
         "0105", //   PG 1.5
@@ -873,19 +1023,23 @@ mod tests {
 
     #[test]
     fn pinned_map_encoding() {
-        let expected = format!("02{}{PINNED_MAP_V2_UPMAPS_HEX}", &PINNED_MAP_V1_HEX[2..]);
-        let map = pinned_map_v2();
+        let expected =
+            format!("03{}{PINNED_MAP_V2_UPMAPS_HEX}{PINNED_MAP_V3_FULL_HEX}", &PINNED_MAP_V1_HEX[2..]);
+        let map = pinned_map_v3();
         assert_eq!(hex(&map.encode().unwrap()), expected);
         assert_eq!(OsdMap::decode(&unhex(&expected)).unwrap(), map);
-        // Without upmaps the only upmap byte is the empty map's length.
-        let expected = format!("02{}00", &PINNED_MAP_V1_HEX[2..]);
+        // Without upmaps or full OSDs, each field is one byte: its empty length.
+        let expected = format!("03{}0000", &PINNED_MAP_V1_HEX[2..]);
         assert_eq!(hex(&pinned_map().encode().unwrap()), expected);
     }
 
     #[test]
     fn pinned_incremental_encoding() {
-        let expected = format!("02{}{PINNED_INCREMENTAL_V2_UPMAPS_HEX}", &PINNED_INCREMENTAL_V1_HEX[2..]);
-        let inc = pinned_incremental_v2();
+        let expected = format!(
+            "03{}{PINNED_INCREMENTAL_V2_UPMAPS_HEX}{PINNED_INCREMENTAL_V3_FULL_HEX}",
+            &PINNED_INCREMENTAL_V1_HEX[2..]
+        );
+        let inc = pinned_incremental_v3();
         assert_eq!(hex(&inc.encode().unwrap()), expected);
         assert_eq!(Incremental::decode(&unhex(&expected)).unwrap(), inc);
     }
@@ -900,13 +1054,42 @@ mod tests {
         assert!(matches!(OsdMap::decode(&unhex(&v1_with_upmaps)), Err(CodecError::TrailingBytes(6))));
     }
 
+    /// A monitor store written before full OSDs were in the map still opens: version 2 decodes, with none.
     #[test]
-    fn apply_pinned_incremental_with_upmaps() {
-        let mut map = pinned_map_v2();
-        map.apply(&pinned_incremental_v2()).unwrap();
+    fn version_2_still_decodes() {
+        let map = format!("02{}{PINNED_MAP_V2_UPMAPS_HEX}", &PINNED_MAP_V1_HEX[2..]);
+        assert_eq!(OsdMap::decode(&unhex(&map)).unwrap(), pinned_map_v2());
+        let inc = format!("02{}{PINNED_INCREMENTAL_V2_UPMAPS_HEX}", &PINNED_INCREMENTAL_V1_HEX[2..]);
+        assert_eq!(Incremental::decode(&unhex(&inc)).unwrap(), pinned_incremental_v2());
+        // A version 2 body with bytes after it is not mistaken for version 3.
+        let v2_with_full = format!("{map}{PINNED_MAP_V3_FULL_HEX}");
+        assert!(matches!(OsdMap::decode(&unhex(&v2_with_full)), Err(CodecError::TrailingBytes(2))));
+    }
+
+    #[test]
+    fn apply_pinned_incremental_with_upmaps_and_full_osds() {
+        let mut map = pinned_map_v3();
+        map.apply(&pinned_incremental_v3()).unwrap();
         let items: Vec<(PgId, Vec<(OsdId, OsdId)>)> =
             map.pg_upmap_items.iter().map(|(pg, items)| (*pg, items.clone())).collect();
         assert_eq!(items, [(PgId::new(PoolId(1), 0x2f), vec![(OsdId(0), OsdId(2)), (OsdId(1), OsdId(0))])]);
+        assert!(map.is_full(OsdId(2)) && !map.is_full(OsdId(0)));
+        assert_eq!(map.full_osds.len(), 1);
+    }
+
+    #[test]
+    fn full_osds_exist_and_leave_the_map_with_their_osd() {
+        let mut map = pinned_map_v3();
+        map.full_osds.insert(OsdId(9));
+        assert_eq!(map.validate(), Err(InvalidMap::FullUnknownOsd { osd: OsdId(9) }));
+        assert!(matches!(map.encode(), Err(CodecError::Invalid(InvalidMap::FullUnknownOsd { .. }))));
+
+        let mut map = pinned_map_v3();
+        let mut inc = map.incremental();
+        inc.removed_osds.insert(OsdId(0));
+        map.apply(&inc).unwrap();
+        assert!(map.full_osds.is_empty(), "a removed OSD is no longer full");
+        map.validate().unwrap();
     }
 
     #[test]
@@ -1083,6 +1266,32 @@ mod tests {
             },
             InvalidMap::PoolKeyMismatch { key: PoolId(4), id: PoolId(5) }.into(),
         );
+        check(
+            &|inc| {
+                inc.new_full_osds.insert(OsdId(9));
+            },
+            MapError::UnknownOsd(OsdId(9)),
+        );
+        check(
+            &|inc| {
+                inc.old_full_osds.insert(OsdId(0));
+            },
+            MapError::NotFull(OsdId(0)),
+        );
+        check(
+            &|inc| {
+                inc.removed_osds.insert(OsdId(0));
+                inc.new_full_osds.insert(OsdId(0));
+            },
+            InvalidMap::OsdChangedAndRemoved { osd: OsdId(0) }.into(),
+        );
+        check(
+            &|inc| {
+                inc.new_full_osds.insert(OsdId(0));
+                inc.old_full_osds.insert(OsdId(0));
+            },
+            InvalidMap::FullSetAndCleared { osd: OsdId(0) }.into(),
+        );
     }
 
     #[test]
@@ -1124,12 +1333,12 @@ mod tests {
     fn decode_rejects_framing_errors() {
         let bytes = pinned_map().encode().unwrap();
         assert!(matches!(OsdMap::decode(&[]), Err(CodecError::Empty)));
-        for version in [0, 3, 0xff] {
+        for version in [0, 4, 0xff] {
             let mut wrong_version = bytes.clone();
             wrong_version[0] = version;
             assert!(matches!(
                 OsdMap::decode(&wrong_version),
-                Err(CodecError::Version { got, supported: 2 }) if got == version
+                Err(CodecError::Version { got, supported: 3 }) if got == version
             ));
         }
         let mut trailing = bytes.clone();
@@ -1200,8 +1409,9 @@ mod tests {
             proptest::collection::btree_map(any::<u32>().prop_map(OsdId), osd_info(), 0..12),
             proptest::collection::vec(pool_strategy(), 0..6),
             proptest::collection::vec((any::<u32>(), any::<u32>(), upmap_items()), 0..6),
+            any::<u16>(),
         )
-            .prop_map(|(fsid, epoch, osds, pools, upmaps)| {
+            .prop_map(|(fsid, epoch, osds, pools, upmaps, full_mask)| {
                 let pools: BTreeMap<PoolId, Pool> = pools.into_iter().map(|p| (p.id, p)).collect();
                 // Upmaps only for PGs that exist: pick a pool and a seed within it.
                 let list: Vec<&Pool> = pools.values().collect();
@@ -1216,7 +1426,14 @@ mod tests {
                         })
                         .collect()
                 };
-                OsdMap { fsid: Fsid(fsid), epoch: Epoch(epoch), osds, pools, pg_upmap_items }
+                // Full OSDs only among those that exist: bit i of the mask marks the i-th.
+                let full_osds = osds
+                    .keys()
+                    .enumerate()
+                    .filter(|(i, _)| (full_mask >> i) & 1 == 1)
+                    .map(|(_, &o)| o)
+                    .collect();
+                OsdMap { fsid: Fsid(fsid), epoch: Epoch(epoch), osds, pools, pg_upmap_items, full_osds }
             })
     }
 
@@ -1258,6 +1475,8 @@ mod tests {
                 (4u32..8, 0u32..64).prop_map(|(p, s)| PgId::new(PoolId(p), s)),
                 0..4,
             ),
+            proptest::collection::btree_set((96u32..128).prop_map(OsdId), 0..4),
+            proptest::collection::btree_set((128u32..160).prop_map(OsdId), 0..4),
         )
             .prop_map(
                 |(
@@ -1270,6 +1489,8 @@ mod tests {
                     removed_pools,
                     new_pg_upmap_items,
                     old_pg_upmap_items,
+                    new_full_osds,
+                    old_full_osds,
                 )| {
                     Incremental {
                         fsid: Fsid(fsid),
@@ -1281,6 +1502,8 @@ mod tests {
                         removed_pools,
                         new_pg_upmap_items,
                         old_pg_upmap_items,
+                        new_full_osds,
+                        old_full_osds,
                     }
                 },
             )

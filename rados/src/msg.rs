@@ -395,7 +395,7 @@ pub enum OsdError {
     NoSuchPool(PoolId),
     #[error("i/o error: {0}")]
     Io(String),
-    /// The OSD's store (or the cluster, past `mon_osd_full_ratio`) has no room for the write (ENOSPC).
+    /// An OSD of the PG has no room for the write: its store is full, or past `mon_osd_full_ratio` (ENOSPC).
     #[error("no space left: {0}")]
     NoSpace(String),
 }
@@ -445,10 +445,10 @@ mod tests {
     fn map_update_with_an_invalid_full_map_is_refused() {
         // Found by the mon_msg fuzz target: a MON_MAP body whose full map has upmap items for PG 1.66 of a
         // pool of 8 PGs decoded, and MonClient installed the invalid map. The input, re-encoded: one OSD,
-        // pool 1 with 8 PGs, upmap items for PG 1.66 (seed 102).
+        // pool 1 with 8 PGs, upmap items for PG 1.66 (seed 102), no full OSDs, no incrementals.
         let front: &[u8] = &[
             1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 3, 1, 0, 0, 0, 1, 128, 128, 4, 5, 104, 111,
-            115, 116, 48, 1, 1, 1, 3, 114, 98, 100, 2, 1, 8, 1, 1, 102, 1, 0, 2, 0,
+            115, 116, 48, 1, 1, 1, 3, 114, 98, 100, 2, 1, 8, 1, 1, 102, 1, 0, 2, 0, 0,
         ];
         let bad: MapUpdate = postcard::from_bytes::<MapUpdateUnchecked>(front).unwrap().into();
         assert!(bad.full.as_ref().unwrap().validate().is_err(), "the input holds an invalid map");
