@@ -15,8 +15,8 @@ use redb::{ReadableDatabase, ReadableTable};
 use crate::store::{PgUsage, StoreError};
 
 use super::records::{
-    decode_blob_key, decode_freelist, decode_omap_key, decode_onode_key, decode_pg_key,
-    decode_usage, Blob, Onode, BLOB_BYTES, FREELIST_GROUP_AUS,
+    decode_blob_key, decode_freelist, decode_omap_key, decode_onode_key, decode_pg_key, decode_usage, Blob,
+    Onode, BLOB_BYTES, FREELIST_GROUP_AUS,
 };
 use super::{Inner, BLOBS, FREELIST, OMAP, ONODES, PG_USAGE};
 
@@ -211,7 +211,10 @@ pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
     for (pau, data) in inner.deferred_cache.read().iter() {
         r.deferred_writes += 1;
         if data.len() as u64 != au || !owner.contains_key(pau) {
-            r.error(format!("deferred write to unit {pau} of {} bytes is not a whole referenced unit", data.len()));
+            r.error(format!(
+                "deferred write to unit {pau} of {} bytes is not a whole referenced unit",
+                data.len()
+            ));
         }
     }
     if deep {

@@ -337,7 +337,10 @@ fn replay_wal(
                 let r = match table {
                     TableId::Freelist => {
                         let k: [u8; 8] = key.as_slice().try_into().map_err(|_| {
-                            ReplayError::Damaged(format!("WAL record {}: a free-list key of {key:?}", rec.seq))
+                            ReplayError::Damaged(format!(
+                                "WAL record {}: a free-list key of {key:?}",
+                                rec.seq
+                            ))
                         })?;
                         let k = u64::from_be_bytes(k);
                         match value {
@@ -1913,7 +1916,12 @@ impl Inner {
             let (pau, direct) = match &existing {
                 None => {
                     let pau = c.alloc.allocate();
-                    (pau.ok_or_else(|| StoreError::NoSpace("allocator empty despite reservations".into()))?, big_whole)
+                    (
+                        pau.ok_or_else(|| {
+                            StoreError::NoSpace("allocator empty despite reservations".into())
+                        })?,
+                        big_whole,
+                    )
                 }
                 Some((old, _)) => match big_whole.then(|| c.alloc.allocate()).flatten() {
                     Some(pau) => {

@@ -577,7 +577,11 @@ fn device_errors_are_reported_and_a_failed_flush_stops_the_store() {
         drop(store);
         disk.power_cut(1);
         let store = BlueStore::open_in(env_of(&disk), &o).unwrap();
-        assert_eq!(store.read(pgs()[0], "a", 0, 4096).unwrap_or_else(|e| panic!("{file} {what}: {e}")), vec![1; 4096], "{file} {what}");
+        assert_eq!(
+            store.read(pgs()[0], "a", 0, 4096).unwrap_or_else(|e| panic!("{file} {what}: {e}")),
+            vec![1; 4096],
+            "{file} {what}"
+        );
         check_fsck(&store, true).unwrap();
     }
     // EIO on read (of a unit written directly: a deferred one is served from memory until it is in place).
@@ -663,7 +667,9 @@ fn mount_reads_no_objects() {
         }
         drop(store);
         let db0 = disk.bytes_read(DB_FILE);
-        drop(redb::Builder::new().create_with_backend(device::RedbBackend::new(disk.device(DB_FILE))).unwrap());
+        drop(
+            redb::Builder::new().create_with_backend(device::RedbBackend::new(disk.device(DB_FILE))).unwrap(),
+        );
         let bare = disk.bytes_read(DB_FILE) - db0;
         let (db0, block0) = (disk.bytes_read(DB_FILE), disk.bytes_read(BLOCK_FILE));
         let store = BlueStore::open_in(env_of(&disk), &o).unwrap();
@@ -756,7 +762,11 @@ fn small_writes_are_deferred_and_large_ones_take_new_space() {
     assert_eq!(store.statfs().allocated, used + 4096, "a small write to a new unit takes one unit");
     assert_eq!(waiting(&store), 2, "and is deferred too");
     store.apply(&write_txn("a", 0, &[3; 128 << 10])).unwrap();
-    assert_eq!(store.statfs().allocated, used + 4096, "the old units were freed when the new ones were taken");
+    assert_eq!(
+        store.statfs().allocated,
+        used + 4096,
+        "the old units were freed when the new ones were taken"
+    );
     assert_eq!(waiting(&store), 1, "the freed unit's deferred write is void");
     assert_eq!(store.read(pgs()[0], "a", 0, 128 << 10).unwrap(), vec![3; 128 << 10]);
     assert_eq!(store.read(pgs()[0], "b", 0, 4096).unwrap(), vec![4; 4096]);

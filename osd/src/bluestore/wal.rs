@@ -100,7 +100,10 @@ mod tests {
             at += f.len() as u64;
             ends.push(at);
         }
-        assert_eq!(read_log(&dev, 10).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![10, 11, 12, 13]);
+        assert_eq!(
+            read_log(&dev, 10).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![10, 11, 12, 13]
+        );
         assert_eq!(read_log(&dev, 10).unwrap()[2].ops, ops(12));
         // A new lap: batch 20 at offset 0 over 10; 11.. are stale.
         dev.write_at(0, &frame(&encode_wal_record(20, &ops(20)))).unwrap();
