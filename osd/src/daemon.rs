@@ -595,6 +595,8 @@ impl Osd {
             m.wait();
         }
         inner.pool.shutdown();
+        // Whoever still holds the store (a PG of a shard), its files are closed cleanly now.
+        inner.store.close();
         tracing::info!(id = %inner.id, "stopped");
     }
 }

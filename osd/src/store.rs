@@ -360,6 +360,9 @@ pub trait ObjectStore: Send + Sync {
     fn failed(&self) -> Option<StoreError> {
         None
     }
+    /// Makes everything queued durable and lets go of the store's files (the daemon calls it as it stops,
+    /// after its threads). Afterwards the store refuses work. MemStore has nothing to close.
+    fn close(&self) {}
     /// Waits up to `timeout` for `seq` to be durable. For tools, tests and start-up; never on a messenger
     /// thread.
     fn wait_committed(&self, seq: CommitSeq, timeout: std::time::Duration) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use crate::store::{PgUsage, StoreError};
 
@@ -55,7 +55,7 @@ pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
     // No batch runs meanwhile: the committed state, the allocator and the deferred cache agree.
     let committer = inner.committer.lock();
     let db = |e: redb::Error| StoreError::Io(format!("metadata database: {e}"));
-    let rtx = inner.db.begin_read().map_err(|e| db(e.into()))?;
+    let rtx = inner.begin_read()?;
     let mut r = FsckReport::default();
     let au = inner.au;
     let total_aus = inner.opts.bluestore_block_size / au;

@@ -238,7 +238,8 @@ struct Committer {
 struct Inner {
     label: Label,
     env: Arc<dyn Env>,
-    db: Database,
+    /// `None` once [`BlueStore::close`] closed it.
+    db: RwLock<Option<Database>>,
     /// Set when the store fails: redb then writes nothing more (see [`RedbBackend`]).
     db_fence: Arc<std::sync::atomic::AtomicBool>,
     block: Arc<dyn BlockDevice>,
@@ -264,7 +265,7 @@ struct Inner {
 /// A durable object store. See the module documentation.
 pub struct BlueStore {
     inner: Arc<Inner>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for BlueStore {
@@ -589,7 +590,7 @@ impl BlueStore {
         let inner = Arc::new(Inner {
             label,
             env,
-            db,
+            db: RwLock::new(Some(db)),
             db_fence,
             block,
             db_dev,
@@ -620,7 +621,7 @@ impl BlueStore {
             .name("bstore_kv_sync".into())
             .spawn(move || worker.commit_loop())
             .map_err(io("commit thread"))?;
-        Ok(BlueStore { inner, thread: Some(thread) })
+        Ok(BlueStore { inner, thread: Mutex::new(Some(thread)) })
     }
 
     /// Validates `txn` and applies it to what reads see, all or nothing, and queues it for the commit thread.
@@ -696,21 +697,30 @@ impl BlueStore {
     pub fn fsck(&self, deep: bool) -> Result<fsck::FsckReport, StoreError> {
         fsck::run(&self.inner, deep)
     }
-}
 
-impl Drop for BlueStore {
-    /// Commits what is queued, writes the last deferred writes in place, and closes redb cleanly.
-    fn drop(&mut self) {
+    /// Commits what is queued, checkpoints (so the next mount replays nothing), stops the commit thread and
+    /// closes redb cleanly (so the next mount does not repair it). Later calls change nothing; afterwards
+    /// `queue` and reads fail. The OSD calls it when it stops, whoever still holds the store; dropping the
+    /// store calls it too.
+    pub fn close(&self) {
         {
             let mut ov = self.inner.overlay.lock();
             ov.stopping = true;
         }
         self.inner.work.notify_all();
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.thread.lock().take() {
             if t.join().is_err() {
                 tracing::error!("bluestore commit thread panicked");
             }
         }
+        // A failed store's redb is fenced: closing it writes nothing, and the next mount replays the WAL.
+        drop(self.inner.db.write().take());
+    }
+}
+
+impl Drop for BlueStore {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -731,6 +741,22 @@ impl Inner {
         self.overlay.lock().failed.get_or_insert(e.clone());
         self.commits.lock().failed.get_or_insert(e);
         self.committed_cv.notify_all();
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        let db = self.db.read();
+        db.as_ref()
+            .ok_or_else(|| StoreError::Io("the store is closed".into()))?
+            .begin_read()
+            .map_err(Self::db_err)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        let db = self.db.read();
+        db.as_ref()
+            .ok_or_else(|| StoreError::Io("the store is closed".into()))?
+            .begin_write()
+            .map_err(Self::db_err)
     }
 
     fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -904,7 +930,7 @@ impl Inner {
 
     fn read(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         let _gate = self.gate.read();
-        let rtx = self.db.begin_read().map_err(Self::db_err)?;
+        let rtx = self.begin_read()?;
         let view = self.view(&rtx, pg, name)?;
         let end = offset.saturating_add(len).min(view.size);
         if offset >= end {
@@ -929,7 +955,7 @@ impl Inner {
         max: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let _gate = self.gate.read();
-        let rtx = self.db.begin_read().map_err(Self::db_err)?;
+        let rtx = self.begin_read()?;
         let view = self.view(&rtx, pg, name)?;
         // The layers' changes, lowest first; a clear hides everything below it.
         let mut base_visible = view.base.is_some();
@@ -980,7 +1006,7 @@ impl Inner {
 
     fn list(&self, pg: PgId, after: Option<&str>, max: usize) -> Result<Vec<ListEntry>, StoreError> {
         let _gate = self.gate.read();
-        let rtx = self.db.begin_read().map_err(Self::db_err)?;
+        let rtx = self.begin_read()?;
         let prefix = pg_key(pg);
         let lo = match after {
             Some(a) => Bound::Excluded(onode_key(pg, object_hash(a.as_bytes()), a)),
@@ -1062,7 +1088,7 @@ impl Inner {
             }
         }
         if rtx.is_none() {
-            *rtx = Some(self.db.begin_read().map_err(Self::db_err)?);
+            *rtx = Some(self.begin_read()?);
         }
         let rtx = rtx.as_ref().expect("just opened");
         Ok(match Self::base_onode(rtx, key)? {
@@ -1097,6 +1123,9 @@ impl Inner {
         let ov = &mut *guard;
         if let Some(e) = &ov.failed {
             return Err(e.clone());
+        }
+        if ov.stopping {
+            return Err(StoreError::Io("the store is closed".into()));
         }
         if ov.pending_bytes > 0 && ov.pending_bytes + payload_bytes > self.opts.bluestore_throttle_bytes {
             return Err(StoreError::Busy(format!(
@@ -1375,7 +1404,7 @@ impl Inner {
             (layer, usage, ov.stopping)
         };
         assert!(!layer.is_empty() || c.wal_at > 0, "a batch has work");
-        let mut tx = self.db.begin_write().map_err(Self::db_err)?;
+        let mut tx = self.begin_write()?;
         let mut plan = Plan::default();
         if !layer.is_empty() {
             c.batch += 1;
@@ -1969,6 +1998,10 @@ impl ObjectStore for BlueStore {
         BlueStore::failed(self)
     }
 
+    fn close(&self) {
+        BlueStore::close(self)
+    }
+
     fn wait_committed(&self, seq: crate::store::CommitSeq, timeout: Duration) -> Result<(), StoreError> {
         BlueStore::wait_committed(self, seq.0, timeout)
     }
@@ -1987,7 +2020,7 @@ impl ObjectStore for BlueStore {
 
     fn stat(&self, pg: PgId, name: &str) -> Result<ObjectStat, StoreError> {
         let _gate = self.inner.gate.read();
-        let rtx = self.inner.db.begin_read().map_err(Inner::db_err)?;
+        let rtx = self.inner.begin_read()?;
         let v = self.inner.view(&rtx, pg, name)?;
         assert!(v.exists);
         Ok(ObjectStat { size: v.size, version: v.version.unwrap_or(Eversion::ZERO) })
@@ -1999,7 +2032,7 @@ impl ObjectStore for BlueStore {
 
     fn getattr(&self, pg: PgId, name: &str, attr: &str) -> Result<Bytes, StoreError> {
         let _gate = self.inner.gate.read();
-        let rtx = self.inner.db.begin_read().map_err(Inner::db_err)?;
+        let rtx = self.inner.begin_read()?;
         let v = self.inner.view(&rtx, pg, name)?;
         Inner::attrs_of(&v)
             .get(attr)
@@ -2009,7 +2042,7 @@ impl ObjectStore for BlueStore {
 
     fn getattrs(&self, pg: PgId, name: &str) -> Result<Vec<(String, Bytes)>, StoreError> {
         let _gate = self.inner.gate.read();
-        let rtx = self.inner.db.begin_read().map_err(Inner::db_err)?;
+        let rtx = self.inner.begin_read()?;
         let v = self.inner.view(&rtx, pg, name)?;
         Ok(Inner::attrs_of(&v).iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
@@ -2067,7 +2100,7 @@ impl Inner {
     /// The pair with key `key`, if set.
     fn omap_one(&self, pg: PgId, name: &str, key: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
         let _gate = self.gate.read();
-        let rtx = self.db.begin_read().map_err(Self::db_err)?;
+        let rtx = self.begin_read()?;
         let view = self.view(&rtx, pg, name)?;
         for l in view.layers.iter().rev() {
             if let Some(v) = l.omap.get(key) {
