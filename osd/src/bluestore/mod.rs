@@ -743,20 +743,21 @@ impl Inner {
         self.committed_cv.notify_all();
     }
 
-    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+    /// Runs `f` on the open database (an error once [`BlueStore::close`] closed it).
+    fn with_db<T, E: std::fmt::Display>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
         let db = self.db.read();
-        db.as_ref()
-            .ok_or_else(|| StoreError::Io("the store is closed".into()))?
-            .begin_read()
-            .map_err(Self::db_err)
+        f(db.as_ref().ok_or_else(|| StoreError::Io("the store is closed".into()))?).map_err(Self::db_err)
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        self.with_db(|db| db.begin_read())
     }
 
     fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        let db = self.db.read();
-        db.as_ref()
-            .ok_or_else(|| StoreError::Io("the store is closed".into()))?
-            .begin_write()
-            .map_err(Self::db_err)
+        self.with_db(|db| db.begin_write())
     }
 
     fn db_err(e: impl std::fmt::Display) -> StoreError {
