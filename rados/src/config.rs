@@ -144,7 +144,7 @@ options! {
     /// Committed batches whose deferred (small in-place) writes may wait to be written together.
     bluestore_max_deferred_txc: u64 = 32;
     /// WAL bytes between checkpoints (block flush, durable metadata commit): bounds log, unflushed metadata, replay.
-    bluestore_wal_max_bytes: u64 = 32 << 20;
+    bluestore_wal_max_bytes: u64 = 128 << 20;
     /// An OSD this full (used / size of its store) is reported near full: HEALTH_WARN.
     mon_osd_nearfull_ratio: f64 = 0.85;
     /// An OSD this full takes no backfill (reported as HEALTH_WARN).

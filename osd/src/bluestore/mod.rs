@@ -136,7 +136,7 @@ impl Default for BlueStoreOptions {
             bluestore_cache_size: 256 << 20,
             bluestore_throttle_bytes: 64 << 20,
             bluestore_max_deferred_txc: 32,
-            bluestore_wal_max_bytes: 32 << 20,
+            bluestore_wal_max_bytes: 128 << 20,
         }
     }
 }
