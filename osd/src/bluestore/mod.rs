@@ -64,8 +64,8 @@ use device::{BlockDevice, DirEnv, Env, RedbBackend};
 use layer::{ObjLayer, Piece};
 use records::{
     blob_key, decode_freelist, decode_pg_key, decode_u64, decode_usage, encode_freelist, encode_u64,
-    encode_usage, encode_wal_record, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label, Onode, TableId,
-    WalOp, BLOB_BYTES, CSUM_BLOCK_BYTES, CSUM_TYPE_CRC32C,
+    encode_usage, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label, Onode, TableId, WalOp, BLOB_BYTES,
+    CSUM_BLOCK_BYTES, CSUM_TYPE_CRC32C,
 };
 use wal::WAL_FILE;
 
@@ -1419,8 +1419,7 @@ impl Inner {
                 c.deferred_bytes += plan.deferred.iter().map(|w| w.data.len() as u64).sum::<u64>();
             }
             self.log_rows(c, &tx, &mut plan)?;
-            let body = encode_wal_record(c.batch, &plan.rows);
-            let rec = wal::frame(&body);
+            let rec = wal::record(c.batch, &plan.rows);
             c.wal.write_at(c.wal_at, &rec).map_err(|e| io_err("wal write", e))?;
             c.wal.flush().map_err(|e| io_err("wal flush", e))?;
             c.wal_at += rec.len() as u64;

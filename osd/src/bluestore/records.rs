@@ -392,6 +392,13 @@ const WAL_FIELD_BYTES_MAX: usize = 1 << 30;
 /// value_len u32 value (put); `2` table u8 key_len u32 key (delete); `3` offset u64 len u32 bytes (deferred
 /// write); `4` unit u64 (free).
 pub fn encode_wal_record(seq: u64, ops: &[WalOp]) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode_wal_record_into(&mut v, seq, ops);
+    v
+}
+
+/// [`encode_wal_record`] appended to `v` (after a frame header, without copying the body again).
+pub fn encode_wal_record_into(v: &mut Vec<u8>, seq: u64, ops: &[WalOp]) {
     let bytes: usize = ops
         .iter()
         .map(|op| match op {
@@ -401,7 +408,9 @@ pub fn encode_wal_record(seq: u64, ops: &[WalOp]) -> Vec<u8> {
             WalOp::Free(_) => 9,
         })
         .sum();
-    let mut v = begin(12 + bytes);
+    let start = v.len();
+    v.reserve(17 + bytes);
+    v.push(RECORD_FORMAT);
     v.extend_from_slice(&seq.to_le_bytes());
     v.extend_from_slice(&(ops.len() as u32).to_le_bytes());
     for op in ops {
@@ -433,7 +442,8 @@ pub fn encode_wal_record(seq: u64, ops: &[WalOp]) -> Vec<u8> {
             }
         }
     }
-    seal(v)
+    let crc = crc32c(&v[start..]);
+    v.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes a WAL record body: its batch number and ops.

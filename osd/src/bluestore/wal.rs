@@ -24,14 +24,15 @@ pub const WAL_ALIGN: u64 = 4096;
 /// A record body longer than this is damage (a batch is bounded by `bluestore_throttle_bytes`).
 const BODY_BYTES_MAX: u64 = 1 << 31;
 
-/// A record framed for the file: header, body, padding.
-pub fn frame(body: &[u8]) -> Vec<u8> {
-    let len = (8 + body.len() as u64).next_multiple_of(WAL_ALIGN) as usize;
-    let mut v = Vec::with_capacity(len);
+/// Batch `seq`'s record framed for the file: header, body (encoded in place), padding.
+pub fn record(seq: u64, ops: &[WalOp]) -> Vec<u8> {
+    let mut v = Vec::new();
     v.extend_from_slice(&MAGIC.to_le_bytes());
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(body);
-    v.resize(len, 0);
+    v.extend_from_slice(&0u32.to_le_bytes());
+    records::encode_wal_record_into(&mut v, seq, ops);
+    let body_len = (v.len() - 8) as u32;
+    v[4..8].copy_from_slice(&body_len.to_le_bytes());
+    v.resize((v.len() as u64).next_multiple_of(WAL_ALIGN) as usize, 0);
     v
 }
 
@@ -75,7 +76,7 @@ pub fn read_log(dev: &Arc<dyn BlockDevice>, first: u64) -> io::Result<Vec<Record
 
 #[cfg(test)]
 mod tests {
-    use super::super::records::{encode_wal_record, DeferredWrite, TableId};
+    use super::super::records::{DeferredWrite, TableId};
     use super::super::simdisk::SimDisk;
     use super::*;
     use bytes::Bytes;
@@ -95,7 +96,7 @@ mod tests {
         let mut at = 0;
         let mut ends = Vec::new();
         for seq in 10..14u64 {
-            let f = frame(&encode_wal_record(seq, &ops(seq as u8)));
+            let f = record(seq, &ops(seq as u8));
             dev.write_at(at, &f).unwrap();
             at += f.len() as u64;
             ends.push(at);
@@ -106,11 +107,11 @@ mod tests {
         );
         assert_eq!(read_log(&dev, 10).unwrap()[2].ops, ops(12));
         // A new lap: batch 20 at offset 0 over 10; 11.. are stale.
-        dev.write_at(0, &frame(&encode_wal_record(20, &ops(20)))).unwrap();
+        dev.write_at(0, &record(20, &ops(20))).unwrap();
         assert_eq!(read_log(&dev, 20).unwrap().len(), 1);
         assert!(read_log(&dev, 21).unwrap().is_empty());
         // A torn record 21 (one flipped byte in its body) ends the log after 20.
-        let f21 = frame(&encode_wal_record(21, &ops(21)));
+        let f21 = record(21, &ops(21));
         let mut torn = f21.clone();
         torn[100] ^= 1;
         dev.write_at(ends[0], &torn).unwrap();
