@@ -363,7 +363,8 @@ fn replay_wal(
                             TableId::Onodes => 0,
                             TableId::Blobs => 1,
                             TableId::Omap => 2,
-                            _ => 3,
+                            TableId::PgUsage => 3,
+                            TableId::Freelist | TableId::Meta => unreachable!("handled above"),
                         };
                         match value {
                             Some(v) => bytes_tables[i].insert(key.as_slice(), v.as_slice()).map(drop),
