@@ -184,6 +184,7 @@ pub fn bluestore_options(cfg: &Config) -> BlueStoreOptions {
         bluestore_throttle_bytes: cfg.bluestore_throttle_bytes,
         bluestore_max_deferred_txc: cfg.bluestore_max_deferred_txc,
         bluestore_wal_max_bytes: cfg.bluestore_wal_max_bytes,
+        bluestore_memtable_max_bytes: cfg.bluestore_memtable_max_bytes,
     }
 }
 

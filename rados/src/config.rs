@@ -145,6 +145,8 @@ options! {
     bluestore_max_deferred_txc: u64 = 32;
     /// WAL bytes between checkpoints (block flush, durable metadata commit): bounds log, unflushed metadata, replay.
     bluestore_wal_max_bytes: u64 = 128 << 20;
+    /// Bytes of metadata rows BlueStore keeps in memory, over its database, before the database takes them.
+    bluestore_memtable_max_bytes: u64 = 32 << 20;
     /// An OSD this full (used / size of its store) is reported near full: HEALTH_WARN.
     mon_osd_nearfull_ratio: f64 = 0.85;
     /// An OSD this full takes no backfill (reported as HEALTH_WARN).

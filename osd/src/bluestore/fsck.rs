@@ -54,6 +54,9 @@ impl FsckReport {
 pub(super) fn run(inner: &Inner, deep: bool) -> Result<FsckReport, StoreError> {
     // No batch runs meanwhile: the committed state, the allocator and the deferred cache agree.
     let committer = inner.committer.lock();
+    // Everything committed into redb (non-durably: the WAL stays the record), so redb alone is the state.
+    inner.fold(&committer, &[], false)?;
+    inner.gate.write().clear();
     let db = |e: redb::Error| StoreError::Io(format!("metadata database: {e}"));
     let rtx = inner.begin_read()?;
     let mut r = FsckReport::default();

@@ -11,9 +11,12 @@
 //!    deferred writes, whose bytes travel in the WAL record and go in place later,
 //! 2. writes the fresh units, then one fdatasync of the block file (only if there were any),
 //! 3. appends ONE WAL record (the batch's metadata rows, its deferred writes, the units it freed), then ONE
-//!    fdatasync of the WAL: the batch is durable; redb takes the same rows in a non-durable commit,
+//!    fdatasync of the WAL: the batch is durable; its rows join the memtable (`memtable.rs`), which reads see
+//!    over redb,
 //! 4. now and then writes the deferred writes in place (no flush needed: the WAL still holds them) and, every
-//!    `bluestore_wal_max_bytes` of log, checkpoints: block flush, durable redb commit, log back to offset 0,
+//!    `bluestore_wal_max_bytes` of log, checkpoints: block flush, the memtable into redb in one durable
+//!    commit, log back to offset 0 (a memtable past `bluestore_memtable_max_bytes` goes into redb earlier, in
+//!    a non-durable commit),
 //! 5. releases the units the batch stopped referencing, advances [`BlueStore::committed`] and calls the
 //!    commit notifier.
 //!
@@ -29,6 +32,7 @@ pub mod alloc;
 pub mod device;
 pub mod fsck;
 pub mod layer;
+mod memtable;
 pub mod records;
 pub mod simdisk;
 pub mod wal;
@@ -62,6 +66,7 @@ use crate::store::{
 use alloc::Allocator;
 use device::{BlockDevice, DirEnv, Env, RedbBackend};
 use layer::{ObjLayer, Piece};
+use memtable::{for_rows, get_row, Memtable};
 use records::{
     blob_key, decode_freelist, decode_pg_key, decode_u64, decode_usage, encode_freelist, encode_u64,
     encode_usage, omap_key, onode_key, pg_key, Blob, DeferredWrite, Label, Onode, TableId, WalOp, BLOB_BYTES,
@@ -124,6 +129,9 @@ pub struct BlueStoreOptions {
     /// WAL bytes after which the commit thread checkpoints (deferred writes in place, block flush, durable
     /// redb commit) and starts the log again: bounds the log, redb's unflushed pages and replay time.
     pub bluestore_wal_max_bytes: u64,
+    /// Bytes of metadata rows the memtable (`memtable.rs`) may hold before redb takes them in a non-durable
+    /// commit (not a Ceph option: RocksDB's memtable is sized by `bluestore_rocksdb_options`).
+    pub bluestore_memtable_max_bytes: u64,
 }
 
 impl Default for BlueStoreOptions {
@@ -137,6 +145,7 @@ impl Default for BlueStoreOptions {
             bluestore_throttle_bytes: 64 << 20,
             bluestore_max_deferred_txc: 32,
             bluestore_wal_max_bytes: 128 << 20,
+            bluestore_memtable_max_bytes: 32 << 20,
         }
     }
 }
@@ -247,9 +256,11 @@ struct Inner {
     opts: BlueStoreOptions,
     au: u64,
     au_shift: u8,
-    /// Held shared by every read for its whole duration, exclusively by the commit thread while it takes a
-    /// batch and while it publishes one: so no unit a reader may be reading is reused under it.
-    gate: RwLock<()>,
+    /// Held shared by every read for its whole duration (and by `queue` while it looks objects up),
+    /// exclusively by the commit thread while it takes a batch and while it publishes one: so no unit a
+    /// reader may be reading is reused under it, and what a reader sees of the committed metadata (the
+    /// memtable over redb) does not change under it. The memtable lives inside: reads reach it only this way.
+    gate: RwLock<Memtable>,
     overlay: Mutex<Overlay>,
     work: Condvar,
     /// Contents of units whose deferred write may not be on the block device yet: reads take them from here.
@@ -304,77 +315,33 @@ fn replay_wal(
     }
     let tx = db.begin_write().map_err(|e| db_err(&e))?;
     let mut writes: BTreeMap<u64, Bytes> = BTreeMap::new();
-    {
-        let mut bytes_tables = [
-            tx.open_table(ONODES).map_err(|e| db_err(&e))?,
-            tx.open_table(BLOBS).map_err(|e| db_err(&e))?,
-            tx.open_table(OMAP).map_err(|e| db_err(&e))?,
-            tx.open_table(PG_USAGE).map_err(|e| db_err(&e))?,
-        ];
-        let mut freelist = tx.open_table(FREELIST).map_err(|e| db_err(&e))?;
-        let mut meta = tx.open_table(META).map_err(|e| db_err(&e))?;
-        for rec in &records {
-            for op in &rec.ops {
-                let (table, key, value) = match op {
-                    WalOp::Put { table, key, value } => (*table, key, Some(value)),
-                    WalOp::Del { table, key } => (*table, key, None),
-                    WalOp::Write(w) => {
-                        if w.offset % au != 0 || w.data.len() as u64 != au || w.offset + au > block_bytes {
-                            return Err(ReplayError::Damaged(format!(
-                                "WAL record {}: a deferred write at {} of {} bytes",
-                                rec.seq,
-                                w.offset,
-                                w.data.len()
-                            )));
-                        }
-                        writes.insert(w.offset / au, w.data.clone());
-                        continue;
+    for rec in &records {
+        for op in &rec.ops {
+            match op {
+                WalOp::Write(w) => {
+                    if w.offset % au != 0 || w.data.len() as u64 != au || w.offset + au > block_bytes {
+                        return Err(ReplayError::Damaged(format!(
+                            "WAL record {}: a deferred write at {} of {} bytes",
+                            rec.seq,
+                            w.offset,
+                            w.data.len()
+                        )));
                     }
-                    WalOp::Free(unit) => {
-                        writes.remove(unit);
-                        continue;
-                    }
-                };
-                let r = match table {
-                    TableId::Freelist => {
-                        let k: [u8; 8] = key.as_slice().try_into().map_err(|_| {
-                            ReplayError::Damaged(format!(
-                                "WAL record {}: a free-list key of {key:?}",
-                                rec.seq
-                            ))
-                        })?;
-                        let k = u64::from_be_bytes(k);
-                        match value {
-                            Some(v) => freelist.insert(k, v.as_slice()).map(drop),
-                            None => freelist.remove(k).map(drop),
-                        }
-                    }
-                    TableId::Meta => {
-                        let k = std::str::from_utf8(key).map_err(|_| {
-                            ReplayError::Damaged(format!("WAL record {}: a meta key of {key:?}", rec.seq))
-                        })?;
-                        match value {
-                            Some(v) => meta.insert(k, v.as_slice()).map(drop),
-                            None => meta.remove(k).map(drop),
-                        }
-                    }
-                    t => {
-                        let i = match t {
-                            TableId::Onodes => 0,
-                            TableId::Blobs => 1,
-                            TableId::Omap => 2,
-                            TableId::PgUsage => 3,
-                            TableId::Freelist | TableId::Meta => unreachable!("handled above"),
-                        };
-                        match value {
-                            Some(v) => bytes_tables[i].insert(key.as_slice(), v.as_slice()).map(drop),
-                            None => bytes_tables[i].remove(key.as_slice()).map(drop),
-                        }
-                    }
-                };
-                r.map_err(|e| db_err(&e))?;
+                    writes.insert(w.offset / au, w.data.clone());
+                }
+                WalOp::Free(unit) => {
+                    writes.remove(unit);
+                }
+                WalOp::Put { .. } | WalOp::Del { .. } => {}
             }
         }
+        let rows = rec.ops.iter().filter_map(|op| match op {
+            WalOp::Put { table, key, value } => Some((*table, key.as_slice(), Some(value.as_slice()))),
+            WalOp::Del { table, key } => Some((*table, key.as_slice(), None)),
+            WalOp::Write(_) | WalOp::Free(_) => None,
+        });
+        memtable::write_rows(&tx, rows)
+            .map_err(|e| ReplayError::Damaged(format!("WAL record {}: {e}", rec.seq)))?;
     }
     for (unit, data) in &writes {
         block.write_at(unit * au, data).map_err(|e| ReplayError::Io("deferred replay", e))?;
@@ -598,7 +565,7 @@ impl BlueStore {
             au,
             au_shift,
             opts,
-            gate: RwLock::new(()),
+            gate: RwLock::new(Memtable::default()),
             overlay: Mutex::new(Overlay { usage, free_aus, ..Overlay::default() }),
             work: Condvar::new(),
             deferred_cache: RwLock::new(HashMap::new()),
@@ -765,10 +732,10 @@ impl Inner {
         StoreError::Io(format!("metadata database: {e}"))
     }
 
-    fn base_onode(rtx: &ReadTransaction, key: &[u8]) -> Result<Option<Onode>, StoreError> {
+    fn base_onode(mem: &Memtable, rtx: &ReadTransaction, key: &[u8]) -> Result<Option<Onode>, StoreError> {
         let t = rtx.open_table(ONODES).map_err(Self::db_err)?;
-        let Some(v) = t.get(key).map_err(Self::db_err)? else { return Ok(None) };
-        Onode::decode(v.value()).map(Some).map_err(|e| StoreError::Io(format!("onode: {e}")))
+        let v = get_row(mem, &t, TableId::Onodes, key, Onode::decode).map_err(Self::db_err)?;
+        v.transpose().map_err(|e| StoreError::Io(format!("onode: {e}")))
     }
 
     /// The layers over an object (top first, as found), and whether the committed state shows through.
@@ -790,10 +757,10 @@ impl Inner {
     }
 
     /// Resolves an object for a reader (who holds the gate).
-    fn view(&self, rtx: &ReadTransaction, pg: PgId, name: &str) -> Result<View, StoreError> {
+    fn view(&self, mem: &Memtable, rtx: &ReadTransaction, pg: PgId, name: &str) -> Result<View, StoreError> {
         let key = onode_key(pg, object_hash(name.as_bytes()), name);
         let (mut layers, base_visible) = Self::layers_of(&self.overlay.lock(), &key, pg);
-        let base = if base_visible { Self::base_onode(rtx, &key)? } else { None };
+        let base = if base_visible { Self::base_onode(mem, rtx, &key)? } else { None };
         let (exists, size, version) = match (layers.first(), &base) {
             (Some(top), _) => (top.exists, top.size, top.version),
             (None, Some(b)) => (true, b.size, b.version),
@@ -871,6 +838,7 @@ impl Inner {
     /// Fills `buf` (object bytes from `offset`) from the committed data map of object `nid` of `size`.
     fn read_base(
         &self,
+        mem: &Memtable,
         rtx: &ReadTransaction,
         nid: u64,
         size: u64,
@@ -886,11 +854,10 @@ impl Inner {
         let hi = blob_key(nid, (end - 1) / BLOB_BYTES);
         // Units contiguous in the object and on the device are read together.
         let mut run: Option<Run> = None;
-        for row in blobs.range(lo.as_slice()..=hi.as_slice()).map_err(Self::db_err)? {
-            let (k, v) = row.map_err(Self::db_err)?;
-            let (_, index) =
-                records::decode_blob_key(k.value()).map_err(|e| StoreError::Io(e.to_string()))?;
-            let blob = Blob::decode(v.value()).map_err(|e| StoreError::Io(format!("blob: {e}")))?;
+        let bounds = (Bound::Included(lo.as_slice()), Bound::Included(hi.as_slice()));
+        for_rows(mem, &blobs, TableId::Blobs, bounds.0, bounds.1, |k, v| -> Result<bool, StoreError> {
+            let (_, index) = records::decode_blob_key(k).map_err(|e| StoreError::Io(e.to_string()))?;
+            let blob = Blob::decode(v).map_err(|e| StoreError::Io(format!("blob: {e}")))?;
             for (slot, s) in blob.slots.iter().enumerate() {
                 let Some((pau, csums)) = s else { continue };
                 let u0 = index * BLOB_BYTES + slot as u64 * self.au;
@@ -923,7 +890,8 @@ impl Inner {
                     }
                 }
             }
-        }
+            Ok(true)
+        })?;
         if let Some(r) = run.take() {
             self.read_run(&r, offset, end, buf)?;
         }
@@ -931,16 +899,16 @@ impl Inner {
     }
 
     fn read(&self, pg: PgId, name: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-        let _gate = self.gate.read();
+        let mem = self.gate.read();
         let rtx = self.begin_read()?;
-        let view = self.view(&rtx, pg, name)?;
+        let view = self.view(&mem, &rtx, pg, name)?;
         let end = offset.saturating_add(len).min(view.size);
         if offset >= end {
             return Ok(Bytes::new());
         }
         let mut buf = vec![0u8; (end - offset) as usize];
         if let Some(b) = &view.base {
-            self.read_base(&rtx, b.nid, b.size, offset, &mut buf)?;
+            self.read_base(&mem, &rtx, b.nid, b.size, offset, &mut buf)?;
         }
         for l in &view.layers {
             l.overlay(&mut buf, offset);
@@ -956,9 +924,9 @@ impl Inner {
         after: Option<&str>,
         max: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let _gate = self.gate.read();
+        let mem = self.gate.read();
         let rtx = self.begin_read()?;
-        let view = self.view(&rtx, pg, name)?;
+        let view = self.view(&mem, &rtx, pg, name)?;
         // The layers' changes, lowest first; a clear hides everything below it.
         let mut base_visible = view.base.is_some();
         let mut deltas: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
@@ -975,39 +943,34 @@ impl Inner {
                 deltas.insert(k.clone(), v.clone());
             }
         }
-        let table = rtx.open_table(OMAP).map_err(Self::db_err)?;
-        let mut base_rows = match (&view.base, base_visible) {
-            (Some(b), true) => {
-                let lo = match after {
-                    Some(a) => {
-                        let mut k = omap_key(b.nid, a);
-                        k.push(0);
-                        k
-                    }
-                    None => omap_key(b.nid, ""),
-                };
-                let hi = (b.nid + 1).to_be_bytes();
-                Some(table.range(lo.as_slice()..hi.as_slice()).map_err(Self::db_err)?)
-            }
-            _ => None,
-        };
-        let next_base = || -> Result<Option<(String, Vec<u8>)>, StoreError> {
-            let Some(rows) = base_rows.as_mut() else { return Ok(None) };
-            match rows.next() {
-                None => Ok(None),
-                Some(row) => {
-                    let (k, v) = row.map_err(Self::db_err)?;
-                    let (_, key) =
-                        records::decode_omap_key(k.value()).map_err(|e| StoreError::Io(e.to_string()))?;
-                    Ok(Some((key, v.value().to_vec())))
+        // The committed pairs that may show: enough of them that `max` survive the layers' removals.
+        let mut base_rows: Vec<(String, Vec<u8>)> = Vec::new();
+        if let (Some(b), true) = (&view.base, base_visible) {
+            let lo = match after {
+                Some(a) => {
+                    let mut k = omap_key(b.nid, a);
+                    k.push(0);
+                    k
                 }
-            }
-        };
+                None => omap_key(b.nid, ""),
+            };
+            let hi = (b.nid + 1).to_be_bytes();
+            let want = max.saturating_add(deltas.len());
+            let table = rtx.open_table(OMAP).map_err(Self::db_err)?;
+            let bounds = (Bound::Included(lo.as_slice()), Bound::Excluded(hi.as_slice()));
+            for_rows(&mem, &table, TableId::Omap, bounds.0, bounds.1, |k, v| {
+                let (_, key) = records::decode_omap_key(k).map_err(|e| StoreError::Io(e.to_string()))?;
+                base_rows.push((key, v.to_vec()));
+                Ok(base_rows.len() < want)
+            })?;
+        }
+        let mut base_rows = base_rows.into_iter();
+        let next_base = || -> Result<Option<(String, Vec<u8>)>, StoreError> { Ok(base_rows.next()) };
         merge_over_base(next_base, deltas, max, |k, v| (k, v), |k, v| v.map(|v| (k, v)))
     }
 
     fn list(&self, pg: PgId, after: Option<&str>, max: usize) -> Result<Vec<ListEntry>, StoreError> {
-        let _gate = self.gate.read();
+        let mem = self.gate.read();
         let rtx = self.begin_read()?;
         let prefix = pg_key(pg);
         let lo = match after {
@@ -1032,28 +995,24 @@ impl Inner {
             }
             (entries, base_visible)
         };
-        let table = rtx.open_table(ONODES).map_err(Self::db_err)?;
-        let mut rows = if base_visible {
+        // The committed entries that may show: enough of them that `max` survive the layers' removals.
+        let mut rows: Vec<OnodeRow> = Vec::new();
+        if base_visible {
             let lo_ref: Bound<&[u8]> = match &lo {
                 Bound::Excluded(k) => Bound::Excluded(k.as_slice()),
                 Bound::Included(k) => Bound::Included(k.as_slice()),
                 Bound::Unbounded => Bound::Unbounded,
             };
-            Some(table.range::<&[u8]>((lo_ref, Bound::Excluded(hi.as_slice()))).map_err(Self::db_err)?)
-        } else {
-            None
-        };
-        let next_base = || -> Result<Option<OnodeRow>, StoreError> {
-            let Some(r) = rows.as_mut() else { return Ok(None) };
-            match r.next() {
-                None => Ok(None),
-                Some(row) => {
-                    let (k, v) = row.map_err(Self::db_err)?;
-                    let o = Onode::decode(v.value()).map_err(|e| StoreError::Io(format!("onode: {e}")))?;
-                    Ok(Some((k.value().to_vec(), o.version)))
-                }
-            }
-        };
+            let want = max.saturating_add(entries.len());
+            let table = rtx.open_table(ONODES).map_err(Self::db_err)?;
+            for_rows(&mem, &table, TableId::Onodes, lo_ref, Bound::Excluded(hi.as_slice()), |k, v| {
+                let o = Onode::decode(v).map_err(|e| StoreError::Io(format!("onode: {e}")))?;
+                rows.push((k.to_vec(), o.version));
+                Ok(rows.len() < want)
+            })?;
+        }
+        let mut rows = rows.into_iter();
+        let next_base = || -> Result<Option<OnodeRow>, StoreError> { Ok(rows.next()) };
         let entry = |k: &[u8], version: Option<Eversion>| ListEntry {
             name: String::from_utf8_lossy(&k[12..]).into_owned(),
             version: version.unwrap_or(Eversion::ZERO),
@@ -1073,6 +1032,7 @@ impl Inner {
     /// The current state of an object as a fresh live-layer entry (for an object the live layer lacks).
     fn entry_below_live(
         &self,
+        mem: &Memtable,
         ov: &Overlay,
         rtx: &mut Option<ReadTransaction>,
         key: &[u8],
@@ -1093,7 +1053,7 @@ impl Inner {
             *rtx = Some(self.begin_read()?);
         }
         let rtx = rtx.as_ref().expect("just opened");
-        Ok(match Self::base_onode(rtx, key)? {
+        Ok(match Self::base_onode(mem, rtx, key)? {
             Some(o) => ObjLayer::over(true, o.size, o.version, o.attrs),
             None => ObjLayer::absent(),
         })
@@ -1121,6 +1081,8 @@ impl Inner {
                 })
                 .sum::<u64>()
             + ops.len() as u64 * OP_QUEUED_BYTES;
+        // The gate first (the lock order everywhere: gate, then overlay).
+        let mem = self.gate.read();
         let mut guard = self.overlay.lock();
         let ov = &mut *guard;
         if let Some(e) = &ov.failed {
@@ -1162,7 +1124,7 @@ impl Inner {
                     e.exists
                 } else {
                     if !loaded.contains_key(&key) {
-                        let e = self.entry_below_live(ov, &mut rtx, &key, oid.pg)?;
+                        let e = self.entry_below_live(&mem, ov, &mut rtx, &key, oid.pg)?;
                         loaded.insert(key.clone(), e);
                     }
                     loaded[&key].exists
@@ -1351,6 +1313,7 @@ impl Inner {
         ov.pending_bytes += payload_bytes;
         ov.reserved_aus += needed_aus;
         drop(guard);
+        drop(mem);
         self.work.notify_one();
         Ok(seq)
     }
@@ -1406,12 +1369,15 @@ impl Inner {
             (layer, usage, ov.stopping)
         };
         assert!(!layer.is_empty() || c.wal_at > 0, "a batch has work");
-        let mut tx = self.begin_write()?;
         let mut plan = Plan::default();
         if !layer.is_empty() {
             c.batch += 1;
-            // 1. Work out the batch.
-            self.materialize(c, &tx, &layer, &usage, &mut plan)?;
+            // 1. Work out the batch, against the committed metadata (the memtable over redb).
+            {
+                let mem = self.gate.read();
+                let rtx = self.begin_read()?;
+                self.materialize(c, &mem, &rtx, &layer, &usage, &mut plan)?;
+            }
             // 2. Fresh units, then one flush: they are durable before the record that points at them.
             self.write_fresh(&mut plan.fresh)?;
             // 3. The record, then one flush: the batch is durable.
@@ -1419,7 +1385,7 @@ impl Inner {
                 c.deferred_batches += 1;
                 c.deferred_bytes += plan.deferred.iter().map(|w| w.data.len() as u64).sum::<u64>();
             }
-            self.log_rows(c, &tx, &mut plan)?;
+            self.log_rows(c, &mut plan);
             let rec = wal::record(c.batch, &plan.rows);
             c.wal.write_at(c.wal_at, &rec).map_err(|e| io_err("wal write", e))?;
             c.wal.flush().map_err(|e| io_err("wal flush", e))?;
@@ -1448,24 +1414,47 @@ impl Inner {
             c.deferred_batches = 0;
             c.deferred_bytes = 0;
         }
+        // 5. redb takes the memtable and this batch's rows: durably at a checkpoint (after the block flush that
+        // puts every deferred write of the log on the device), non-durably when the memtable is large.
+        let fold = checkpoint || self.gate.read().bytes() >= self.opts.bluestore_memtable_max_bytes;
         if checkpoint {
             self.block.flush().map_err(|e| io_err("block flush", e))?;
-            if layer.is_empty() {
-                // A durable commit with a row in it, whatever redb does with an empty one.
-                let mut meta = tx.open_table(META).map_err(Self::db_err)?;
-                meta.insert(META_BATCH, encode_u64(c.batch).as_slice()).map_err(Self::db_err)?;
-            }
-            tx.set_durability(Durability::Immediate).map_err(Self::db_err)?;
-            tx.commit().map_err(Self::db_err)?;
-            c.wal_at = 0;
-        } else {
-            tx.set_durability(Durability::None).map_err(Self::db_err)?;
-            tx.commit().map_err(Self::db_err)?;
         }
-        // 5. Publish.
+        if fold {
+            self.fold(c, &plan.rows, checkpoint)?;
+        }
+        if checkpoint {
+            c.wal_at = 0;
+        }
+        // 6. Publish.
         self.omap_bytes.store(c.omap_bytes, Ordering::Relaxed);
-        self.publish(c, &layer, retired, plan.frees);
+        self.publish(c, &layer, &plan.rows, fold, retired, plan.frees);
         Ok(())
+    }
+
+    /// Hands the memtable and `rows` (a batch's, not in the memtable yet) to redb in one write transaction,
+    /// durable (a checkpoint) or not. The caller empties the memtable afterwards, under the gate.
+    fn fold(&self, c: &Committer, rows: &[WalOp], durable: bool) -> Result<(), StoreError> {
+        let mut tx = self.begin_write()?;
+        {
+            let mem = self.gate.read();
+            let batch = encode_u64(c.batch);
+            let rows = mem
+                .rows()
+                .chain(rows.iter().filter_map(|op| match op {
+                    WalOp::Put { table, key, value } => {
+                        Some((*table, key.as_slice(), Some(value.as_slice())))
+                    }
+                    WalOp::Del { table, key } => Some((*table, key.as_slice(), None)),
+                    WalOp::Write(_) | WalOp::Free(_) => None,
+                }))
+                // Always a row (a durable commit must not be empty, whatever redb does with one).
+                .chain([(TableId::Meta, META_BATCH.as_bytes(), Some(batch.as_slice()))]);
+            memtable::write_rows(&tx, rows).map_err(StoreError::Io)?;
+        }
+        let durability = if durable { Durability::Immediate } else { Durability::None };
+        tx.set_durability(durability).map_err(Self::db_err)?;
+        tx.commit().map_err(Self::db_err)
     }
 
     /// Writes a batch's fresh units, runs of neighbours (up to [`FRESH_WRITE_BYTES_MAX`]) as one write, then
@@ -1497,33 +1486,42 @@ impl Inner {
         self.block.flush().map_err(|e| io_err("block flush", e))
     }
 
-    /// Puts the rest of a batch's changes in `tx` and in its record: free-list groups (units taken, and this
-    /// batch's frees already cleared), counters, then the deferred writes and the frees.
-    fn log_rows(&self, c: &mut Committer, tx: &WriteTransaction, plan: &mut Plan) -> Result<(), StoreError> {
-        let mut fl = tx.open_table(FREELIST).map_err(Self::db_err)?;
+    /// Puts the rest of a batch's changes in its record: free-list groups (units taken, and this batch's frees
+    /// already cleared), counters, then the deferred writes and the frees.
+    fn log_rows(&self, c: &mut Committer, plan: &mut Plan) {
         let mut groups = c.alloc.take_dirty();
         groups.extend(plan.frees.iter().map(|au| au / records::FREELIST_GROUP_AUS));
         for g in groups {
             let v = encode_freelist(&c.alloc.group_words(g, &plan.frees));
-            fl.insert(g, v.as_slice()).map_err(Self::db_err)?;
             plan.rows.push(WalOp::Put { table: TableId::Freelist, key: g.to_be_bytes().to_vec(), value: v });
         }
-        let mut meta = tx.open_table(META).map_err(Self::db_err)?;
         for (k, v) in [(META_BATCH, c.batch), (META_NID_MAX, c.nid_max), (META_OMAP_BYTES, c.omap_bytes)] {
             let v = encode_u64(v);
-            meta.insert(k, v.as_slice()).map_err(Self::db_err)?;
             plan.rows.push(WalOp::Put { table: TableId::Meta, key: k.as_bytes().to_vec(), value: v });
         }
         plan.rows.extend(plan.deferred.drain(..).map(WalOp::Write));
         plan.rows.extend(plan.frees.iter().map(|u| WalOp::Free(*u)));
-        Ok(())
     }
 
-    /// Makes a committed batch the state below the live layer: drops its layer, returns the units it freed,
-    /// forgets the cache entries of units written in place or freed, reports the commit.
-    fn publish(&self, c: &mut Committer, layer: &Layer, retired: Vec<u64>, frees: BTreeSet<u64>) {
+    /// Makes a committed batch the state below the live layer: its rows join the memtable (or, when redb took
+    /// them in a fold, the memtable empties), drops its layer, returns the units it freed, forgets the cache
+    /// entries of units written in place or freed, reports the commit.
+    fn publish(
+        &self,
+        c: &mut Committer,
+        layer: &Layer,
+        rows: &[WalOp],
+        folded: bool,
+        retired: Vec<u64>,
+        frees: BTreeSet<u64>,
+    ) {
         {
-            let _gate = self.gate.write();
+            let mut mem = self.gate.write();
+            if folded {
+                mem.clear();
+            } else {
+                mem.apply(rows);
+            }
             for au in &frees {
                 c.alloc.release(*au);
             }
@@ -1661,58 +1659,45 @@ struct Plan {
     rows: Vec<WalOp>,
 }
 
-/// Sets a metadata row and records it for the WAL. Returns the old value's length.
-fn put_row(
-    t: &mut redb::Table<&[u8], &[u8]>,
-    rows: &mut Vec<WalOp>,
-    table: TableId,
-    key: &[u8],
-    value: &[u8],
-) -> Result<Option<usize>, StoreError> {
-    let old = t.insert(key, value).map_err(Inner::db_err)?.map(|o| o.value().len());
-    rows.push(WalOp::Put { table, key: key.to_vec(), value: value.to_vec() });
-    Ok(old)
+fn put_row(rows: &mut Vec<WalOp>, table: TableId, key: &[u8], value: Vec<u8>) {
+    rows.push(WalOp::Put { table, key: key.to_vec(), value });
 }
 
-/// Removes a metadata row and records it for the WAL. Returns the old value's length.
-fn del_row(
-    t: &mut redb::Table<&[u8], &[u8]>,
-    rows: &mut Vec<WalOp>,
-    table: TableId,
-    key: &[u8],
-) -> Result<Option<usize>, StoreError> {
-    let old = t.remove(key).map_err(Inner::db_err)?.map(|o| o.value().len());
+fn del_row(rows: &mut Vec<WalOp>, table: TableId, key: &[u8]) {
     rows.push(WalOp::Del { table, key: key.to_vec() });
-    Ok(old)
 }
+
+type Rows = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 
 impl Inner {
-    /// Applies a batch's layer to the metadata in `tx`, planning the data writes.
+    /// Works a batch's layer out against the committed metadata (`mem` over `rtx`): the rows it changes and
+    /// the data writes it plans. Reads each row at most once, so it needs no view of its own changes.
     fn materialize(
         &self,
         c: &mut Committer,
-        tx: &WriteTransaction,
+        mem: &Memtable,
+        rtx: &ReadTransaction,
         layer: &Layer,
         usage: &[(PgId, PgUsage)],
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
-        let mut onodes = tx.open_table(ONODES).map_err(Self::db_err)?;
-        let mut blobs = tx.open_table(BLOBS).map_err(Self::db_err)?;
-        let mut omap = tx.open_table(OMAP).map_err(Self::db_err)?;
+        let onodes = rtx.open_table(ONODES).map_err(Self::db_err)?;
+        let blobs = rtx.open_table(BLOBS).map_err(Self::db_err)?;
+        let omap = rtx.open_table(OMAP).map_err(Self::db_err)?;
         let dmg = |e: records::RecordError| StoreError::Io(format!("metadata damaged: {e}"));
         // Whole PGs first: their entries in the layer all came after the removal.
         for pg in &layer.cleared {
             let prefix = pg_key(*pg);
+            let end = prefix_end(&prefix);
             let mut doomed = Vec::new();
-            for row in
-                onodes.range(prefix.as_slice()..prefix_end(&prefix).as_slice()).map_err(Self::db_err)?
-            {
-                let (k, v) = row.map_err(Self::db_err)?;
-                doomed.push((k.value().to_vec(), Onode::decode(v.value()).map_err(dmg)?.nid));
-            }
+            let bounds = (Bound::Included(prefix.as_slice()), Bound::Excluded(end.as_slice()));
+            for_rows(mem, &onodes, TableId::Onodes, bounds.0, bounds.1, |k, v| {
+                doomed.push((k.to_vec(), Onode::decode(v).map_err(dmg)?.nid));
+                Ok(true)
+            })?;
             for (k, nid) in doomed {
-                self.delete_object_data(c, &mut blobs, &mut omap, nid, plan)?;
-                del_row(&mut onodes, &mut plan.rows, TableId::Onodes, &k)?;
+                self.delete_object_data(c, mem, &blobs, &omap, nid, plan)?;
+                del_row(&mut plan.rows, TableId::Onodes, &k);
             }
         }
         for (key, e) in &layer.objects {
@@ -1720,15 +1705,12 @@ impl Inner {
             let base = if layer.cleared.contains(&pg) {
                 None
             } else {
-                match onodes.get(key.as_slice()).map_err(Self::db_err)? {
-                    Some(v) => Some(Onode::decode(v.value()).map_err(dmg)?),
-                    None => None,
-                }
+                get_row(mem, &onodes, TableId::Onodes, key, Onode::decode)?.transpose().map_err(dmg)?
             };
             if !e.exists {
                 if let Some(b) = base {
-                    self.delete_object_data(c, &mut blobs, &mut omap, b.nid, plan)?;
-                    del_row(&mut onodes, &mut plan.rows, TableId::Onodes, key)?;
+                    self.delete_object_data(c, mem, &blobs, &omap, b.nid, plan)?;
+                    del_row(&mut plan.rows, TableId::Onodes, key);
                 }
                 continue;
             }
@@ -1743,19 +1725,25 @@ impl Inner {
                     (Onode { nid: c.nid_max, ..Onode::default() }, 0)
                 }
             };
-            self.materialize_data(c, &mut blobs, onode.nid, old_size, e, plan)?;
+            self.materialize_data(c, mem, &blobs, onode.nid, old_size, e, plan)?;
             if e.omap_cleared && had_base {
-                self.delete_omap(c, &mut omap, onode.nid, plan)?;
+                self.delete_omap(c, mem, &omap, onode.nid, plan)?;
             }
             for (k, v) in &e.omap {
                 let key = omap_key(onode.nid, k);
-                let old = match v {
+                // A new object, or one whose omap was just cleared, has no pair to replace.
+                let old = if e.omap_cleared || !had_base {
+                    None
+                } else {
+                    get_row(mem, &omap, TableId::Omap, &key, |v| v.len())?
+                };
+                match v {
                     Some(v) => {
                         c.omap_bytes += (k.len() + v.len()) as u64;
-                        put_row(&mut omap, &mut plan.rows, TableId::Omap, &key, v)?
+                        put_row(&mut plan.rows, TableId::Omap, &key, v.clone());
                     }
-                    None => del_row(&mut omap, &mut plan.rows, TableId::Omap, &key)?,
-                };
+                    None => del_row(&mut plan.rows, TableId::Omap, &key),
+                }
                 if let Some(n) = old {
                     c.omap_bytes -= (k.len() + n) as u64;
                 }
@@ -1765,16 +1753,15 @@ impl Inner {
                 onode.size = e.size;
                 onode.version = e.version;
                 onode.attrs = e.attrs.clone();
-                put_row(&mut onodes, &mut plan.rows, TableId::Onodes, key, &onode.encode())?;
+                put_row(&mut plan.rows, TableId::Onodes, key, onode.encode());
             }
         }
-        let mut pgu = tx.open_table(PG_USAGE).map_err(Self::db_err)?;
         for (pg, u) in usage {
             let k = pg_key(*pg);
             if u.objects == 0 {
-                del_row(&mut pgu, &mut plan.rows, TableId::PgUsage, &k)?;
+                del_row(&mut plan.rows, TableId::PgUsage, &k);
             } else {
-                put_row(&mut pgu, &mut plan.rows, TableId::PgUsage, &k, &encode_usage(u.objects, u.bytes))?;
+                put_row(&mut plan.rows, TableId::PgUsage, &k, encode_usage(u.objects, u.bytes));
             }
         }
         Ok(())
@@ -1783,18 +1770,20 @@ impl Inner {
     fn delete_omap(
         &self,
         c: &mut Committer,
-        omap: &mut redb::Table<&[u8], &[u8]>,
+        mem: &Memtable,
+        omap: &Rows,
         nid: u64,
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
         let lo = nid.to_be_bytes();
         let hi = (nid + 1).to_be_bytes();
         let mut removed = 0u64;
-        for row in omap.extract_from_if(lo.as_slice()..hi.as_slice(), |_, _| true).map_err(Self::db_err)? {
-            let (k, v) = row.map_err(Self::db_err)?;
-            removed += (k.value().len() - 8 + v.value().len()) as u64;
-            plan.rows.push(WalOp::Del { table: TableId::Omap, key: k.value().to_vec() });
-        }
+        let bounds = (Bound::Included(lo.as_slice()), Bound::Excluded(hi.as_slice()));
+        for_rows(mem, omap, TableId::Omap, bounds.0, bounds.1, |k, v| {
+            removed += (k.len() - 8 + v.len()) as u64;
+            del_row(&mut plan.rows, TableId::Omap, k);
+            Ok(true)
+        })?;
         c.omap_bytes -= removed;
         Ok(())
     }
@@ -1803,23 +1792,24 @@ impl Inner {
     fn delete_object_data(
         &self,
         c: &mut Committer,
-        blobs: &mut redb::Table<&[u8], &[u8]>,
-        omap: &mut redb::Table<&[u8], &[u8]>,
+        mem: &Memtable,
+        blobs: &Rows,
+        omap: &Rows,
         nid: u64,
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
         let lo = blob_key(nid, 0);
         let hi = blob_key(nid, u64::MAX);
-        for row in blobs.extract_from_if(lo.as_slice()..=hi.as_slice(), |_, _| true).map_err(Self::db_err)? {
-            let (k, v) = row.map_err(Self::db_err)?;
-            let blob =
-                Blob::decode(v.value()).map_err(|e| StoreError::Io(format!("metadata damaged: {e}")))?;
+        let bounds = (Bound::Included(lo.as_slice()), Bound::Included(hi.as_slice()));
+        for_rows(mem, blobs, TableId::Blobs, bounds.0, bounds.1, |k, v| {
+            let blob = Blob::decode(v).map_err(|e| StoreError::Io(format!("metadata damaged: {e}")))?;
             for (pau, _) in blob.slots.iter().flatten() {
                 self.free_unit(plan, *pau);
             }
-            plan.rows.push(WalOp::Del { table: TableId::Blobs, key: k.value().to_vec() });
-        }
-        self.delete_omap(c, omap, nid, plan)
+            del_row(&mut plan.rows, TableId::Blobs, k);
+            Ok(true)
+        })?;
+        self.delete_omap(c, mem, omap, nid, plan)
     }
 
     fn free_unit(&self, plan: &mut Plan, pau: u64) {
@@ -1833,7 +1823,8 @@ impl Inner {
     fn materialize_data(
         &self,
         c: &mut Committer,
-        blobs: &mut redb::Table<&[u8], &[u8]>,
+        mem: &Memtable,
+        blobs: &Rows,
         nid: u64,
         old_size: u64,
         e: &ObjLayer,
@@ -1874,10 +1865,10 @@ impl Inner {
         for (from, to) in ranges {
             let lo = blob_key(nid, from / BLOB_BYTES);
             let hi = blob_key(nid, (to - 1) / BLOB_BYTES);
-            for row in blobs.range(lo.as_slice()..=hi.as_slice()).map_err(Self::db_err)? {
-                let (k, v) = row.map_err(Self::db_err)?;
-                let (_, index) = records::decode_blob_key(k.value()).map_err(dmg)?;
-                let blob = Blob::decode(v.value()).map_err(dmg)?;
+            let bounds = (Bound::Included(lo.as_slice()), Bound::Included(hi.as_slice()));
+            for_rows(mem, blobs, TableId::Blobs, bounds.0, bounds.1, |k, v| {
+                let (_, index) = records::decode_blob_key(k).map_err(dmg)?;
+                let blob = Blob::decode(v).map_err(dmg)?;
                 for (slot, s) in blob.slots.iter().enumerate() {
                     let u = index * (BLOB_BYTES / au) + slot as u64;
                     if s.is_some() && u * au + au > from && u * au < to {
@@ -1885,15 +1876,16 @@ impl Inner {
                     }
                 }
                 loaded.insert(index, blob);
-            }
+                Ok(true)
+            })?;
         }
         let per_blob = BLOB_BYTES / au;
         for u in units {
             let index = u / per_blob;
             let slot = (u % per_blob) as usize;
             if let std::collections::btree_map::Entry::Vacant(v) = loaded.entry(index) {
-                let blob = match blobs.get(blob_key(nid, index).as_slice()).map_err(Self::db_err)? {
-                    Some(b) => Blob::decode(b.value()).map_err(dmg)?,
+                let blob = match get_row(mem, blobs, TableId::Blobs, &blob_key(nid, index), Blob::decode)? {
+                    Some(b) => b.map_err(dmg)?,
                     None => Blob::empty(self.au_shift),
                 };
                 v.insert(blob);
@@ -1973,9 +1965,9 @@ impl Inner {
         for (index, blob) in loaded {
             let k = blob_key(nid, index);
             if blob.is_empty() {
-                del_row(blobs, &mut plan.rows, TableId::Blobs, &k)?;
+                del_row(&mut plan.rows, TableId::Blobs, &k);
             } else {
-                put_row(blobs, &mut plan.rows, TableId::Blobs, &k, &blob.encode())?;
+                put_row(&mut plan.rows, TableId::Blobs, &k, blob.encode());
             }
         }
         Ok(())
@@ -2020,9 +2012,9 @@ impl ObjectStore for BlueStore {
     }
 
     fn stat(&self, pg: PgId, name: &str) -> Result<ObjectStat, StoreError> {
-        let _gate = self.inner.gate.read();
+        let mem = self.inner.gate.read();
         let rtx = self.inner.begin_read()?;
-        let v = self.inner.view(&rtx, pg, name)?;
+        let v = self.inner.view(&mem, &rtx, pg, name)?;
         assert!(v.exists);
         Ok(ObjectStat { size: v.size, version: v.version.unwrap_or(Eversion::ZERO) })
     }
@@ -2032,9 +2024,9 @@ impl ObjectStore for BlueStore {
     }
 
     fn getattr(&self, pg: PgId, name: &str, attr: &str) -> Result<Bytes, StoreError> {
-        let _gate = self.inner.gate.read();
+        let mem = self.inner.gate.read();
         let rtx = self.inner.begin_read()?;
-        let v = self.inner.view(&rtx, pg, name)?;
+        let v = self.inner.view(&mem, &rtx, pg, name)?;
         Inner::attrs_of(&v)
             .get(attr)
             .cloned()
@@ -2042,9 +2034,9 @@ impl ObjectStore for BlueStore {
     }
 
     fn getattrs(&self, pg: PgId, name: &str) -> Result<Vec<(String, Bytes)>, StoreError> {
-        let _gate = self.inner.gate.read();
+        let mem = self.inner.gate.read();
         let rtx = self.inner.begin_read()?;
-        let v = self.inner.view(&rtx, pg, name)?;
+        let v = self.inner.view(&mem, &rtx, pg, name)?;
         Ok(Inner::attrs_of(&v).iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
@@ -2100,9 +2092,9 @@ impl ObjectStore for BlueStore {
 impl Inner {
     /// The pair with key `key`, if set.
     fn omap_one(&self, pg: PgId, name: &str, key: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-        let _gate = self.gate.read();
+        let mem = self.gate.read();
         let rtx = self.begin_read()?;
-        let view = self.view(&rtx, pg, name)?;
+        let view = self.view(&mem, &rtx, pg, name)?;
         for l in view.layers.iter().rev() {
             if let Some(v) = l.omap.get(key) {
                 return Ok(v.clone().map(|v| (key.to_string(), v)));
@@ -2113,7 +2105,6 @@ impl Inner {
         }
         let Some(b) = &view.base else { return Ok(None) };
         let t = rtx.open_table(OMAP).map_err(Self::db_err)?;
-        let v = t.get(omap_key(b.nid, key).as_slice()).map_err(Self::db_err)?;
-        Ok(v.map(|v| (key.to_string(), v.value().to_vec())))
+        get_row(&mem, &t, TableId::Omap, &omap_key(b.nid, key), |v| (key.to_string(), v.to_vec()))
     }
 }

@@ -321,6 +321,8 @@ fn crash_run(
         bluestore_min_alloc_size: [4096, 4096, 16384, 65536][((seed / 3) % 4) as usize],
         // Checkpoints every few batches, or none before the shutdown.
         bluestore_wal_max_bytes: [16 << 10, 128 << 10, 32 << 20][((seed / 5) % 3) as usize],
+        // The memtable folded into redb after every batch, now and then, or only at checkpoints.
+        bluestore_memtable_max_bytes: [0, 4 << 10, 32 << 20][((seed / 7) % 3) as usize],
         ..opts(16 << 20)
     };
     let store = mkfs_open(&disk, &o);
@@ -457,6 +459,8 @@ fn random_transactions_match_memstore() {
             bluestore_max_deferred_txc: 1 + seed % 4,
             bluestore_min_alloc_size: [4096, 16384, 65536][(seed % 3) as usize],
             bluestore_wal_max_bytes: [8 << 10, 32 << 20][(seed % 2) as usize],
+            // Reads over a memtable folded every batch, now and then, or only at checkpoints.
+            bluestore_memtable_max_bytes: [0, 16 << 10, 32 << 20][((seed / 2) % 3) as usize],
             ..opts(32 << 20)
         };
         let mut store = mkfs_open(&disk, &o);
