@@ -43,16 +43,17 @@ impl Memtable {
     }
 
     /// Takes a batch's row changes (its other ops, deferred writes and frees, are not rows).
-    pub fn apply(&mut self, ops: &[WalOp]) {
+    pub fn apply(&mut self, ops: Vec<WalOp>) {
         for op in ops {
             let (table, key, value) = match op {
-                WalOp::Put { table, key, value } => (*table, key, Some(value.clone())),
-                WalOp::Del { table, key } => (*table, key, None),
+                WalOp::Put { table, key, value } => (table, key, Some(value)),
+                WalOp::Del { table, key } => (table, key, None),
                 WalOp::Write(_) | WalOp::Free(_) => continue,
             };
-            self.bytes += cost(key, &value);
-            if let Some(old) = self.tables[table as usize].insert(key.clone(), value) {
-                self.bytes -= cost(key, &old);
+            let key_len = key.len() as u64;
+            self.bytes += cost(&key, &value);
+            if let Some(old) = self.tables[table as usize].insert(key, value) {
+                self.bytes -= key_len + old.map_or(0, |v| v.len() as u64) + ROW_OVERHEAD_BYTES;
             }
         }
     }
@@ -212,11 +213,11 @@ mod tests {
         let mut m = Memtable::default();
         let put =
             |k: &[u8], v: &[u8]| WalOp::Put { table: TableId::Blobs, key: k.to_vec(), value: v.to_vec() };
-        m.apply(&[put(b"a", b"1"), put(b"b", b"22"), put(b"a", b"333")]);
+        m.apply(vec![put(b"a", b"1"), put(b"b", b"22"), put(b"a", b"333")]);
         assert_eq!(m.get(TableId::Blobs, b"a"), Some(Some(&b"333"[..])));
         assert_eq!(m.get(TableId::Onodes, b"a"), None, "tables are apart");
         assert_eq!(m.bytes(), (1 + 3 + ROW_OVERHEAD_BYTES) + (1 + 2 + ROW_OVERHEAD_BYTES));
-        m.apply(&[WalOp::Del { table: TableId::Blobs, key: b"b".to_vec() }]);
+        m.apply(vec![WalOp::Del { table: TableId::Blobs, key: b"b".to_vec() }]);
         assert_eq!(m.get(TableId::Blobs, b"b"), Some(None));
         assert_eq!(m.bytes(), (1 + 3 + ROW_OVERHEAD_BYTES) + (1 + ROW_OVERHEAD_BYTES));
         let all: Vec<_> = m.range(TableId::Blobs, Bound::Unbounded, Bound::Unbounded).collect();

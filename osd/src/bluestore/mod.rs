@@ -1428,7 +1428,7 @@ impl Inner {
         }
         // 6. Publish.
         self.omap_bytes.store(c.omap_bytes, Ordering::Relaxed);
-        self.publish(c, &layer, &plan.rows, fold, retired, plan.frees);
+        self.publish(c, &layer, plan.rows, fold, retired, plan.frees);
         Ok(())
     }
 
@@ -1510,7 +1510,7 @@ impl Inner {
         &self,
         c: &mut Committer,
         layer: &Layer,
-        rows: &[WalOp],
+        rows: Vec<WalOp>,
         folded: bool,
         retired: Vec<u64>,
         frees: BTreeSet<u64>,
