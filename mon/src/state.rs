@@ -678,7 +678,9 @@ impl MonState {
         let threshold = self.opts.pg_stuck_threshold_ms;
         pgs.inactive_pgs
             .iter()
-            .filter(|pg| self.inactive_since_ms.get(pg).is_some_and(|&t| now_ms.saturating_sub(t) >= threshold))
+            .filter(|pg| {
+                self.inactive_since_ms.get(pg).is_some_and(|&t| now_ms.saturating_sub(t) >= threshold)
+            })
             .count() as u64
     }
 
@@ -2090,7 +2092,10 @@ mod tests {
         let (_, effects) = c.boot(0, 1);
         assert_eq!(
             logs(&effects),
-            ["osd.0 restarted at new addresses; marked down", "osd.0 boot (restarted before it was marked down)"]
+            [
+                "osd.0 restarted at new addresses; marked down",
+                "osd.0 boot (restarted before it was marked down)"
+            ]
         );
         assert!(c.up(0) && c.up(1) && c.up(2));
     }

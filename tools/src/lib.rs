@@ -442,7 +442,8 @@ pub fn process_is(rec: PidRecord, owner: &PidOwner) -> std::result::Result<(), S
         }
     }
     let argv = process_cmdline(pid).ok_or_else(|| format!("process {pid} is gone"))?;
-    let program = argv.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().to_string());
+    let program =
+        argv.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().to_string());
     if program.as_deref() != Some(owner.program.as_str()) {
         return Err(format!("process {pid} is {}, not {}", program.unwrap_or_default(), owner.program));
     }
@@ -506,7 +507,9 @@ impl PidFile {
             PidStatus::Running(pid) => {
                 bail!("{} names running process {pid}: is this daemon already running?", path.display())
             }
-            PidStatus::Stale { why, .. } => tracing::warn!("replacing stale pidfile {}: {why}", path.display()),
+            PidStatus::Stale { why, .. } => {
+                tracing::warn!("replacing stale pidfile {}: {why}", path.display())
+            }
             PidStatus::Absent => {}
         }
         rados::fsutil::write_durably(path, PidRecord::current().encode().as_bytes())

@@ -486,7 +486,8 @@ fn plain_ping_times(v: &Value) -> String {
 
 fn plain_log(v: &Value) -> String {
     let mut s = String::new();
-    for e in v["entries"].as_array().into_iter().flatten() {
+    // The monitor answers with the entries as a list (Ceph's `log last --format json`).
+    for e in v.as_array().or_else(|| v["entries"].as_array()).into_iter().flatten() {
         s.push_str(&format!(
             "{} {} {} {}\n",
             e["stamp"].as_str().unwrap_or(""),
@@ -644,7 +645,8 @@ struct Local {
 
 impl Local {
     fn new(dir: &Path) -> Result<Local> {
-        let dir = std::fs::canonicalize(dir).with_context(|| format!("no cluster directory at {}", dir.display()))?;
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("no cluster directory at {}", dir.display()))?;
         Ok(Local { dir })
     }
 
@@ -678,7 +680,10 @@ impl Local {
     }
 
     fn osds(&self) -> Vec<u32> {
-        self.members().into_iter().filter_map(|d| if let Daemon::Osd(n) = d { Some(n) } else { None }).collect()
+        self.members()
+            .into_iter()
+            .filter_map(|d| if let Daemon::Osd(n) = d { Some(n) } else { None })
+            .collect()
     }
 
     /// The pid of the daemon if it runs. A pidfile that names no live process, or a process that is not this
@@ -735,7 +740,8 @@ impl Local {
             let why = if why.is_empty() { format!("exit status {status}") } else { why.to_string() };
             bail!("{d} did not start: {why}\n(log: {})", self.log(d).display());
         }
-        self.running(d).ok_or_else(|| anyhow!("{d} started but wrote no pidfile; see {}", self.log(d).display()))
+        self.running(d)
+            .ok_or_else(|| anyhow!("{d} started but wrote no pidfile; see {}", self.log(d).display()))
     }
 
     /// Stops the daemon if it runs (SIGTERM, then SIGKILL after `STOP_TIMEOUT`); its pid if it ran.
@@ -762,7 +768,11 @@ impl Local {
 
     fn check_member(&self, d: &Daemon) -> Result<()> {
         if !self.conf().exists() {
-            bail!("{} holds no cluster (no {CONF_FILE}); `cuttle up --dir {}` creates one", self.dir.display(), self.dir.display());
+            bail!(
+                "{} holds no cluster (no {CONF_FILE}); `cuttle up --dir {}` creates one",
+                self.dir.display(),
+                self.dir.display()
+            );
         }
         if !self.data(d).is_dir() {
             let have: Vec<String> = self.members().iter().map(Daemon::to_string).collect();
@@ -807,7 +817,9 @@ fn daemon_target(cmd: &DaemonCmd, conf: Option<&Path>) -> Result<(Local, Daemon)
     let d = Daemon::parse(&cmd.daemon)?;
     let dir = match (&cmd.dir, conf) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(conf)) => conf.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(),
+        (None, Some(conf)) => {
+            conf.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+        }
         (None, None) => PathBuf::from(DEFAULT_DIR),
     };
     Ok((Local::new(&dir)?, d))
@@ -907,9 +919,11 @@ fn up(dir: &Path, osds: Option<u32>, set: &[String], timeout: Duration) -> Resul
         println!("started {mon} (pid {pid})");
         began.push(mon.clone());
         // The monitor detached once it served, after publishing the address it bound.
-        let text = std::fs::read_to_string(&addr_file)
-            .with_context(|| format!("the monitor published no address; see {}", local.log(&mon).display()))?;
-        let mon_addr: SocketAddr = text.trim().parse().with_context(|| format!("bad address in {}", addr_file.display()))?;
+        let text = std::fs::read_to_string(&addr_file).with_context(|| {
+            format!("the monitor published no address; see {}", local.log(&mon).display())
+        })?;
+        let mon_addr: SocketAddr =
+            text.trim().parse().with_context(|| format!("bad address in {}", addr_file.display()))?;
         if cfg.mon_host.is_none_or(|a| a.port() == 0) {
             Config::write_options(&conf, &[("mon_host".to_string(), mon_addr.to_string())])?;
             cfg = Config::load(&conf)?;
@@ -949,7 +963,9 @@ fn up(dir: &Path, osds: Option<u32>, set: &[String], timeout: Duration) -> Resul
         let h = client.command(MonCommand::Health)?;
         let st = client.command(MonCommand::Status)?;
         let m = &st["osdmap"];
-        if h["status"] == "HEALTH_OK" && m["num_up_osds"].as_u64() >= Some(n) && m["num_in_osds"].as_u64() >= Some(n)
+        if h["status"] == "HEALTH_OK"
+            && m["num_up_osds"].as_u64() >= Some(n)
+            && m["num_in_osds"].as_u64() >= Some(n)
         {
             break;
         }

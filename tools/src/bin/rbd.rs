@@ -338,7 +338,8 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
         Cmd::Rm { spec } => {
             let (pool, image) = parse_spec(spec)?;
             let fsid = client.cfg.fsid.trim();
-            if let Some(m) = mappings()?.into_iter().find(|m| m.fsid == fsid && m.pool == pool && m.image == image)
+            if let Some(m) =
+                mappings()?.into_iter().find(|m| m.fsid == fsid && m.pool == pool && m.image == image)
             {
                 bail!("{pool}/{image} is mapped (pid {}, {}): unmap it first", m.pid, m.uri);
             }
@@ -820,7 +821,8 @@ impl Mapping {
 
     /// The server is alive and is the one this record was written for (not a process that took its pid).
     fn server_alive(&self) -> bool {
-        tools::process_is(tools::PidRecord { pid: self.pid, start_time: self.start_time }, &server_owner()).is_ok()
+        tools::process_is(tools::PidRecord { pid: self.pid, start_time: self.start_time }, &server_owner())
+            .is_ok()
     }
 }
 
@@ -1168,7 +1170,11 @@ fn unmap(cli: &Cli, target: &str) -> Result<()> {
     let (ours, theirs): (Vec<Mapping>, Vec<Mapping>) = matching.into_iter().partition(|m| m.fsid == fsid);
     let Some(m) = ours.into_iter().next() else {
         if let Some(o) = theirs.first() {
-            let whose = if o.fsid.is_empty() { "no known cluster".to_string() } else { format!("cluster {}", o.fsid) };
+            let whose = if o.fsid.is_empty() {
+                "no known cluster".to_string()
+            } else {
+                format!("cluster {}", o.fsid)
+            };
             bail!(
                 "{target} is not mapped from this cluster ({fsid}); the mapping (pid {}) belongs to {whose}: \
                  unmap it with that cluster's --conf",
@@ -1186,7 +1192,10 @@ fn unmap(cli: &Cli, target: &str) -> Result<()> {
     // its pid.
     let kill = |sig: &str| -> Result<()> {
         if m.server_alive() {
-            std::process::Command::new("kill").args([sig, &m.pid.to_string()]).status().context("running kill")?;
+            std::process::Command::new("kill")
+                .args([sig, &m.pid.to_string()])
+                .status()
+                .context("running kill")?;
         }
         Ok(())
     };
