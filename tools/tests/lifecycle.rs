@@ -134,6 +134,18 @@ fn a_dead_osd_is_brought_back_and_daemons_start_and_stop_one_by_one() {
         assert!(!o.status.success(), "{args:?} should fail");
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
+    // A daemon that cannot start says why through the process that detached it.
+    let o = run(Command::new(osd_bin())
+        .arg("--conf")
+        .arg(c.dir.join("none.toml"))
+        .arg("--data")
+        .arg(c.dir.join("x")));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with("cuttle-osd: cannot read") && stderr(&o).contains("none.toml"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(Command::new(cuttle_bin()).args(["stop", "osd.0", "--dir"]).arg(c.dir.join("nowhere")));
     assert!(!o.status.success() && stderr(&o).contains("no cluster directory"), "{}", stderr(&o));
     assert_eq!(c.json(&["health"])["status"], "HEALTH_OK");
