@@ -557,13 +557,19 @@ fn rbd_run(c: &Cluster, run_dir: &Path, args: &[&str]) -> Output {
     run(Command::new(rbd_bin()).arg("--conf").arg(c.conf()).env("CUTTLE_RBD_RUN_DIR", run_dir).args(args))
 }
 
-/// Unmaps whatever a test left mapped in its clusters, also when it fails.
+/// Unmaps whatever a test left mapped in its clusters, also when it fails, then removes the run directory
+/// (kept, like the clusters', when the test failed).
 struct Unmapper<'a>(Vec<(&'a Cluster, &'a Path)>);
 
 impl Drop for Unmapper<'_> {
     fn drop(&mut self) {
         for (c, dir) in &self.0 {
             let _ = rbd_run(c, dir, &["unmap", "rbd/disk"]);
+        }
+        if !std::thread::panicking() {
+            for (_, dir) in &self.0 {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }
