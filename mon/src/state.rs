@@ -95,6 +95,8 @@ pub struct MonOptions {
     pub heartbeat_grace_ms: u64,
     /// 0 disables marking down OSDs out (as in Ceph).
     pub down_out_interval_ms: u64,
+    /// PGs inactive this long make PG_AVAILABILITY an error (`mon_pg_stuck_threshold`).
+    pub pg_stuck_threshold_ms: u64,
     pub pool_default_size: u8,
     pub pool_default_pg_num: u32,
     /// `mon_osd_nearfull_ratio`, `mon_osd_backfillfull_ratio`, `mon_osd_full_ratio`, in that order.
@@ -141,6 +143,7 @@ impl MonOptions {
             reporter_subtree_level,
             heartbeat_grace_ms: secs_to_ms(cfg.osd_heartbeat_grace),
             down_out_interval_ms: secs_to_ms(cfg.mon_osd_down_out_interval),
+            pg_stuck_threshold_ms: secs_to_ms(cfg.mon_pg_stuck_threshold),
             pool_default_size: cfg.osd_pool_default_size,
             pool_default_pg_num: cfg.osd_pool_default_pg_num,
             cfg: cfg.clone(),
@@ -149,6 +152,46 @@ impl MonOptions {
 
     fn default_min_size(&self, size: u8) -> u8 {
         self.cfg.default_min_size(size)
+    }
+}
+
+/// What the cluster log says when an OSD boots: a new OSD, one that restarted (a new instance: new
+/// addresses) and how long it was down and why, or the same instance coming back after it was marked down
+/// while alive ("wrongly marked down", Ceph's words, only for that).
+fn boot_message(
+    osd: OsdId,
+    is_new: bool,
+    same_instance: bool,
+    reason: Option<DownReason>,
+    down_since_ms: Option<u64>,
+    now_ms: u64,
+) -> String {
+    let down_for = down_since_ms.map(|t| format!("{:.1} s", now_ms.saturating_sub(t) as f64 / 1000.0));
+    if is_new {
+        return format!("{osd} boot");
+    }
+    if same_instance {
+        return match reason {
+            Some(DownReason::Reports) => format!("{osd} boot (was wrongly marked down)"),
+            Some(DownReason::Command) => format!("{osd} boot (was marked down by command while running)"),
+            Some(DownReason::ReportTimeout) => {
+                format!("{osd} boot (was marked down for silence while running)")
+            }
+            _ => format!("{osd} boot"),
+        };
+    }
+    let why = match reason {
+        Some(DownReason::Reports) => " after it failed",
+        Some(DownReason::MarkedItselfDown) => " after it stopped",
+        Some(DownReason::Command) => " after it was marked down by command",
+        Some(DownReason::ReportTimeout) => " after its reports stopped",
+        // Booted at new addresses while still marked up: marked down in the epoch before this boot.
+        Some(DownReason::Restarted) => return format!("{osd} boot (restarted before it was marked down)"),
+        None => "",
+    };
+    match down_for {
+        Some(d) => format!("{osd} boot (restarted; was down {d}{why})"),
+        None => format!("{osd} boot (restarted)"),
     }
 }
 
@@ -284,6 +327,8 @@ pub struct PgSummary {
     pub unknown_recent: u64,
     /// Not reported although OSDs have been up and the pool has existed for a heartbeat grace.
     pub unknown_stale: u64,
+    /// The PGs counted in `inactive`, `unknown_recent` and `unknown_stale`: not serving I/O.
+    pub inactive_pgs: Vec<PgId>,
     pub num_objects: u64,
     pub data_bytes: u64,
 }
@@ -306,6 +351,9 @@ pub struct MonState {
     next_log_seq: u64,
     /// The failing checks at the last tick, to log changes.
     last_health: BTreeMap<&'static str, HealthStatus>,
+    /// PG -> since when (as of the ticks) it has been inactive or unknown: a PG inactive for
+    /// `pg_stuck_threshold_ms` is stuck, and makes health an error. Bounded by the PGs of the map.
+    inactive_since_ms: BTreeMap<PgId, u64>,
 }
 
 impl MonState {
@@ -325,6 +373,7 @@ impl MonState {
             log: VecDeque::new(),
             next_log_seq: 1,
             last_health: BTreeMap::new(),
+            inactive_since_ms: BTreeMap::new(),
         };
         let mut effects = Vec::new();
         let inc = state.map.incremental();
@@ -388,6 +437,7 @@ impl MonState {
             log,
             next_log_seq,
             last_health: BTreeMap::new(),
+            inactive_since_ms: BTreeMap::new(),
         })
     }
 
@@ -528,6 +578,7 @@ impl MonState {
         for (level, msg) in logs {
             self.log(now_ms, level, msg, &mut effects);
         }
+        self.track_inactive_pgs(now_ms);
         self.log_health_changes(now_ms, &mut effects);
         effects
     }
@@ -562,7 +613,16 @@ impl MonState {
             if pgs.unknown_recent > 0 {
                 parts.push(format!("{} pgs unknown", pgs.unknown_recent));
             }
-            let severity = if inactive > 0 { HealthStatus::Err } else { HealthStatus::Warn };
+            // As Ceph: PGs briefly not active (peering after an OSD restarts, waiting for a new primary's
+            // report) are a warning; PGs that stay so past the stuck threshold are an error.
+            let stuck = self.stuck_inactive(&pgs, now_ms);
+            if stuck > 0 {
+                parts.push(format!(
+                    "{stuck} pgs stuck inactive for more than {} s",
+                    self.opts.pg_stuck_threshold_ms / 1000
+                ));
+            }
+            let severity = if stuck > 0 { HealthStatus::Err } else { HealthStatus::Warn };
             checks.insert(
                 "PG_AVAILABILITY",
                 HealthCheck {
@@ -610,6 +670,29 @@ impl MonState {
         }
         let status = checks.values().map(|c| c.severity).max().unwrap_or(HealthStatus::Ok);
         Health { status, checks }
+    }
+
+    /// How many of the summary's inactive PGs have been inactive, as the ticks saw them, for the stuck
+    /// threshold.
+    fn stuck_inactive(&self, pgs: &PgSummary, now_ms: u64) -> u64 {
+        let threshold = self.opts.pg_stuck_threshold_ms;
+        pgs.inactive_pgs
+            .iter()
+            .filter(|pg| {
+                self.inactive_since_ms.get(pg).is_some_and(|&t| now_ms.saturating_sub(t) >= threshold)
+            })
+            .count() as u64
+    }
+
+    /// Notes since when each PG has been inactive (at each tick).
+    fn track_inactive_pgs(&mut self, now_ms: u64) {
+        let pgs = self.pg_summary(now_ms);
+        let now: BTreeSet<PgId> = pgs.inactive_pgs.into_iter().collect();
+        self.inactive_since_ms.retain(|pg, _| now.contains(pg));
+        for pg in now {
+            self.inactive_since_ms.entry(pg).or_insert(now_ms);
+        }
+        assert!(self.inactive_since_ms.len() as u64 <= pgs.num_pgs, "only PGs of the map are tracked");
     }
 
     /// The used share of each up OSD's store, from its last report (stores without a size are left out).
@@ -765,6 +848,7 @@ impl MonState {
             let has_objects = st.objects > 0;
             let state = if st.acting_up < pool.min_size {
                 s.inactive += 1;
+                s.inactive_pgs.push(*pgid);
                 s.undersized += 1;
                 s.degraded += has_objects as u64;
                 if has_objects {
@@ -794,6 +878,9 @@ impl MonState {
                 continue;
             }
             *s.by_state.entry("unknown".to_string()).or_default() += unknown;
+            s.inactive_pgs.extend(
+                (0..pool.pg_num).map(|seed| PgId { pool: *id, seed }).filter(|pg| !known.contains_key(pg)),
+            );
             let created = self.pool_created_ms.get(id).copied().unwrap_or(0);
             if up_long_enough && now_ms.saturating_sub(created) >= grace {
                 s.unknown_stale += unknown;
@@ -886,17 +973,16 @@ impl MonState {
         inc.osd_changes.insert(osd, change);
         self.commit(inc, now_ms, effects).map_err(invalid)?;
         self.failures.remove(&osd);
+        let same_instance = info.addrs == Some(addrs);
         let rt = self.runtime(osd);
-        rt.down_since_ms = None;
+        let down_since_ms = rt.down_since_ms.take();
+        let down_reason = rt.down_reason.take();
         rt.auto_out = false;
         // Watched for the report timeout only from its first report on: an OSD build that sends no reports
         // is not marked down for it.
         rt.last_heard_ms = None;
         rt.report = None;
-        let msg = match rt.down_reason.take() {
-            Some(DownReason::Reports) => format!("{osd} boot (was wrongly marked down)"),
-            _ => format!("{osd} boot"),
-        };
+        let msg = boot_message(osd, is_new, same_instance, down_reason, down_since_ms, now_ms);
         self.log(now_ms, LogLevel::Info, msg, effects);
         Ok(MonReply::Ok)
     }
@@ -1271,10 +1357,14 @@ impl MonState {
             h.checks.iter().map(|(k, c)| (*k, c.severity)).collect();
         let mut logs = Vec::new();
         for (code, check) in &h.checks {
-            if !self.last_health.contains_key(code) {
-                let level =
-                    if check.severity == HealthStatus::Err { LogLevel::Error } else { LogLevel::Warn };
-                logs.push((level, format!("Health check failed: {} ({code})", check.message)));
+            let level = if check.severity == HealthStatus::Err { LogLevel::Error } else { LogLevel::Warn };
+            match self.last_health.get(code) {
+                None => logs.push((level, format!("Health check failed: {} ({code})", check.message))),
+                // A check that changed severity (PGs peering past the stuck threshold) is news too.
+                Some(&was) if was != check.severity => {
+                    logs.push((level, format!("Health check update: {} ({code})", check.message)))
+                }
+                Some(_) => {}
             }
         }
         for code in self.last_health.keys() {
@@ -1533,6 +1623,8 @@ mod tests {
 
     const GRACE_MS: u64 = 3_000;
     const OUT_MS: u64 = 600_000;
+    /// `mon_pg_stuck_threshold`'s default.
+    const STUCK_MS: u64 = 60_000;
     const T0: u64 = 1_700_000_000_000;
 
     fn config(level: &str, min_reporters: usize) -> Config {
@@ -1932,7 +2024,11 @@ mod tests {
         c.now += OUT_MS;
         assert!(commits(&c.s.tick(c.now)).is_empty(), "out once");
         let (_, effects) = c.boot(1, 1);
-        assert_eq!(logs(&effects), ["osd.1 boot"], "marked itself down: not wrongly");
+        assert_eq!(
+            logs(&effects),
+            ["osd.1 boot (restarted; was down 1200.0 s after it stopped)"],
+            "marked itself down: not wrongly"
+        );
         assert!(c.up(1) && c.s.map().is_in(OsdId(1)), "auto-out OSDs come back in");
     }
 
@@ -1974,6 +2070,64 @@ mod tests {
         // The old reports are gone: a single new one does not mark it down again.
         assert!(c.fail(0, 2, GRACE_MS).is_empty());
         assert!(c.up(2));
+    }
+
+    #[test]
+    fn a_restarted_osd_is_logged_as_restarted_not_wrongly_marked_down() {
+        // Goal: the cluster log says what happened when an OSD boots: a crashed OSD that was marked down by
+        // its peers and then started again (new addresses) "restarted", with how long it was down and why;
+        // one that stopped cleanly likewise; "wrongly marked down" only for the same instance coming back.
+        // Method: osd.2 fails and restarts; osd.1 stops and restarts; osd.0 restarts before anyone noticed.
+        let mut c = Cluster::new(config("osd", 2), &["h", "h", "h"]);
+        c.fail(0, 2, GRACE_MS);
+        c.fail(1, 2, GRACE_MS);
+        assert!(!c.up(2));
+        c.now += 4_200;
+        let (_, effects) = c.boot(2, 1);
+        assert_eq!(logs(&effects), ["osd.2 boot (restarted; was down 4.2 s after it failed)"]);
+        c.req(Some(OsdId(1)), MonRequest::OsdMarkMeDown { osd: OsdId(1) });
+        c.now += 1_500;
+        let (_, effects) = c.boot(1, 1);
+        assert_eq!(logs(&effects), ["osd.1 boot (restarted; was down 1.5 s after it stopped)"]);
+        let (_, effects) = c.boot(0, 1);
+        assert_eq!(
+            logs(&effects),
+            [
+                "osd.0 restarted at new addresses; marked down",
+                "osd.0 boot (restarted before it was marked down)"
+            ]
+        );
+        assert!(c.up(0) && c.up(1) && c.up(2));
+    }
+
+    #[test]
+    fn pgs_briefly_inactive_after_an_osd_restart_are_a_warning() {
+        // Goal: PGs that wait for a restarted primary's first report are HEALTH_WARN (PG_AVAILABILITY), not
+        // HEALTH_ERR, and health is OK again once reports come; only PGs inactive past
+        // mon_pg_stuck_threshold are an error. Method: a healthy cluster long past every grace; osd.0
+        // restarts (its report is forgotten at boot), ticks every 200 ms for 5 s before it reports.
+        let mut c = Cluster::new(config("osd", 2), &["h", "h", "h"]);
+        c.cmd(pool_create("rbd", None, None, Some(8)));
+        c.report_all(PoolId(1), 3, 1);
+        c.now += 10 * GRACE_MS;
+        c.s.tick(c.now);
+        assert_eq!(c.s.health(c.now).status, HealthStatus::Ok);
+        c.req(Some(OsdId(0)), MonRequest::OsdMarkMeDown { osd: OsdId(0) });
+        c.now += 1_000;
+        c.boot(0, 1);
+        let mut saw_warn = false;
+        for _ in 0..25 {
+            c.now += 200;
+            let effects = c.s.tick(c.now);
+            let h = c.s.health(c.now);
+            assert_ne!(h.status, HealthStatus::Err, "{h:?}");
+            saw_warn |= h.checks.contains_key("PG_AVAILABILITY");
+            assert!(logs(&effects).iter().all(|l| !l.contains("stuck")), "{:?}", logs(&effects));
+        }
+        assert!(saw_warn, "the PGs osd.0 reported are unknown until it reports again");
+        c.report_all(PoolId(1), 3, 1);
+        c.s.tick(c.now);
+        assert_eq!(c.s.health(c.now).status, HealthStatus::Ok);
     }
 
     #[test]
@@ -2101,9 +2255,25 @@ mod tests {
         let h = c.s.health(c.now);
         assert_eq!(h.status, HealthStatus::Warn);
         assert_eq!(h.checks["PG_AVAILABILITY"].message, "Reduced data availability: 32 pgs unknown");
-        let h = c.s.health(c.now + GRACE_MS);
-        assert_eq!(h.status, HealthStatus::Err, "unknown past the grace: inactive");
+        c.now += GRACE_MS;
+        c.s.tick(c.now);
+        let h = c.s.health(c.now);
+        assert_eq!(h.status, HealthStatus::Warn, "unknown past the grace: inactive, not yet stuck");
         assert_eq!(h.checks["PG_AVAILABILITY"].message, "Reduced data availability: 32 pgs inactive");
+        c.now += STUCK_MS;
+        let effects = c.s.tick(c.now);
+        let h = c.s.health(c.now);
+        assert_eq!(h.status, HealthStatus::Err, "inactive past the stuck threshold");
+        assert_eq!(
+            h.checks["PG_AVAILABILITY"].message,
+            "Reduced data availability: 32 pgs inactive, 32 pgs stuck inactive for more than 60 s"
+        );
+        assert_eq!(
+            logs(&effects),
+            ["Health check update: Reduced data availability: 32 pgs inactive, 32 pgs stuck inactive for more \
+              than 60 s (PG_AVAILABILITY)"],
+            "the escalation is logged"
+        );
 
         c.report_all(PoolId(1), 3, 0);
         let h = c.s.health(c.now);
@@ -2136,11 +2306,20 @@ mod tests {
 
         c.cmd(MonCommand::OsdDown(OsdId(1)));
         c.report_all(PoolId(1), 1, 0);
+        c.s.tick(c.now);
         let h = c.s.health(c.now);
-        assert_eq!(h.status, HealthStatus::Err);
+        assert_eq!(h.status, HealthStatus::Warn, "inactive, not yet stuck");
         assert_eq!(h.checks["OSD_DOWN"].message, "2 osds down");
         assert_eq!(h.checks["PG_AVAILABILITY"].message, "Reduced data availability: 8 pgs inactive");
         assert_eq!(h.checks["PG_DEGRADED"].message, "Degraded data redundancy: 8 pgs undersized");
+        c.now += STUCK_MS;
+        c.s.tick(c.now);
+        let h = c.s.health(c.now);
+        assert_eq!(h.status, HealthStatus::Err, "inactive past the stuck threshold");
+        assert_eq!(
+            h.checks["PG_AVAILABILITY"].message,
+            "Reduced data availability: 8 pgs inactive, 8 pgs stuck inactive for more than 60 s"
+        );
 
         // Out OSDs are not "down" for health (Ceph counts down and in).
         c.cmd(MonCommand::OsdOut(OsdId(1)));

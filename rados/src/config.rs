@@ -107,6 +107,8 @@ options! {
     mon_osd_reporter_subtree_level: String = "host".to_string();
     /// An OSD down this long is marked out, seconds.
     mon_osd_down_out_interval: f64 = 600.0;
+    /// PGs inactive or unknown this long are stuck: PG_AVAILABILITY turns from HEALTH_WARN (PGs peering after an OSD restarts) into HEALTH_ERR, seconds.
+    mon_pg_stuck_threshold: f64 = 60.0;
     /// The upmap balancer evens out PGs per OSD in each epoch that changes placement (Ceph: `ceph balancer on`, upmap mode); false leaves straw2 and the upmaps already made.
     mon_balancer_active: bool = true;
     /// Replicas for new pools.

@@ -180,7 +180,7 @@ pub struct DaemonArgs {
     /// The daemon's data directory (created if missing).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
-    /// Stay in the foreground and log to stderr.
+    /// Stay in the foreground and log to stderr (without it the daemon detaches once it serves).
     #[arg(short = 'f', long)]
     pub foreground: bool,
     /// Append the log here (ignored with -f).
@@ -201,13 +201,125 @@ pub struct DaemonStart {
 }
 
 impl DaemonArgs {
-    /// Config discovery, logging, pidfile and the SIGTERM/SIGINT flag, in that order.
-    pub fn start(&self) -> Result<DaemonStart> {
+    /// Config discovery, logging, pidfile and the SIGTERM/SIGINT flag, in that order. `program` is the
+    /// daemon's binary name, which its pidfile is checked against.
+    pub fn start(&self, program: &str) -> Result<DaemonStart> {
         let (cfg, conf_path) = rados::config::Config::discover(self.conf.as_deref())?;
         init_logging(&cfg.log_level, self.foreground, self.log_file.as_deref())?;
-        let pid = self.pid_file.as_deref().map(PidFile::create).transpose()?;
+        let owner = PidOwner::daemon(program, &self.data);
+        let pid = self.pid_file.as_deref().map(|p| PidFile::create(p, &owner)).transpose()?;
         let term = termination_flag()?;
         Ok(DaemonStart { cfg, conf_path, term, pid })
+    }
+
+    /// Without `-f`, runs this program again as a detached child (its own process group, stdin and stdout
+    /// away from the terminal, stderr into the log file) and waits until the child says it serves or fails;
+    /// returns the exit code this, the starting process, ends with. With `-f`, or in the child, returns
+    /// `None`: go on and run the daemon here.
+    pub fn detach(&self, program: &str) -> Option<ExitCode> {
+        if self.foreground || std::env::var_os(DETACHED_ENV).is_some() {
+            return None;
+        }
+        Some(match detach_and_wait(program, self.log_file.as_deref()) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{program}: {e:#}");
+                ExitCode::FAILURE
+            }
+        })
+    }
+}
+
+/// Set in a detached daemon's environment: its stdout is a pipe to the process that started it, which
+/// waits for [`READY_LINE`] or an error line.
+const DETACHED_ENV: &str = "CUTTLE_DAEMON_DETACHED";
+const READY_LINE: &str = "ready";
+const ERROR_PREFIX: &str = "error: ";
+/// How long the starting process waits for a detached daemon to serve. A daemon's own start-up waits are
+/// bounded (the monitor's by `rados_mon_op_timeout`, 30 s by default), so this is a net, not a schedule.
+pub const DAEMON_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn detach_and_wait(program: &str, log_file: Option<&Path>) -> Result<ExitCode> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating this program")?;
+    let stderr = match log_file {
+        Some(p) => std::process::Stdio::from(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening log file {}", p.display()))?,
+        ),
+        None => std::process::Stdio::null(),
+    };
+    let mut child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DETACHED_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        // Its own process group: a Ctrl-C in the shell that started it does not reach the daemon.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {program} in the background"))?;
+    let out = child.stdout.take().context("the daemon's stdout pipe")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let ready = line == READY_LINE;
+            if tx.send(Some(line)).is_err() || ready {
+                return;
+            }
+        }
+        let _ = tx.send(None);
+    });
+    let deadline = std::time::Instant::now() + DAEMON_READY_TIMEOUT;
+    let mut errors = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Some(line)) if line == READY_LINE => return Ok(ExitCode::SUCCESS),
+            Ok(Some(line)) => errors.push(line.strip_prefix(ERROR_PREFIX).unwrap_or(&line).to_string()),
+            Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => bail!(
+                "the daemon (pid {}) did not report that it serves within {} s; it may still be starting{}",
+                child.id(),
+                DAEMON_READY_TIMEOUT.as_secs(),
+                log_file.map(|p| format!(" (log: {})", p.display())).unwrap_or_default()
+            ),
+        }
+    }
+    // The pipe closed without "ready": the daemon exited (its error lines say why).
+    let status = child.wait().context("waiting for the daemon")?;
+    if errors.is_empty() {
+        bail!(
+            "the daemon exited before it served ({status}){}",
+            log_file.map(|p| format!("; see {}", p.display())).unwrap_or_default()
+        );
+    }
+    for e in &errors {
+        eprintln!("{program}: {e}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Tells the process that detached this daemon that it now serves (nothing when in the foreground).
+pub fn notify_ready() {
+    if std::env::var_os(DETACHED_ENV).is_some() {
+        let mut out = std::io::stdout().lock();
+        // The starter may be gone (killed): nothing to tell then.
+        let _ = writeln!(out, "{READY_LINE}");
+        let _ = out.flush();
+    }
+}
+
+fn notify_error(e: &anyhow::Error) {
+    if std::env::var_os(DETACHED_ENV).is_some() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{ERROR_PREFIX}{e:#}");
+        let _ = out.flush();
     }
 }
 
@@ -221,6 +333,7 @@ pub fn daemon_main(name: &str, args: &DaemonArgs, body: impl FnOnce() -> Result<
             if logs_to_file {
                 tracing::error!("{e:#}");
             }
+            notify_error(&e);
             eprintln!("{name}: {e:#}");
             ExitCode::FAILURE
         }
@@ -248,32 +361,184 @@ pub fn init_logging(level: &str, foreground: bool, log_file: Option<&Path>) -> R
     Ok(())
 }
 
-/// A pidfile that is removed when dropped. Refuses to start if the file names a live process.
+/// Which process a pidfile is for: the program's file name, and an argument its command line must hold
+/// (a daemon's data directory, an NBD server's image). A pid alone names no process for long: after a
+/// kill -9 or a reboot the same number may belong to anything, and signalling it would hit a stranger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PidOwner {
+    pub program: String,
+    pub arg: String,
+}
+
+impl PidOwner {
+    /// A daemon (`cuttle-osd`, `cuttle-mon`) with its `--data` directory (compared as an absolute path).
+    pub fn daemon(program: &str, data: &Path) -> PidOwner {
+        let data = std::fs::canonicalize(data).unwrap_or_else(|_| absolute(data));
+        PidOwner { program: program.to_string(), arg: data.display().to_string() }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// What a pidfile says: the pid, and the process's start time (clock ticks after boot, field 22 of
+/// `/proc/PID/stat`) when it was written by this version. The pair names one process: pids are reused,
+/// (pid, start time) pairs are not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PidRecord {
+    pub pid: u32,
+    pub start_time: Option<u64>,
+}
+
+impl PidRecord {
+    /// This process.
+    pub fn current() -> PidRecord {
+        let pid = std::process::id();
+        PidRecord { pid, start_time: process_start_time(pid) }
+    }
+
+    fn encode(&self) -> String {
+        match self.start_time {
+            Some(t) => format!("{} {t}\n", self.pid),
+            None => format!("{}\n", self.pid),
+        }
+    }
+}
+
+/// A pidfile read against the process it is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PidStatus {
+    /// No pidfile.
+    Absent,
+    /// The pidfile names a live process that is the daemon it was written for.
+    Running(u32),
+    /// The pidfile names no live process, or one that is not that daemon: it must not be signalled.
+    Stale { pid: Option<u32>, why: String },
+}
+
+/// Reads the pidfile at `path` and checks the process it names against `owner`: alive, started when the
+/// pidfile says (if it says), running `owner.program` with `owner.arg` on its command line.
+pub fn check_pidfile(path: &Path, owner: &PidOwner) -> PidStatus {
+    let Ok(text) = std::fs::read_to_string(path) else { return PidStatus::Absent };
+    let Some(rec) = parse_pid_record(&text) else {
+        return PidStatus::Stale { pid: None, why: format!("{} does not hold a pid", path.display()) };
+    };
+    match process_is(rec, owner) {
+        Ok(()) => PidStatus::Running(rec.pid),
+        Err(why) => PidStatus::Stale { pid: Some(rec.pid), why },
+    }
+}
+
+/// Whether the process `rec` names is alive and is `owner`; else why not.
+pub fn process_is(rec: PidRecord, owner: &PidOwner) -> std::result::Result<(), String> {
+    let pid = rec.pid;
+    if !process_alive(pid) {
+        return Err(format!("process {pid} is not running"));
+    }
+    if let Some(t) = rec.start_time {
+        if process_start_time(pid) != Some(t) {
+            return Err(format!("process {pid} is a newer process than the one the pidfile was written for"));
+        }
+    }
+    let argv = process_cmdline(pid).ok_or_else(|| format!("process {pid} is gone"))?;
+    let program =
+        argv.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().to_string());
+    if program.as_deref() != Some(owner.program.as_str()) {
+        return Err(format!("process {pid} is {}, not {}", program.unwrap_or_default(), owner.program));
+    }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    let holds = argv.iter().skip(1).any(|a| {
+        if *a == owner.arg {
+            return true;
+        }
+        // A relative path on its command line is relative to its working directory.
+        let p = match &cwd {
+            Some(cwd) if Path::new(a).is_relative() => cwd.join(a),
+            _ => PathBuf::from(a),
+        };
+        std::fs::canonicalize(&p).is_ok_and(|p| p.display().to_string() == owner.arg)
+    });
+    if !holds {
+        return Err(format!("process {pid} is another {} (not for {})", owner.program, owner.arg));
+    }
+    Ok(())
+}
+
+fn parse_pid_record(text: &str) -> Option<PidRecord> {
+    let mut it = text.split_whitespace();
+    let pid: u32 = it.next()?.parse().ok()?;
+    if pid == 0 {
+        return None;
+    }
+    let start_time = match it.next() {
+        Some(t) => Some(t.parse().ok()?),
+        None => None,
+    };
+    Some(PidRecord { pid, start_time })
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks after boot.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields after the last ')'.
+    let rest = s.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+fn process_cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// A pidfile that is removed when dropped. Refuses to start if the file names a live process that is this
+/// daemon; a pidfile left by a dead process, or naming a process that is something else now, is replaced.
 #[derive(Debug)]
 pub struct PidFile(PathBuf);
 
 impl PidFile {
-    pub fn create(path: &Path) -> Result<PidFile> {
-        if let Some(pid) = read_pid(path) {
-            if process_alive(pid) {
-                bail!("{} names running process {pid}: is this daemon already running?", path.display());
+    pub fn create(path: &Path, owner: &PidOwner) -> Result<PidFile> {
+        match check_pidfile(path, owner) {
+            PidStatus::Running(pid) => {
+                bail!("{} names running process {pid}: is this daemon already running?", path.display())
             }
+            PidStatus::Stale { why, .. } => {
+                tracing::warn!("replacing stale pidfile {}: {why}", path.display())
+            }
+            PidStatus::Absent => {}
         }
-        let mut f =
-            std::fs::File::create(path).with_context(|| format!("creating pidfile {}", path.display()))?;
-        writeln!(f, "{}", std::process::id())?;
+        rados::fsutil::write_durably(path, PidRecord::current().encode().as_bytes())
+            .with_context(|| format!("writing pidfile {}", path.display()))?;
         Ok(PidFile(path.to_path_buf()))
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // Only our own: a pidfile another instance wrote since is not ours to remove.
+        let ours = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|t| parse_pid_record(&t))
+            .is_some_and(|r| r.pid == std::process::id());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
+/// The pid a pidfile holds (its first word), whatever process that is now.
 pub fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    parse_pid_record(&std::fs::read_to_string(path).ok()?).map(|r| r.pid)
+}
+
+/// The whole record a pidfile holds.
+pub fn read_pid_record(path: &Path) -> Option<PidRecord> {
+    parse_pid_record(&std::fs::read_to_string(path).ok()?)
 }
 
 /// Whether a process with this pid exists (and is not a zombie).
@@ -368,13 +633,41 @@ mod tests {
 
     #[test]
     fn pidfile_refuses_a_live_owner_and_cleans_up() {
+        // Goal: a pidfile naming its live daemon refuses a second instance; one left by a dead process is
+        // replaced, and the file goes when its owner stops. Method: a `sleep` child plays the daemon.
         let p = std::env::temp_dir().join(format!("cuttle-pid-{}", std::process::id()));
-        let f = PidFile::create(&p).unwrap();
-        assert!(PidFile::create(&p).is_err(), "our own pid is alive");
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let owner = PidOwner { program: "sleep".into(), arg: "30".into() };
+        let rec = PidRecord { pid: child.id(), start_time: process_start_time(child.id()) };
+        std::fs::write(&p, rec.encode()).unwrap();
+        assert_eq!(check_pidfile(&p, &owner), PidStatus::Running(child.id()));
+        let err = PidFile::create(&p, &owner).unwrap_err().to_string();
+        assert!(err.contains("already running"), "{err}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(matches!(check_pidfile(&p, &owner), PidStatus::Stale { .. }));
+        let f = PidFile::create(&p, &owner).unwrap();
+        assert_eq!(read_pid_record(&p), Some(PidRecord::current()));
         drop(f);
         assert!(!p.exists());
-        std::fs::write(&p, "999999999\n").unwrap();
-        let f = PidFile::create(&p).unwrap();
-        drop(f);
+    }
+
+    #[test]
+    fn a_pidfile_naming_another_process_is_stale() {
+        // Goal: a pid reused by another process, or by another program, is never taken for the daemon.
+        // Method: pidfiles naming this process with a wrong start time, and for another program.
+        let p = std::env::temp_dir().join(format!("cuttle-pid-stale-{}", std::process::id()));
+        let me = PidRecord::current();
+        assert!(me.start_time.is_some(), "/proc/self/stat field 22 parses");
+        std::fs::write(&p, format!("{} {}\n", me.pid, me.start_time.unwrap() + 1)).unwrap();
+        let owner = PidOwner { program: "cuttle-osd".into(), arg: "/nowhere/osd.1".into() };
+        assert!(matches!(check_pidfile(&p, &owner), PidStatus::Stale { pid: Some(_), .. }));
+        std::fs::write(&p, me.encode()).unwrap();
+        let PidStatus::Stale { why, .. } = check_pidfile(&p, &owner) else { panic!("not cuttle-osd") };
+        assert!(why.contains("not cuttle-osd"), "{why}");
+        std::fs::write(&p, "garbage\n").unwrap();
+        assert!(matches!(check_pidfile(&p, &owner), PidStatus::Stale { pid: None, .. }));
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(check_pidfile(&p, &owner), PidStatus::Absent);
     }
 }

@@ -290,12 +290,13 @@ fn kill_9_of_every_daemon_under_write_load_loses_nothing_acknowledged() {
     let t0 = Instant::now();
     let load = Load::start(&io, 8);
     c.wait_until("writes flow", Duration::from_secs(10), || load.acks_after(t0) > 200);
-    for d in ["mon.0", "osd.0", "osd.1", "osd.2"] {
+    let daemons = ["mon.0", "osd.0", "osd.1", "osd.2"];
+    let pids: Vec<u32> = daemons.iter().map(|d| c.pid(d)).collect();
+    for d in daemons {
         c.signal(d, "KILL");
     }
     let t_kill = Instant::now();
-    for d in ["mon.0", "osd.0", "osd.1", "osd.2"] {
-        let pid = c.pid(d);
+    for (d, pid) in daemons.into_iter().zip(pids) {
         c.wait_until(&format!("{d} to die"), Duration::from_secs(10), || !tools::process_alive(pid));
     }
     let acked_before = load.acks_after(t0);

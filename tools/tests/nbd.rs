@@ -551,3 +551,111 @@ fn an_attached_socket_is_served_as_the_kernel_speaks() {
     img.close();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs `rbd --conf <c> ARGS` with the given run directory (shared by the clusters of one test).
+fn rbd_run(c: &Cluster, run_dir: &Path, args: &[&str]) -> Output {
+    run(Command::new(rbd_bin()).arg("--conf").arg(c.conf()).env("CUTTLE_RBD_RUN_DIR", run_dir).args(args))
+}
+
+/// Unmaps whatever a test left mapped in its clusters, also when it fails, then removes the run directory
+/// (kept, like the clusters', when the test failed).
+struct Unmapper<'a>(Vec<(&'a Cluster, &'a Path)>);
+
+impl Drop for Unmapper<'_> {
+    fn drop(&mut self) {
+        for (c, dir) in &self.0 {
+            let _ = rbd_run(c, dir, &["unmap", "rbd/disk"]);
+        }
+        if !std::thread::panicking() {
+            for (_, dir) in &self.0 {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+// Goal: NBD mappings belong to their cluster. Two clusters on one machine share the run directory: each can
+// map its own `rbd/disk` (no "already mapped" because the other has an image of that name), `showmapped`
+// lists only the config's cluster (`--all` lists both, with their fsids), `unmap` refuses another cluster's
+// mapping (by name or URI) and leaves it serving, and unmapping removes the mapping's files, its log too.
+// Method: two one-OSD clusters, `rbd map`/`showmapped`/`unmap` with each cluster's --conf; the servers are
+// checked alive or gone, and the run directory's files counted. No NBD client needed.
+#[test]
+fn nbd_mappings_belong_to_their_cluster() {
+    let _g = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let a = Cluster::up("nbd-a", 1, &[]);
+    let b = Cluster::up("nbd-b", 1, &[]);
+    let run_dir = scratch_dir("nbd-run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let _unmap = Unmapper(vec![(&a, &run_dir), (&b, &run_dir)]);
+    let fsid = |c: &Cluster| rados::config::Config::load(&c.conf()).unwrap().fsid;
+    let (fa, fb) = (fsid(&a), fsid(&b));
+    assert_ne!(fa, fb);
+    let ok = |c: &Cluster, args: &[&str]| {
+        let o = rbd_run(c, &run_dir, args);
+        assert!(o.status.success(), "rbd {args:?}: {}{}", stdout(&o), stderr(&o));
+        stdout(&o)
+    };
+    ok(&a, &["create", "--size", "16M", "rbd/disk"]);
+    ok(&b, &["create", "--size", "16M", "rbd/disk"]);
+    let uri_a = ok(&a, &["map", "rbd/disk"]).trim().to_string();
+    let uri_b = ok(&b, &["map", "rbd/disk"]).trim().to_string();
+    assert_ne!(uri_a, uri_b);
+    let o = rbd_run(&b, &run_dir, &["map", "rbd/disk"]);
+    assert!(!o.status.success() && stderr(&o).contains("already mapped"), "{}", stderr(&o));
+
+    let listed = |c: &Cluster, all: bool| -> Vec<serde_json::Value> {
+        let mut args = vec!["showmapped", "--format", "json"];
+        if all {
+            args.push("--all");
+        }
+        serde_json::from_str::<serde_json::Value>(&ok(c, &args)).unwrap().as_array().unwrap().clone()
+    };
+    let (la, lb) = (listed(&a, false), listed(&b, false));
+    assert_eq!((la.len(), lb.len()), (1, 1), "{la:?} {lb:?}");
+    assert_eq!((la[0]["fsid"].as_str(), la[0]["uri"].as_str()), (Some(fa.as_str()), Some(uri_a.as_str())));
+    assert_eq!((lb[0]["fsid"].as_str(), lb[0]["uri"].as_str()), (Some(fb.as_str()), Some(uri_b.as_str())));
+    let pid_a = la[0]["pid"].as_u64().unwrap() as u32;
+    let pid_b = lb[0]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(listed(&b, true).len(), 2);
+    let plain = ok(&a, &["showmapped", "--all"]);
+    assert!(plain.starts_with("CLUSTER") && plain.contains(&fa) && plain.contains(&fb), "{plain}");
+    let plain = ok(&a, &["showmapped"]);
+    assert!(plain.contains(&uri_a) && !plain.contains(&uri_b), "{plain}");
+
+    ok(&b, &["unmap", "rbd/disk"]);
+    let t = Instant::now();
+    while tools::process_alive(pid_b) {
+        assert!(t.elapsed() < Duration::from_secs(30), "B's server did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(tools::process_alive(pid_a), "unmapping B's image stopped A's server");
+    for target in ["rbd/disk", uri_a.as_str()] {
+        let o = rbd_run(&b, &run_dir, &["unmap", target]);
+        assert!(!o.status.success(), "B unmapped A's {target}");
+        assert!(
+            stderr(&o).contains("not mapped from this cluster") && stderr(&o).contains(&fa),
+            "{}",
+            stderr(&o)
+        );
+        assert!(tools::process_alive(pid_a), "B's unmap of {target} stopped A's server");
+    }
+    let files = |f: &str| -> Vec<String> {
+        std::fs::read_dir(&run_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(f))
+            .collect()
+    };
+    assert!(files(&fb).is_empty(), "B's mapping left {:?}", files(&fb));
+    let mut exts: Vec<String> =
+        files(&fa).iter().map(|n| n.rsplit('.').next().unwrap().to_string()).collect();
+    exts.sort();
+    assert_eq!(exts, ["json", "log", "pid", "sock"]);
+    ok(&a, &["unmap", "rbd/disk"]);
+    assert!(!tools::process_alive(pid_a));
+    assert!(files(&fa).is_empty(), "A's mapping left {:?}", files(&fa));
+    let o = rbd_run(&a, &run_dir, &["unmap", "rbd/disk"]);
+    assert!(!o.status.success() && stderr(&o).contains("rbd/disk is not mapped"), "{}", stderr(&o));
+}

@@ -1,6 +1,7 @@
 //! cuttle-mon: the monitor daemon. It keeps the cluster map in `--data DIR` and serves it at the config's
-//! `mon_host` until SIGTERM or SIGINT, then exits 0. It does not daemonize itself: `cuttle up` starts it in
-//! the background. Any start-up problem (no config, no fsid, no mon_host, the port in use, a damaged store)
+//! `mon_host` until SIGTERM or SIGINT, then exits 0. Without `-f` it detaches: the command returns once the
+//! monitor serves (exit 0), and the daemon runs on in its own process group, logging to `--log-file`. Any
+//! start-up problem (no config, no fsid, no mon_host, the port in use, a damaged store)
 //! is one line on stderr and a non-zero exit.
 
 use std::process::ExitCode;
@@ -26,11 +27,14 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = args.daemon.detach("cuttle-mon") {
+        return code;
+    }
     tools::daemon_main("cuttle-mon", &args.daemon, || run(&args))
 }
 
 fn run(args: &Args) -> Result<()> {
-    let tools::DaemonStart { cfg, conf_path, term, pid: _pid } = args.daemon.start()?;
+    let tools::DaemonStart { cfg, conf_path, term, pid: _pid } = args.daemon.start("cuttle-mon")?;
     let mon = Monitor::start(&cfg, &args.daemon.data).with_context(|| {
         format!("starting the monitor (config {}, data {})", conf_path.display(), args.daemon.data.display())
     })?;
@@ -40,6 +44,7 @@ fn run(args: &Args) -> Result<()> {
     rados::fsutil::write_durably(&addr_file, format!("{}\n", mon.addr()).as_bytes())
         .with_context(|| format!("writing {}", addr_file.display()))?;
     tracing::info!(addr = %mon.addr(), epoch = %mon.epoch(), conf = %conf_path.display(), "cuttle-mon running");
+    tools::notify_ready();
     let failed = loop {
         if term.load(Ordering::Acquire) {
             break false;

@@ -1,7 +1,8 @@
 //! cuttle-osd: the object storage daemon. It keeps its identity (uuid, id) in `--data DIR`, registers with the
 //! monitor on first start, boots, and serves objects until SIGTERM or SIGINT; then it tells the monitor, lets
-//! writes in flight finish, and exits 0. It does not daemonize itself: `cuttle up` starts it in the background.
-//! Any start-up problem (no config, no mon_host, a monitor that does not answer within
+//! writes in flight finish, and exits 0. Without `-f` it detaches: the command returns once the OSD has
+//! booted (exit 0), and the daemon runs on in its own process group, logging to `--log-file`. Any start-up
+//! problem (no config, no mon_host, a monitor that does not answer within
 //! `rados_mon_op_timeout`, a damaged data directory) is one line on stderr and a non-zero exit. If its object
 //! store fails (a device error: nothing acknowledged after it could be made durable), it exits non-zero.
 //!
@@ -48,6 +49,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if let Some(code) = args.daemon.detach("cuttle-osd") {
+        return code;
     }
     tools::daemon_main("cuttle-osd", &args.daemon, || run(&args))
 }
@@ -97,12 +101,13 @@ fn hostname() -> String {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let tools::DaemonStart { cfg, conf_path, term, pid: _pid } = args.daemon.start()?;
+    let tools::DaemonStart { cfg, conf_path, term, pid: _pid } = args.daemon.start("cuttle-osd")?;
     let host = args.host.clone().unwrap_or_else(hostname);
     let osd = Osd::start(&cfg, &args.daemon.data, host).with_context(|| {
         format!("starting the OSD (config {}, data {})", conf_path.display(), args.daemon.data.display())
     })?;
     tracing::info!(id = %osd.id(), addrs = ?osd.addrs(), conf = %conf_path.display(), "cuttle-osd running");
+    tools::notify_ready();
     let failed = loop {
         if term.load(Ordering::Acquire) {
             break None;

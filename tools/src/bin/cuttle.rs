@@ -30,12 +30,15 @@ use tools::{Format, ToolArgs};
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a local cluster: a monitor and N OSDs on 127.0.0.1, data under DIR; returns at HEALTH_OK.
+    /// Start a local cluster: a monitor and N OSDs on 127.0.0.1, data under DIR; returns at HEALTH_OK. On an
+    /// existing cluster, starts whichever of its daemons are not running.
     Up {
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
-        #[arg(long, default_value_t = 3)]
-        osds: u32,
+        /// OSDs the cluster should have (default: 3 for a new cluster, else as many as DIR holds); more than
+        /// DIR holds adds OSDs, fewer is refused.
+        #[arg(long)]
+        osds: Option<u32>,
         /// Write a config option into cuttle.toml (repeatable), e.g. --set osd_heartbeat_grace=3.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -48,6 +51,12 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
+    /// Start one daemon of the local cluster (osd.N or mon.X), like `systemctl start ceph-osd@N`.
+    Start(DaemonCmd),
+    /// Stop one daemon of the local cluster; it tells the monitor it is going.
+    Stop(DaemonCmd),
+    /// Stop and start one daemon of the local cluster.
+    Restart(DaemonCmd),
     /// Cluster status.
     Status,
     /// Health, with reasons.
@@ -79,6 +88,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct DaemonCmd {
+    /// osd.N or mon.X
+    daemon: String,
+    /// The cluster's directory (default: the directory of --conf, else ./cuttle-data).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +214,19 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Up { dir, osds, set, timeout } => up(&dir, osds, &set, Duration::from_secs(timeout)),
         Cmd::Down { dir } => down(&dir),
+        Cmd::Start(d) => {
+            let (local, name) = daemon_target(&d, conf)?;
+            local.start_one(&name)
+        }
+        Cmd::Stop(d) => {
+            let (local, name) = daemon_target(&d, conf)?;
+            local.stop_one(&name)
+        }
+        Cmd::Restart(d) => {
+            let (local, name) = daemon_target(&d, conf)?;
+            local.stop_one(&name)?;
+            local.start_one(&name)
+        }
         Cmd::Config { cmd: ConfigCmd::Help } => {
             if fmt == Format::Json {
                 let v: Vec<Value> = OPTIONS
@@ -261,7 +292,12 @@ fn client_command(c: &Client, cmd: Cmd, fmt: Format) -> Result<()> {
         }
         Cmd::Log { n } => out(&c.command(MonCommand::Log { n })?, &plain_log),
         Cmd::Watch => watch(c, fmt)?,
-        Cmd::Up { .. } | Cmd::Down { .. } | Cmd::Config { .. } => unreachable!("handled without a client"),
+        Cmd::Up { .. }
+        | Cmd::Down { .. }
+        | Cmd::Start(_)
+        | Cmd::Stop(_)
+        | Cmd::Restart(_)
+        | Cmd::Config { .. } => unreachable!("handled without a client"),
     }
     Ok(())
 }
@@ -450,7 +486,8 @@ fn plain_ping_times(v: &Value) -> String {
 
 fn plain_log(v: &Value) -> String {
     let mut s = String::new();
-    for e in v["entries"].as_array().into_iter().flatten() {
+    // The monitor answers with the entries as a list (Ceph's `log last --format json`).
+    for e in v.as_array().or_else(|| v["entries"].as_array()).into_iter().flatten() {
         s.push_str(&format!(
             "{} {} {} {}\n",
             e["stamp"].as_str().unwrap_or(""),
@@ -539,7 +576,20 @@ fn fmt_stamp(ms: u64) -> String {
     format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
 }
 
-// ---- cuttle up / down ----
+// ---- cuttle up / down / start / stop / restart ----
+//
+// A local cluster is a directory: `cuttle.toml`, and per daemon a data directory (`mon.0/`, `osd.N/`), a
+// log (`NAME.log`) and, while it runs, a pidfile (`NAME.pid`: pid and process start time). The data
+// directories are the record of what the cluster holds: `cuttle up` starts every daemon they name that is
+// not running, and `--osds N` only ever adds to them.
+
+/// Most OSDs `cuttle up` runs in one directory.
+const LOCAL_OSDS_MAX: u32 = 64;
+/// How long `cuttle stop` and `cuttle down` wait for a daemon to exit after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long starting one daemon may take: it detaches once it serves (an OSD once it has booted), and its
+/// own waits are bounded (the detaching side gives up after `DAEMON_READY_TIMEOUT`).
+const START_TIMEOUT: Duration = Duration::from_secs(tools::DAEMON_READY_TIMEOUT.as_secs() + 10);
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the cuttle binary")?;
@@ -550,73 +600,234 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Waits (10 s at most) for the monitor to publish the address it bound.
-fn wait_mon_addr(dir: &Path, addr_file: &Path) -> Result<std::net::SocketAddr> {
-    let t = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read_to_string(addr_file) {
-            if let Ok(a) = text.trim().parse() {
-                return Ok(a);
+/// A daemon of a local cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Daemon {
+    Mon(String),
+    Osd(u32),
+}
+
+impl Daemon {
+    fn parse(s: &str) -> Result<Daemon> {
+        let bad = || anyhow!("expected osd.N or mon.X, got {s:?}");
+        let (kind, id) = s.split_once('.').ok_or_else(bad)?;
+        match kind {
+            "osd" => Ok(Daemon::Osd(id.parse().map_err(|_| bad())?)),
+            "mon" if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                Ok(Daemon::Mon(id.to_string()))
             }
+            _ => Err(bad()),
         }
-        let log = dir.join("mon.0.log");
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("the monitor did not start serving within 10 s; see {}", log.display());
+    }
+
+    fn program(&self) -> &'static str {
+        match self {
+            Daemon::Mon(_) => "cuttle-mon",
+            Daemon::Osd(_) => "cuttle-osd",
         }
-        if t.elapsed() > Duration::from_secs(1) && live_pid(dir, "mon.0").is_none() {
-            bail!("the monitor exited; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-fn daemon_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".pid")).map(str::to_string))
-        .collect();
-    names.sort();
-    names
+impl std::fmt::Display for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Daemon::Mon(id) => write!(f, "mon.{id}"),
+            Daemon::Osd(id) => write!(f, "osd.{id}"),
+        }
+    }
 }
 
-fn live_pid(dir: &Path, name: &str) -> Option<u32> {
-    tools::read_pid(&dir.join(format!("{name}.pid"))).filter(|&p| tools::process_alive(p))
+/// The directory of a local cluster.
+struct Local {
+    /// Absolute, so that what the daemons' command lines name is what later checks compare against.
+    dir: PathBuf,
 }
 
-fn spawn_daemon(bin: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<()> {
-    let conf = dir.join(CONF_FILE);
-    let log = dir.join(format!("{name}.log"));
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--conf")
-        .arg(&conf)
-        .arg("--data")
-        .arg(dir.join(name))
-        .arg("--log-file")
-        .arg(&log)
-        .arg("--pid-file")
-        .arg(dir.join(format!("{name}.pid")))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    // Its own process group: a Ctrl-C in the shell that ran `cuttle up` does not reach the daemons.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-    // The daemon writes its own pidfile; the child handle is not waited on (it outlives us).
-    drop(child);
-    Ok(())
+impl Local {
+    fn new(dir: &Path) -> Result<Local> {
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("no cluster directory at {}", dir.display()))?;
+        Ok(Local { dir })
+    }
+
+    fn data(&self, d: &Daemon) -> PathBuf {
+        self.dir.join(d.to_string())
+    }
+
+    fn pidfile(&self, d: &Daemon) -> PathBuf {
+        self.dir.join(format!("{d}.pid"))
+    }
+
+    fn log(&self, d: &Daemon) -> PathBuf {
+        self.dir.join(format!("{d}.log"))
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join(CONF_FILE)
+    }
+
+    /// The daemons the directory holds data for (the monitor first, then OSDs by id).
+    fn members(&self) -> Vec<Daemon> {
+        let mut out: Vec<Daemon> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().to_str().and_then(|n| Daemon::parse(n).ok()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn osds(&self) -> Vec<u32> {
+        self.members()
+            .into_iter()
+            .filter_map(|d| if let Daemon::Osd(n) = d { Some(n) } else { None })
+            .collect()
+    }
+
+    /// The pid of the daemon if it runs. A pidfile that names no live process, or a process that is not this
+    /// daemon (its pid reused after a kill -9), is stale: said on stderr and removed, never signalled.
+    fn running(&self, d: &Daemon) -> Option<u32> {
+        let path = self.pidfile(d);
+        match tools::check_pidfile(&path, &tools::PidOwner::daemon(d.program(), &self.data(d))) {
+            tools::PidStatus::Running(pid) => Some(pid),
+            tools::PidStatus::Absent => None,
+            tools::PidStatus::Stale { why, .. } => {
+                eprintln!("{d}: stale pidfile {} ({why}); removed it", path.display());
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Starts the daemon (its binary detaches once it serves: an OSD once it has booted) and returns its
+    /// pid.
+    fn start(&self, d: &Daemon) -> Result<u32> {
+        let bin = sibling_binary(d.program())?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--conf")
+            .arg(self.conf())
+            .arg("--data")
+            .arg(self.data(d))
+            .arg("--log-file")
+            .arg(self.log(d))
+            .arg("--pid-file")
+            .arg(self.pidfile(d))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if t.elapsed() > START_TIMEOUT {
+                // Our own child, the process that waits for the daemon to serve (not the daemon).
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{d} did not start within {START_TIMEOUT:?}; see {}", self.log(d).display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        if !status.success() {
+            let why = err.trim();
+            let why = if why.is_empty() { format!("exit status {status}") } else { why.to_string() };
+            bail!("{d} did not start: {why}\n(log: {})", self.log(d).display());
+        }
+        self.running(d)
+            .ok_or_else(|| anyhow!("{d} started but wrote no pidfile; see {}", self.log(d).display()))
+    }
+
+    /// Stops the daemon if it runs (SIGTERM, then SIGKILL after `STOP_TIMEOUT`); its pid if it ran.
+    fn stop(&self, d: &Daemon) -> Option<u32> {
+        let pid = self.running(d)?;
+        let owner = tools::PidOwner::daemon(d.program(), &self.data(d));
+        let rec = tools::read_pid_record(&self.pidfile(d)).filter(|r| r.pid == pid)?;
+        signal(pid, "TERM");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while tools::process_is(rec, &owner).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Checked again right before: only the same process, never whatever took its pid since.
+        if tools::process_is(rec, &owner).is_ok() {
+            eprintln!("{d} (pid {pid}) did not stop within {STOP_TIMEOUT:?}; killing it");
+            signal(pid, "KILL");
+        }
+        // A killed daemon leaves its pidfile behind.
+        if tools::read_pid(&self.pidfile(d)) == Some(pid) {
+            let _ = std::fs::remove_file(self.pidfile(d));
+        }
+        Some(pid)
+    }
+
+    fn check_member(&self, d: &Daemon) -> Result<()> {
+        if !self.conf().exists() {
+            bail!(
+                "{} holds no cluster (no {CONF_FILE}); `cuttle up --dir {}` creates one",
+                self.dir.display(),
+                self.dir.display()
+            );
+        }
+        if !self.data(d).is_dir() {
+            let have: Vec<String> = self.members().iter().map(Daemon::to_string).collect();
+            bail!(
+                "{} has no {d} (it holds {}); `cuttle up --osds N` adds OSDs",
+                self.dir.display(),
+                if have.is_empty() { "no daemons".to_string() } else { have.join(", ") }
+            );
+        }
+        Ok(())
+    }
+
+    fn start_one(&self, d: &Daemon) -> Result<()> {
+        self.check_member(d)?;
+        if let Some(pid) = self.running(d) {
+            println!("{d} is already running (pid {pid})");
+            return Ok(());
+        }
+        if let Daemon::Osd(_) = d {
+            let mon = self.members().into_iter().find(|m| matches!(m, Daemon::Mon(_)));
+            if let Some(mon) = mon.filter(|m| self.running(m).is_none()) {
+                bail!("{mon} is not running: an OSD boots through it (`cuttle start {mon}` or `cuttle up`)");
+            }
+        }
+        let pid = self.start(d)?;
+        println!("started {d} (pid {pid})");
+        Ok(())
+    }
+
+    fn stop_one(&self, d: &Daemon) -> Result<()> {
+        self.check_member(d)?;
+        match self.stop(d) {
+            Some(pid) => println!("stopped {d} (pid {pid})"),
+            None => println!("{d} is not running"),
+        }
+        Ok(())
+    }
 }
 
-fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
-    if osds == 0 || osds > 64 {
-        bail!("--osds must be between 1 and 64");
+/// The local cluster and daemon a `start`/`stop`/`restart` names.
+fn daemon_target(cmd: &DaemonCmd, conf: Option<&Path>) -> Result<(Local, Daemon)> {
+    let d = Daemon::parse(&cmd.daemon)?;
+    let dir = match (&cmd.dir, conf) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(conf)) => {
+            conf.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+        }
+        (None, None) => PathBuf::from(DEFAULT_DIR),
+    };
+    Ok((Local::new(&dir)?, d))
+}
+
+fn up(dir: &Path, osds: Option<u32>, set: &[String], timeout: Duration) -> Result<()> {
+    if osds.is_some_and(|n| n == 0 || n > LOCAL_OSDS_MAX) {
+        bail!("--osds must be between 1 and {LOCAL_OSDS_MAX}");
     }
     let mut pairs = Vec::new();
     for kv in set {
@@ -624,20 +835,48 @@ fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
         pairs.push((k.trim().to_string(), v.trim().to_string()));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let conf = dir.join(CONF_FILE);
-    if let Some(pid) = live_pid(dir, "mon.0") {
-        if pairs.is_empty() {
-            println!(
-                "cluster already up in {} (mon.0 pid {pid}); `cuttle down --dir {}` stops it",
-                dir.display(),
-                dir.display()
-            );
-            return Ok(());
-        }
+    let local = Local::new(dir)?;
+    let dir = local.dir.as_path();
+    let conf = local.conf();
+    let mon = Daemon::Mon("0".into());
+    // What the cluster holds, and what it should: never fewer OSDs than it has.
+    let have = local.osds();
+    let want = match osds {
+        Some(n) if (n as usize) < have.len() => bail!(
+            "{} holds {} OSDs; `cuttle up` never removes OSDs (asked for --osds {n})",
+            dir.display(),
+            have.len()
+        ),
+        Some(n) => n as usize,
+        None if have.is_empty() => 3,
+        None => have.len(),
+    };
+    let mut targets: Vec<Daemon> = have.iter().map(|&n| Daemon::Osd(n)).collect();
+    let mut next = have.iter().max().map_or(0, |m| m + 1);
+    while targets.len() < want {
+        targets.push(Daemon::Osd(next));
+        next += 1;
+    }
+    let running: Vec<(Daemon, u32)> = std::iter::once(mon.clone())
+        .chain(targets.iter().cloned())
+        .filter_map(|d| local.running(&d).map(|p| (d, p)))
+        .collect();
+    if !pairs.is_empty() && !running.is_empty() {
+        let names: Vec<String> = running.iter().map(|(d, _)| d.to_string()).collect();
         bail!(
-            "cluster already up in {} (mon.0 pid {pid}): `cuttle down` before changing its config",
+            "cluster in {} is running ({}): `cuttle down` before changing its config",
+            dir.display(),
+            names.join(", ")
+        );
+    }
+    if running.len() == targets.len() + 1 {
+        println!(
+            "cluster already up in {} (mon.0 and {} osds running); `cuttle down --dir {}` stops it",
+            dir.display(),
+            targets.len(),
             dir.display()
         );
+        return Ok(());
     }
     let existing = if conf.exists() { Some(Config::load(&conf)?) } else { None };
     let mut base = Vec::new();
@@ -657,98 +896,95 @@ fn up(dir: &Path, osds: u32, set: &[String], timeout: Duration) -> Result<()> {
         // laptop. Fewer loops means fewer thread wake-ups per op, which is most of an OSD's CPU cost.
         if !pairs.iter().any(|(k, _)| k == "ms_async_op_threads") {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads = (cpus / (osds as usize + 1)).clamp(1, 3);
+            let threads = (cpus / (want + 1)).clamp(1, 3);
             base.push(("ms_async_op_threads".to_string(), threads.to_string()));
         }
     }
     base.extend(pairs);
-    Config::write_options(&conf, &base)?;
-    let mut cfg = Config::load(&conf)?;
-    let mon_bin = sibling_binary("cuttle-mon")?;
-    let osd_bin = sibling_binary("cuttle-osd")?;
-    let started = Instant::now();
-    let addr_file = dir.join("mon.0").join("addr");
-    match std::fs::remove_file(&addr_file) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing the stale {}", addr_file.display()))
-        }
-        _ => {}
+    if !base.is_empty() {
+        Config::write_options(&conf, &base)?;
     }
-    spawn_daemon(&mon_bin, dir, "mon.0", &[])?;
-    let mon_addr = wait_mon_addr(dir, &addr_file)?;
-    if cfg.mon_host.is_none_or(|a| a.port() == 0) {
-        Config::write_options(&conf, &[("mon_host".to_string(), mon_addr.to_string())])?;
-        cfg = Config::load(&conf)?;
+    let mut cfg = Config::load(&conf)?;
+    let started = Instant::now();
+    let mut began = Vec::new();
+    if local.running(&mon).is_none() {
+        let addr_file = local.data(&mon).join("addr");
+        match std::fs::remove_file(&addr_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing the stale {}", addr_file.display()))
+            }
+            _ => {}
+        }
+        let pid = local.start(&mon)?;
+        println!("started {mon} (pid {pid})");
+        began.push(mon.clone());
+        // The monitor detached once it served, after publishing the address it bound.
+        let text = std::fs::read_to_string(&addr_file).with_context(|| {
+            format!("the monitor published no address; see {}", local.log(&mon).display())
+        })?;
+        let mon_addr: SocketAddr =
+            text.trim().parse().with_context(|| format!("bad address in {}", addr_file.display()))?;
+        if cfg.mon_host.is_none_or(|a| a.port() == 0) {
+            Config::write_options(&conf, &[("mon_host".to_string(), mon_addr.to_string())])?;
+            cfg = Config::load(&conf)?;
+        }
     }
     let client = Client::with_config(cfg.clone())?;
     if client.monc.wait_for_map(None, Duration::from_secs(10)).is_err() {
-        bail!(
-            "the monitor did not come up at {}; see {}",
-            client.mon_addr(),
-            dir.join("mon.0.log").display()
-        );
+        bail!("the monitor did not come up at {}; see {}", client.mon_addr(), local.log(&mon).display());
     }
-    // One at a time, each waiting for its id: the monitor hands out ids in registration order, and osd.N's
-    // directory should hold osd.N.
-    for i in 0..osds {
-        let name = format!("osd.{i}");
-        if live_pid(dir, &name).is_none() {
-            spawn_daemon(&osd_bin, dir, &name, &[])?;
-            let whoami = dir.join(&name).join("whoami");
-            let t = Instant::now();
-            while !whoami.exists() {
-                if t.elapsed() > Duration::from_secs(10) {
-                    bail!(
-                        "{name} did not register with the monitor; see {}",
-                        dir.join(format!("{name}.log")).display()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+    // One at a time, each booted before the next starts: the monitor hands out ids in registration order,
+    // and osd.N's directory should hold osd.N.
+    for d in &targets {
+        if local.running(d).is_none() {
+            let pid = local.start(d)?;
+            println!("started {d} (pid {pid})");
+            began.push(d.clone());
         }
     }
-    let size = 3.min(osds) as u8;
+    let n = targets.len() as u64;
+    let size = 3.min(n) as u8;
     let pools = client.command(MonCommand::PoolLs)?;
-    let has_rbd = pools.as_array().into_iter().flatten().any(|p| p["pool_name"] == "rbd");
-    if !has_rbd {
-        client.command(MonCommand::PoolCreate {
-            name: "rbd".into(),
-            size: Some(size),
-            min_size: None,
-            pg_num: Some(32),
-        })?;
-    }
+    let rbd = pools.as_array().into_iter().flatten().find(|p| p["pool_name"] == "rbd").cloned();
+    let size = match rbd {
+        Some(p) => p["size"].as_u64().map_or(size, |s| s as u8),
+        None => {
+            client.command(MonCommand::PoolCreate {
+                name: "rbd".into(),
+                size: Some(size),
+                min_size: None,
+                pg_num: Some(32),
+            })?;
+            size
+        }
+    };
     let deadline = started + timeout;
-    let mut last = String::new();
     loop {
         let h = client.command(MonCommand::Health)?;
         let st = client.command(MonCommand::Status)?;
-        let status = h["status"].as_str().unwrap_or("").to_string();
         let m = &st["osdmap"];
-        if status == "HEALTH_OK"
-            && m["num_up_osds"].as_u64() == Some(osds as u64)
-            && m["num_in_osds"].as_u64() == Some(osds as u64)
+        if h["status"] == "HEALTH_OK"
+            && m["num_up_osds"].as_u64() >= Some(n)
+            && m["num_in_osds"].as_u64() >= Some(n)
         {
             break;
         }
-        last = plain_health(&h);
         if Instant::now() > deadline {
             bail!(
-                "cluster did not reach HEALTH_OK within {timeout:?}; last health:\n{last}logs are in {}",
+                "cluster did not reach HEALTH_OK within {timeout:?}; last health:\n{}logs are in {}",
+                plain_health(&h),
                 dir.display()
             );
         }
-        for i in 0..osds {
-            let name = format!("osd.{i}");
-            if started.elapsed() > Duration::from_secs(3) && live_pid(dir, &name).is_none() {
-                bail!("{name} exited; see {}", dir.join(format!("{name}.log")).display());
+        for d in &targets {
+            if local.running(d).is_none() {
+                bail!("{d} exited; see {}", local.log(d).display());
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = last;
     println!(
-        "cluster up in {} ({:.1} s): mon.0 at {}, {osds} osds, pool 'rbd' (size {size}, 32 pgs); HEALTH_OK",
+        "cluster up in {} ({:.1} s): mon.0 at {}, {n} osds, pool 'rbd' (size {size}); HEALTH_OK",
         dir.display(),
         started.elapsed().as_secs_f64(),
         client.mon_addr()
@@ -777,27 +1013,20 @@ fn down(dir: &Path) -> Result<()> {
     if !dir.exists() {
         bail!("no cluster directory at {}", dir.display());
     }
+    let local = Local::new(dir)?;
     // OSDs first (they tell the monitor they are going), then the monitor.
-    let mut names = daemon_names(dir);
-    names.sort_by_key(|n| n.starts_with("mon"));
+    let mut names = local.members();
+    names.sort_by_key(|d| matches!(d, Daemon::Mon(_)));
     let mut stopped = 0;
-    for name in &names {
-        let Some(pid) = live_pid(dir, name) else { continue };
-        signal(pid, "TERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tools::process_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    for d in &names {
+        if local.stop(d).is_some() {
+            stopped += 1;
         }
-        if tools::process_alive(pid) {
-            eprintln!("{name} (pid {pid}) did not stop within 10 s; killing it");
-            signal(pid, "KILL");
-        }
-        stopped += 1;
     }
     if stopped == 0 {
-        println!("no daemons running in {}", dir.display());
+        println!("no daemons running in {}", local.dir.display());
     } else {
-        println!("stopped {stopped} daemons in {}", dir.display());
+        println!("stopped {stopped} daemons in {}", local.dir.display());
     }
     Ok(())
 }

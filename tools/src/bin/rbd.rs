@@ -6,12 +6,15 @@
 //!     rbd import FILE|- POOL/IMAGE | export POOL/IMAGE FILE|-
 //!     rbd bench --io-type read|write|readwrite [--io-size 4K] [--io-threads 16] [--io-total 1G]
 //!               [--io-pattern seq|rand] POOL/IMAGE
-//!     rbd map POOL/IMAGE [--socket PATH | --port N] [--read-only] | showmapped | unmap POOL/IMAGE|URI
+//!     rbd map POOL/IMAGE [--socket PATH | --port N] [--read-only] | showmapped [--all] | unmap POOL/IMAGE|URI
 //!
 //! An image spec without a pool means pool `rbd`. `map` plays rbd-nbd's role without a kernel device: it
 //! starts this binary again as a background NBD server (the hidden `nbd-serve` command) in its own process
 //! group, with a pidfile, a log and a mapping record under the run directory ($CUTTLE_RBD_RUN_DIR, else
-//! $XDG_RUNTIME_DIR/cuttle-rbd-nbd, else /tmp/cuttle-rbd-nbd), and prints the NBD URI.
+//! $XDG_RUNTIME_DIR/cuttle-rbd-nbd, else /tmp/cuttle-rbd-nbd), and prints the NBD URI. The run directory is
+//! shared by every cluster on the machine, so a mapping is keyed by its cluster (fsid), pool id and image
+//! id: `showmapped`, `unmap` and `map` see only the mappings of the cluster their config names
+//! (`showmapped --all` lists every cluster's), and `unmap` refuses another cluster's mapping.
 
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -128,8 +131,12 @@ enum Cmd {
         #[arg(long, value_name = "DEVICE")]
         device: Option<String>,
     },
-    /// List mapped images.
-    Showmapped,
+    /// List this cluster's mapped images.
+    Showmapped {
+        /// List every cluster's mappings on this machine, each with its cluster's fsid.
+        #[arg(long)]
+        all: bool,
+    },
     /// Stop the NBD server of a mapped image (by POOL/IMAGE, URI or /dev/nbdN), detaching its device.
     Unmap { target: String },
     /// The background NBD server `map` starts.
@@ -205,8 +212,8 @@ fn image_options(client: &Client) -> Result<ImageOptions> {
 fn run(cli: Cli) -> Result<()> {
     // Commands that need no cluster, and argument checks that should fail before connecting.
     match &cli.cmd {
-        Cmd::Showmapped => return showmapped(cli.tool.format),
-        Cmd::Unmap { target } => return unmap(target),
+        Cmd::Showmapped { all } => return showmapped(&cli, *all),
+        Cmd::Unmap { target } => return unmap(&cli, target),
         Cmd::Map { spec, socket, port, read_only, device } => {
             return map(&cli, spec, socket.as_deref(), *port, *read_only, device.as_deref())
         }
@@ -330,7 +337,10 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
         }
         Cmd::Rm { spec } => {
             let (pool, image) = parse_spec(spec)?;
-            if let Some(m) = mappings()?.into_iter().find(|m| m.pool == pool && m.image == image) {
+            let fsid = client.cfg.fsid.trim();
+            if let Some(m) =
+                mappings()?.into_iter().find(|m| m.fsid == fsid && m.pool == pool && m.image == image)
+            {
                 bail!("{pool}/{image} is mapped (pid {}, {}): unmap it first", m.pid, m.uri);
             }
             rbd_pool(client, &pool)?
@@ -379,7 +389,9 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
             let device = device.as_deref().map(device_index).transpose()?;
             nbd_serve(client, &pool, &image, socket.clone(), *port, *read_only, device)?;
         }
-        Cmd::Map { .. } | Cmd::Showmapped | Cmd::Unmap { .. } => unreachable!("handled before connecting"),
+        Cmd::Map { .. } | Cmd::Showmapped { .. } | Cmd::Unmap { .. } => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
 }
@@ -777,17 +789,84 @@ fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------
 // map / showmapped / unmap
 
-/// What `map` records for `showmapped` and `unmap` (`<pool>.<image>.json` in the run directory).
+/// What `map` records for `showmapped` and `unmap` (`<fsid>.<pool id>.<image id>.json` in the run
+/// directory).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Mapping {
+    /// The cluster the image belongs to. Empty in records written before mappings were keyed by cluster:
+    /// those belong to no cluster, and only `showmapped --all` lists them.
+    #[serde(default)]
+    fsid: String,
     pool: String,
     image: String,
+    #[serde(default)]
+    pool_id: u32,
+    #[serde(default)]
+    image_id: String,
     pid: u32,
+    /// The server's start time (`/proc/PID/stat` field 22): with the pid, names the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start_time: Option<u64>,
     uri: String,
     read_only: bool,
     /// The kernel device attached, `/dev/nbdN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+}
+
+impl Mapping {
+    fn key(&self) -> MappingKey {
+        MappingKey { fsid: self.fsid.clone(), pool_id: self.pool_id, image_id: self.image_id.clone() }
+    }
+
+    /// The server is alive and is the one this record was written for (not a process that took its pid).
+    fn server_alive(&self) -> bool {
+        tools::process_is(tools::PidRecord { pid: self.pid, start_time: self.start_time }, &server_owner())
+            .is_ok()
+    }
+}
+
+/// What names a mapping on this machine: its cluster, pool and image (by id: a renamed image is the same
+/// image, and another cluster's image of the same name is not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MappingKey {
+    fsid: String,
+    pool_id: u32,
+    image_id: String,
+}
+
+impl MappingKey {
+    /// The key of `pool`/`image_id` in the client's cluster.
+    fn new(client: &Client, pool: &str, image_id: &str) -> Result<MappingKey> {
+        let fsid = client.cfg.fsid.trim().to_string();
+        // Both become file names: only what a uuid and an image id are made of.
+        let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !plain(&fsid) {
+            bail!("the config's fsid {fsid:?} is not a cluster id (run `cuttle up` to create a cluster)");
+        }
+        if !plain(image_id) {
+            bail!("image {pool} has an unusable id {image_id:?}");
+        }
+        let map = client.monc.map().ok_or_else(|| anyhow!("no cluster map"))?;
+        let pool_id = map.pool_by_name(pool).ok_or_else(|| anyhow!("pool {pool} does not exist"))?.id.0;
+        Ok(MappingKey { fsid, pool_id, image_id: image_id.to_string() })
+    }
+
+    fn file(&self, ext: &str) -> PathBuf {
+        run_dir().join(format!("{}.{}.{}.{ext}", self.fsid, self.pool_id, self.image_id))
+    }
+
+    /// Removes every file of the mapping: record, pidfile, socket and log.
+    fn remove_files(&self) {
+        for ext in ["json", "pid", "sock", "log"] {
+            let _ = std::fs::remove_file(self.file(ext));
+        }
+    }
+}
+
+/// The process an NBD server's pidfile and record are for.
+fn server_owner() -> tools::PidOwner {
+    tools::PidOwner { program: "rbd".into(), arg: "nbd-serve".into() }
 }
 
 fn run_dir() -> PathBuf {
@@ -800,18 +879,8 @@ fn run_dir() -> PathBuf {
     }
 }
 
-fn file_for(pool: &str, image: &str, ext: &str) -> PathBuf {
-    run_dir().join(format!("{pool}.{image}.{ext}"))
-}
-
-/// Removes the files of a mapping whose server is gone.
-fn clean_stale(pool: &str, image: &str) {
-    for ext in ["json", "pid", "sock"] {
-        let _ = std::fs::remove_file(file_for(pool, image, ext));
-    }
-}
-
-/// Live mappings; records of dead servers (kill -9) are cleaned on the way.
+/// Live mappings of every cluster on this machine; records of dead servers (kill -9) are cleaned on the way,
+/// with their logs.
 fn mappings() -> Result<Vec<Mapping>> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(run_dir()) else { return Ok(out) };
@@ -825,14 +894,26 @@ fn mappings() -> Result<Vec<Mapping>> {
             let _ = std::fs::remove_file(&p);
             continue;
         };
-        if tools::process_alive(m.pid) {
+        if m.server_alive() {
             out.push(m);
+        } else if m.fsid.is_empty() {
+            let _ = std::fs::remove_file(&p);
         } else {
-            clean_stale(&m.pool, &m.image);
+            m.key().remove_files();
         }
     }
-    out.sort_by(|a, b| (&a.pool, &a.image).cmp(&(&b.pool, &b.image)));
+    out.sort_by(|a, b| (&a.fsid, &a.pool, &a.image).cmp(&(&b.fsid, &b.pool, &b.image)));
     Ok(out)
+}
+
+/// The fsid of the cluster the tool's config names.
+fn config_fsid(cli: &Cli) -> Result<String> {
+    let (cfg, path) = cli.tool.config()?;
+    let fsid = cfg.fsid.trim().to_string();
+    if fsid.is_empty() {
+        bail!("{} names no cluster (no fsid)", path.display());
+    }
+    Ok(fsid)
 }
 
 /// `--device`'s value: `auto` for the first free device, else `/dev/nbdN`.
@@ -866,15 +947,23 @@ fn map(
             }
         }
     }
-    let (_, conf_path) = cli.tool.config()?;
+    let (cfg, conf_path) = cli.tool.config()?;
     let conf_path = std::fs::canonicalize(&conf_path).unwrap_or(conf_path);
+    // Which image this is, by id, in which cluster: the mapping's key.
+    let key = {
+        let client = Client::connect(&cfg, &conf_path)?;
+        let id = rbd_pool(&client, &pool)?
+            .image_id(&image)
+            .map_err(|e| anyhow!("error opening image {pool}/{image}: {e}"))?;
+        MappingKey::new(&client, &pool, &id)?
+    };
     let dir = run_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    if let Some(m) = mappings()?.into_iter().find(|m| m.pool == pool && m.image == image) {
+    if let Some(m) = mappings()?.into_iter().find(|m| m.key() == key) {
         bail!("{pool}/{image} is already mapped (pid {}): {}", m.pid, m.uri);
     }
-    let log = file_for(&pool, &image, "log");
-    let _ = std::fs::remove_file(file_for(&pool, &image, "json"));
+    let log = key.file("log");
+    let _ = std::fs::remove_file(key.file("json"));
     let exe = std::env::current_exe().context("finding the rbd binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--conf").arg(&conf_path).arg("nbd-serve").arg(format!("{pool}/{image}"));
@@ -916,6 +1005,7 @@ fn map(
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let _ = std::fs::remove_file(&log);
             bail!("the NBD server for {pool}/{image} exited ({st}):\n{}", tail.join("\n"));
         }
         if t.elapsed() > MAP_TIMEOUT {
@@ -939,14 +1029,16 @@ fn nbd_serve(
     device: Option<Option<u32>>,
 ) -> Result<()> {
     let stop = tools::termination_flag()?;
-    // The pidfile is the lock on the mapping: a second server for the same image refuses to start.
-    let _pid = tools::PidFile::create(&file_for(pool, image, "pid"))?;
     let (_, img) = open_image(client, pool, image)?;
+    let key = MappingKey::new(client, pool, img.id())?;
+    // The pidfile is the lock on the mapping: a second server for the same image of the same cluster refuses
+    // to start.
+    let _pid = tools::PidFile::create(&key.file("pid"), &server_owner())?;
     let img = Arc::new(img);
     let addr = match (socket, port) {
         (Some(s), _) => ListenAddr::Unix(s),
         (None, Some(p)) => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], p))),
-        (None, None) => ListenAddr::Unix(file_for(pool, image, "sock")),
+        (None, None) => ListenAddr::Unix(key.file("sock")),
     };
     // Served on the client's messenger workers: requests and the OSD traffic they cause share threads.
     let server = Server::bind(Arc::clone(&img), image, &addr, read_only, Arc::clone(&client.pool))
@@ -955,16 +1047,21 @@ fn nbd_serve(
         Some(index) => Some(attach_device(&server, &img, index)?),
         None => None,
     };
+    let me = tools::PidRecord::current();
     let m = Mapping {
+        fsid: client.cfg.fsid.trim().to_string(),
         pool: pool.into(),
         image: image.into(),
-        pid: std::process::id(),
+        pool_id: key.pool_id,
+        image_id: img.id().to_string(),
+        pid: me.pid,
+        start_time: me.start_time,
         uri: server.local_addr().uri(image),
         read_only,
         device: attached.as_ref().map(|(n, _)| rbd::nbd::kernel::device_path(*n).display().to_string()),
     };
     // Written whole then renamed, so a reader never sees half a record.
-    let rec = file_for(pool, image, "json");
+    let rec = key.file("json");
     let tmp = rec.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&m)?)?;
     std::fs::rename(&tmp, &rec)?;
@@ -1027,14 +1124,25 @@ fn attach_device(
     Ok((n, conn))
 }
 
-fn showmapped(format: Format) -> Result<()> {
-    let ms = mappings()?;
-    if format == Format::Json {
+fn showmapped(cli: &Cli, all: bool) -> Result<()> {
+    let mut ms = mappings()?;
+    if !all {
+        let fsid = config_fsid(cli)?;
+        ms.retain(|m| m.fsid == fsid);
+    }
+    if cli.tool.format == Format::Json {
         println!("{}", serde_json::to_string(&ms)?);
         return Ok(());
     }
+    let cluster = |m: &Mapping| if m.fsid.is_empty() { "-".to_string() } else { m.fsid.clone() };
+    if all {
+        print!("{:<37} ", "CLUSTER");
+    }
     println!("{:<8} {:<10} {:<20} {:<4} {:<11} URI", "PID", "POOL", "IMAGE", "RO", "DEVICE");
     for m in ms {
+        if all {
+            print!("{:<37} ", cluster(&m));
+        }
         println!(
             "{:<8} {:<10} {:<20} {:<4} {:<11} {}",
             m.pid,
@@ -1048,38 +1156,63 @@ fn showmapped(format: Format) -> Result<()> {
     Ok(())
 }
 
-fn unmap(target: &str) -> Result<()> {
+fn unmap(cli: &Cli, target: &str) -> Result<()> {
+    let fsid = config_fsid(cli)?;
     let ms = mappings()?;
-    let m = if target.starts_with("nbd") {
-        ms.into_iter().find(|m| m.uri == target)
+    let matching: Vec<Mapping> = if target.starts_with("nbd") {
+        ms.into_iter().filter(|m| m.uri == target).collect()
     } else if target.starts_with("/dev/") {
-        ms.into_iter().find(|m| m.device.as_deref() == Some(target))
+        ms.into_iter().filter(|m| m.device.as_deref() == Some(target)).collect()
     } else {
         let (pool, image) = parse_spec(target)?;
-        ms.into_iter().find(|m| m.pool == pool && m.image == image)
+        ms.into_iter().filter(|m| m.pool == pool && m.image == image).collect()
     };
-    let Some(m) = m else {
+    let (ours, theirs): (Vec<Mapping>, Vec<Mapping>) = matching.into_iter().partition(|m| m.fsid == fsid);
+    let Some(m) = ours.into_iter().next() else {
+        if let Some(o) = theirs.first() {
+            let whose = if o.fsid.is_empty() {
+                "no known cluster".to_string()
+            } else {
+                format!("cluster {}", o.fsid)
+            };
+            bail!(
+                "{target} is not mapped from this cluster ({fsid}); the mapping (pid {}) belongs to {whose}: \
+                 unmap it with that cluster's --conf",
+                o.pid
+            );
+        }
         // A device whose server died (kill -9) stays attached to a dead socket until it is disconnected.
         if let Some(n) = rbd::nbd::kernel::parse_device(target) {
             return rbd::nbd::kernel::disconnect(n).map_err(|e| anyhow!("{target} is not mapped here: {e}"));
         }
         bail!("{target} is not mapped")
     };
-    let kill = |sig: &str| std::process::Command::new("kill").args([sig, &m.pid.to_string()]).status();
-    kill("-TERM").context("running kill")?;
+    let rec = tools::PidRecord { pid: m.pid, start_time: m.start_time };
+    // Every signal goes to the server this record names, checked just before: never to a process that took
+    // its pid.
+    let kill = |sig: &str| -> Result<()> {
+        if m.server_alive() {
+            std::process::Command::new("kill")
+                .args([sig, &m.pid.to_string()])
+                .status()
+                .context("running kill")?;
+        }
+        Ok(())
+    };
+    kill("-TERM")?;
     let t = Instant::now();
-    while tools::process_alive(m.pid) {
+    while tools::process_is(rec, &server_owner()).is_ok() {
         if t.elapsed() > UNMAP_TIMEOUT {
             eprintln!(
                 "rbd: warning: the NBD server (pid {}) did not exit within {UNMAP_TIMEOUT:?}; killing it",
                 m.pid
             );
-            let _ = kill("-KILL");
+            kill("-KILL")?;
             std::thread::sleep(Duration::from_millis(100));
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    clean_stale(&m.pool, &m.image);
+    m.key().remove_files();
     Ok(())
 }

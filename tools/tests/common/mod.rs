@@ -38,6 +38,11 @@ impl Cluster {
     /// `cuttle up` with short heartbeat settings unless `sets` overrides them.
     pub fn up(tag: &str, osds: u32, sets: &[&str]) -> Cluster {
         let dir = scratch_dir(tag);
+        Cluster::up_in(dir, osds, sets)
+    }
+
+    /// [`Cluster::up`] in a directory of the caller's choosing.
+    pub fn up_in(dir: PathBuf, osds: u32, sets: &[&str]) -> Cluster {
         let mut args: Vec<String> =
             vec!["up".into(), "--dir".into(), dir.display().to_string(), "--osds".into(), osds.to_string()];
         for s in sets {
@@ -83,13 +88,19 @@ impl Cluster {
         })
     }
 
+    /// The pid of a running daemon of this cluster (checked: the pidfile's process is that daemon).
     pub fn pid(&self, daemon: &str) -> u32 {
-        let p = self.dir.join(format!("{daemon}.pid"));
-        std::fs::read_to_string(&p)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-            .trim()
-            .parse()
-            .expect("pid")
+        self.running(daemon).unwrap_or_else(|| panic!("{daemon} is not running\n{}", self.logs()))
+    }
+
+    /// The daemon's pid if its pidfile names a live process that is that daemon (never a reused pid).
+    pub fn running(&self, daemon: &str) -> Option<u32> {
+        let program = if daemon.starts_with("mon") { "cuttle-mon" } else { "cuttle-osd" };
+        let owner = tools::PidOwner::daemon(program, &self.dir.join(daemon));
+        match tools::check_pidfile(&self.dir.join(format!("{daemon}.pid")), &owner) {
+            tools::PidStatus::Running(pid) => Some(pid),
+            _ => None,
+        }
     }
 
     pub fn signal(&self, daemon: &str, sig: &str) {
@@ -137,13 +148,14 @@ impl Drop for Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        // Anything still alive (a SIGSTOPped daemon ignores TERM) is killed.
+        // Anything still alive (a SIGSTOPped daemon ignores TERM) is killed: only processes that are this
+        // cluster's daemons, never whatever took a dead daemon's pid.
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "pid") {
-                if let Ok(pid) = std::fs::read_to_string(&p) {
-                    let _ = Command::new("kill").args(["-CONT", pid.trim()]).status();
-                    let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(daemon) = name.strip_suffix(".pid") {
+                if let Some(pid) = self.running(daemon) {
+                    let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
                 }
             }
         }
