@@ -9,7 +9,7 @@ bin="$(cd "${1:?usage: ab-bluestore.sh BIN_DIR}" && pwd)"
 work="$(mktemp -d /tmp/ab-bluestore.XXXXXX)"
 trap '"$bin/cuttle" down --dir "$work/c" >/dev/null 2>&1; rm -rf "$work"' EXIT
 "$bin/cuttle" up --dir "$work/c" >/dev/null
-pids=$(cat "$work"/c/*.pid)
+pids=$(awk '{print $1}' "$work"/c/*.pid)
 ticks() { local t=0 p; for p in $pids; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 field() { awk -v k="$1" 'index($0, k) == 1 {print $NF}'; }
 R=("$bin/rados" --conf "$work/c/cuttle.toml" -p rbd)

@@ -12,7 +12,7 @@ run() { # bin-dir label size
     else
         "$B/cuttle" up --dir "$D" >/dev/null
     fi
-    local pids=$(cat "$D"/osd.*.pid) t0=0 t1=0 p
+    local pids=$(awk '{print $1}' "$D"/osd.*.pid) t0=0 t1=0 p
     for p in $pids; do t0=$((t0 + $(awk '{print $14+$15}' /proc/$p/stat))); done
     local out; out=$("$B/rados" --conf "$D/cuttle.toml" -p rbd bench "$SECS" write -t 16 -b "$SZ" --no-cleanup 2>&1)
     for p in $pids; do t1=$((t1 + $(awk '{print $14+$15}' /proc/$p/stat))); done

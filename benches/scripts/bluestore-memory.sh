@@ -8,12 +8,12 @@ target/debug/cuttle down --dir $D 2>/dev/null || true; rm -rf $D
 target/debug/cuttle up --dir $D
 target/debug/rbd --conf $C create --size 9G rbd/big
 target/debug/rbd --conf $C bench --io-type write --io-size 4M --io-pattern seq --io-total 8G rbd/big 2>&1 | tail -3
-for o in 0 1 2; do p=$(cat $D/osd.$o.pid); echo "osd.$o $(grep -E 'VmRSS|VmHWM' /proc/$p/status | tr '\n' ' ')"; done
+for o in 0 1 2; do p=$(awk '{print $1}' $D/osd.$o.pid); echo "osd.$o $(grep -E 'VmRSS|VmHWM' /proc/$p/status | tr '\n' ' ')"; done
 target/debug/cuttle --conf $C osd df
 du -sh $D/osd.*/block $D/osd.*/db
 target/debug/cuttle down --dir $D
 t=$(date +%s.%N); target/debug/cuttle up --dir $D; echo "up took $(echo "$(date +%s.%N) - $t" | bc)"
 grep -h "mount_ms" $D/osd.*.log | tail -3
-for o in 0 1 2; do p=$(cat $D/osd.$o.pid); echo "after restart osd.$o $(grep -E 'VmRSS' /proc/$p/status)"; done
+for o in 0 1 2; do p=$(awk '{print $1}' $D/osd.$o.pid); echo "after restart osd.$o $(grep -E 'VmRSS' /proc/$p/status)"; done
 target/debug/cuttle down --dir $D
 rm -rf $D

@@ -37,10 +37,13 @@ bench_cleanup() {
   trap - EXIT
   [ -n "${work:-}" ] && [ -d "$work" ] || return 0
   local f s d
-  for f in "$work"/run/*.json; do  # `rbd map` servers: "POOL.IMAGE.json"
+  local uri c
+  for f in "$work"/run/*.json; do  # `rbd map` servers, "FSID.POOLID.IMAGEID.json": by URI, through their cluster
     [ -e "$f" ] || continue
-    s="$(basename "$f" .json)"
-    CUTTLE_RBD_RUN_DIR="$work/run" "$bin/rbd" unmap "${s/./\/}" >/dev/null 2>&1
+    uri="$(sed -n 's/.*"uri": *"\([^"]*\)".*/\1/p' "$f")"
+    for c in "$work"/*/cuttle.toml; do
+      CUTTLE_RBD_RUN_DIR="$work/run" "$bin/rbd" --conf "$c" unmap "$uri" >/dev/null 2>&1 && break
+    done
   done
   for f in "$work"/*/mon.*.pid; do  # `cuttle up` clusters
     [ -e "$f" ] || continue
@@ -68,7 +71,7 @@ ceph_down() {
 cuttle_up() {
   local dir="$1"; shift
   "$bin/cuttle" up --dir "$dir" "$@" >/dev/null
-  kpids=$(cat "$dir"/*.pid)
+  kpids=$(awk '{print $1}' "$dir"/*.pid)
 }
 
 cuttle_down() { "$bin/cuttle" down --dir "$1" >/dev/null; }

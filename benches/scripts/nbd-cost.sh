@@ -14,7 +14,7 @@ trap "pkill -f $d/ 2>/dev/null; sleep 2; pkill -9 -f $d/ 2>/dev/null; rm -rf $d"
 export CUTTLE_CONF=$d/c/cuttle.toml CUTTLE_RBD_RUN_DIR=$d/run
 $bin/rbd create --size 1G rbd/img
 $bin/rbd bench --io-type write --io-size 4M --io-threads 16 --io-total 1G --io-pattern seq rbd/img >/dev/null
-osds="$(cat $d/c/osd.*.pid)"
+osds="$(awk '{print $1}' $d/c/osd.*.pid)"
 cpu() { for p in "$@"; do awk '{print $14+$15}' /proc/$p/stat; done | awk '{s += $1} END {print s}'; }
 a=$(cpu $osds)
 /usr/bin/time -f "%U %S" -o $d/t1 $bin/rbd bench --io-type $rw --io-size 4K --io-threads 16 --io-total 256M --io-pattern rand --format json rbd/img > $d/b.json
@@ -23,7 +23,7 @@ python3 -c "
 import json; j=json.load(open('$d/b.json')); t=open('$d/t1').read().split()
 ops=j['ops']; print('rbd bench: %.0f IOPS  client %.1f us/op  osds %.1f us/op' % (j['ops_per_s'], (float(t[0])+float(t[1]))*1e6/ops, ($b-$a)*1e4/ops))"
 uri=$($bin/rbd map rbd/img)
-srv=$(cat $d/run/*.pid | head -1)
+srv=$(awk '{print $1}' $d/run/*.pid | head -1)
 a=$(cpu $osds); s1=$(cpu $srv)
 /usr/bin/time -f "%U %S" -o $d/t2 fio --output-format=json --time_based --runtime=5 --name=j --rw=rand$rw --bs=4k --iodepth=16 --ioengine=nbd --uri="$uri" > $d/fio.json 2>/dev/null
 b=$(cpu $osds); s2=$(cpu $srv)

@@ -14,7 +14,7 @@ export CUTTLE_CONF=$d/c/cuttle.toml CUTTLE_RBD_RUN_DIR=$d/run
 $bin/rbd create --size 64M rbd/img
 uri=$($bin/rbd map rbd/img)
 fio --time_based --runtime=3 --name=w --rw=randwrite --bs=4k --iodepth=16 --ioengine=nbd --uri="$uri" >/dev/null 2>&1
-pids="$(cat $d/c/*.pid) $(cat $d/run/*.pid | head -1)"
+pids="$(awk '{print $1}' $d/c/*.pid) $(awk '{print $1}' $d/run/*.pid | head -1)"
 snap() { for p in $pids; do echo "$p $(awk '{print $14+$15}' /proc/$p/stat) $(cat /proc/$p/task/*/status | awk '/ctxt_switches/{s+=$2} END{print s}')"; done; }
 snap > $d/a
 /usr/bin/time -f "%U %S" fio --output-format=json --time_based --runtime=5 --name=j --rw=randwrite --bs=4k --iodepth=16 --fsync=${FS:-256} --ioengine=nbd --uri="$uri" "$@" > $d/fio.json 2>$d/time || true

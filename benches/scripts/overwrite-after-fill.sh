@@ -11,7 +11,7 @@ bin="$root/target/release"
 work="$(mktemp -d /tmp/overwrite-after-fill.XXXXXX)"
 trap '"$bin/cuttle" down --dir "$work/c" >/dev/null 2>&1; rm -rf "$work"' EXIT
 "$bin/cuttle" up --dir "$work/c" >/dev/null
-pids=$(cat "$work"/c/*.pid)
+pids=$(awk '{print $1}' "$work"/c/*.pid)
 dev="$(basename "$(df --output=source "$work" | tail -1)")"
 ticks() { local t=0 p; for p in $pids; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 disk() { sync; awk '{printf "%.0f\n", $7 * 512}' "/sys/class/block/$dev/stat"; }

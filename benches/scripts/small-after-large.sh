@@ -15,7 +15,7 @@ trap '"$bin/cuttle" down --dir "$work/c" >/dev/null 2>&1 || true; rm -rf "$work"
 export CUTTLE_CONF="$work/c/cuttle.toml"
 "$bin/rbd" create --size 256M rbd/img
 "$bin/rbd" bench --io-type write --io-size 4M --io-threads 16 --io-total 256M --io-pattern seq rbd/img >/dev/null
-pids=$(cat "$work"/c/osd.*.pid)
+pids=$(awk '{print $1}' "$work"/c/osd.*.pid)
 ticks() { local t=0 p; for p in $pids; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 for pass in first second; do
   a=$(ticks)
