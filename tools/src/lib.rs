@@ -99,6 +99,9 @@ pub fn quiet_on_broken_pipe() {
 pub fn exit_with(name: &str, r: Result<()>) -> ! {
     let code = match r {
         Ok(()) => 0,
+        // A reader that went away (`rados ls | head`) is not an error to report: end as a C tool killed by
+        // SIGPIPE would.
+        Err(e) if is_broken_pipe(&e) => 141,
         Err(e) => {
             eprintln!("{name}: {e:#}");
             1
@@ -106,6 +109,13 @@ pub fn exit_with(name: &str, r: Result<()>) -> ! {
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code)
+}
+
+/// Whether an error is a write to a closed pipe (anywhere in its chain of causes).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// A progress line on stderr, like Ceph's "Importing image: 45% complete...", drawn only when stderr is a
@@ -142,11 +152,29 @@ impl Progress {
     }
 }
 
-/// Output format of reading commands (`--format`).
+/// Output format of reading commands (`--format`), Ceph's names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Text for people.
     Plain,
+    /// JSON on one line.
     Json,
+    /// JSON, indented.
+    JsonPretty,
+}
+
+impl Format {
+    /// Either JSON format.
+    pub fn is_json(self) -> bool {
+        matches!(self, Format::Json | Format::JsonPretty)
+    }
+
+    /// `v` as this format's JSON text (no trailing newline).
+    pub fn json_text<T: serde::Serialize + ?Sized>(self, v: &T) -> String {
+        let r = if self == Format::JsonPretty { serde_json::to_string_pretty(v) } else { serde_json::to_string(v) };
+        // A `Value` or a derived Serialize of plain data cannot fail to encode.
+        r.expect("plain data encodes as JSON")
+    }
 }
 
 /// The options every admin tool (`cuttle`, `rados`, `rbd`) takes, anywhere on its command line.
@@ -156,7 +184,7 @@ pub struct ToolArgs {
     #[arg(short = 'c', long, global = true)]
     pub conf: Option<PathBuf>,
     /// Output format of reading commands.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    #[arg(short = 'f', long, global = true, value_enum, default_value_t = Format::Plain)]
     pub format: Format,
 }
 
@@ -166,8 +194,9 @@ impl ToolArgs {
         rados::config::Config::discover(self.conf.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Whether the output is JSON (either JSON format).
     pub fn json(&self) -> bool {
-        self.format == Format::Json
+        self.format.is_json()
     }
 }
 
