@@ -334,6 +334,8 @@ pub enum OsdOp {
     AssertVersion {
         version: u64,
     },
+    /// The names of the object's attributes, in order (Ceph's `getxattrs`, without the values).
+    ListXattrs,
 }
 
 impl OsdOp {
@@ -343,6 +345,7 @@ impl OsdOp {
             OsdOp::Read { .. }
                 | OsdOp::Stat
                 | OsdOp::GetXattr { .. }
+                | OsdOp::ListXattrs
                 | OsdOp::OmapGet { .. }
                 | OsdOp::OmapGetKeys { .. }
                 | OsdOp::AssertVersion { .. }

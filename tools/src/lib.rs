@@ -124,14 +124,31 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
 pub struct Progress {
     label: String,
     total: Option<u64>,
+    /// Counts things (`12000 objects...`) rather than bytes.
+    counting: bool,
     enabled: bool,
     last: Option<std::time::Instant>,
+    /// A line was drawn and not yet ended.
+    drawn: bool,
 }
 
 impl Progress {
+    /// Percent of `total` (bytes or items), or MiB so far when the total is unknown.
     pub fn new(label: &str, total: Option<u64>) -> Progress {
         use std::io::IsTerminal;
-        Progress { label: label.to_string(), total, enabled: std::io::stderr().is_terminal(), last: None }
+        let enabled = std::io::stderr().is_terminal();
+        Progress { label: label.to_string(), total, counting: false, enabled, last: None, drawn: false }
+    }
+
+    /// A count of objects with no known total (`Listing: 12000 objects...`); `finish` ends the line.
+    pub fn counting(label: &str) -> Progress {
+        let mut p = Progress::new(label, None);
+        p.counting = true;
+        p
+    }
+
+    pub fn set_total(&mut self, total: u64) {
+        self.total = Some(total);
     }
 
     pub fn update(&mut self, done: u64) {
@@ -139,15 +156,32 @@ impl Progress {
             return;
         }
         self.last = Some(std::time::Instant::now());
+        self.drawn = true;
         match self.total {
             Some(t) if t > 0 => eprint!("\r{}: {}% complete...", self.label, done.min(t) * 100 / t),
+            _ if self.counting => eprint!("\r{}: {done} objects...", self.label),
             _ => eprint!("\r{}: {} MiB...", self.label, done >> 20),
         }
     }
 
     pub fn finish(&mut self) {
-        if self.enabled {
+        if self.enabled && self.counting {
+            if self.drawn {
+                eprintln!("done.");
+            }
+        } else if self.enabled {
             eprintln!("\r{}: 100% complete...done.", self.label);
+        }
+        self.drawn = false;
+    }
+}
+
+impl Drop for Progress {
+    /// A counting line left open (the work failed or moved on) is ended, so what follows starts on its own
+    /// line.
+    fn drop(&mut self) {
+        if self.enabled && self.drawn {
+            eprintln!();
         }
     }
 }
