@@ -1230,7 +1230,7 @@ impl Worker {
                 self.drive(token);
             }
             Adoption::Rejected { reply, reason } => {
-                tracing::info!(peer = ?conn.peer_name(), reason, "rejecting handshake");
+                tracing::info!(peer = %crate::entity::shown_peer(conn.peer_name()), reason, "rejecting handshake");
                 let mut tx = TxQueue::new();
                 tx.push_raw(&reply);
                 let msgr = Arc::clone(&conn.msgr);

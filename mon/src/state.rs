@@ -502,7 +502,8 @@ impl MonState {
             }
             MonRequest::OsdMarkMeDown { osd } => self.osd_mark_me_down(now_ms, from_osd, osd, &mut effects),
             MonRequest::OsdReport { osd, epoch, pgs, ping_times, statfs, io, version } => {
-                let report = OsdReportState { epoch, pgs, ping_times, statfs, io, version, received_ms: now_ms };
+                let report =
+                    OsdReportState { epoch, pgs, ping_times, statfs, io, version, received_ms: now_ms };
                 self.osd_report(now_ms, from_osd, osd, report)
             }
             MonRequest::Command(cmd) => self.command(now_ms, cmd, &mut effects),
@@ -627,7 +628,8 @@ impl MonState {
         }
         let pgs = self.pg_summary_with(now_ms, detail);
         let pg_lines = |pred: &dyn Fn(&str) -> bool| -> Vec<String> {
-            let lines = pgs.unclean.iter().filter(|(_, st)| pred(st)).map(|(pg, st)| format!("pg {pg} is {st}"));
+            let lines =
+                pgs.unclean.iter().filter(|(_, st)| pred(st)).map(|(pg, st)| format!("pg {pg} is {st}"));
             capped(lines.collect())
         };
         let inactive = pgs.inactive + pgs.unknown_stale;
@@ -683,11 +685,15 @@ impl MonState {
         ];
         for ((check, severity, what), osds) in names.into_iter().zip(by_level) {
             if !osds.is_empty() {
-                let named: Vec<String> = osds.iter().map(|(o, r)| format!("{o} ({:.0}%)", r * 100.0)).collect();
+                let named: Vec<String> =
+                    osds.iter().map(|(o, r)| format!("{o} ({:.0}%)", r * 100.0)).collect();
                 let message = format!("{} {what} osd(s): {}", osds.len(), named.join(", "));
                 let detail = osds.iter().map(|(o, r)| format!("{o} is {what} ({:.0}% used)", r * 100.0));
                 let count = osds.len() as u64;
-                checks.insert(check, HealthCheck { severity, message, count, detail: capped(detail.collect()) });
+                checks.insert(
+                    check,
+                    HealthCheck { severity, message, count, detail: capped(detail.collect()) },
+                );
             }
         }
         if !detail {
@@ -1118,7 +1124,9 @@ impl MonState {
         match cmd {
             MonCommand::Status => Ok(MonReply::Json(self.status_json(now_ms).to_string())),
             MonCommand::Health => Ok(MonReply::Json(health_json(&self.health(now_ms)).to_string())),
-            MonCommand::HealthDetail => Ok(MonReply::Json(health_json(&self.health_detail(now_ms)).to_string())),
+            MonCommand::HealthDetail => {
+                Ok(MonReply::Json(health_json(&self.health_detail(now_ms)).to_string()))
+            }
             MonCommand::Versions => Ok(MonReply::Json(self.versions_json().to_string())),
             MonCommand::OsdTree => Ok(MonReply::Json(self.osd_tree_json().to_string())),
             MonCommand::OsdDump => Ok(MonReply::Json(self.osd_dump_json().to_string())),

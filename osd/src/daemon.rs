@@ -781,7 +781,7 @@ impl Dispatcher for PublicDispatcher {
                 let req: OsdOpRequest = match m.decode() {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(peer = ?conn.peer_name(), "undecodable op: {e}");
+                        tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), "undecodable op: {e}");
                         let reply = rados::msg::OsdOpReply {
                             tid: m.tid,
                             epoch: Epoch(0),
@@ -813,7 +813,7 @@ impl Dispatcher for PublicDispatcher {
                 let cmd: OsdCommand = match m.decode() {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(peer = ?conn.peer_name(), "undecodable command: {e}");
+                        tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), "undecodable command: {e}");
                         let reply = OsdCommandReply {
                             result: Err(OsdError::Invalid("cannot decode the command".into())),
                             next: None,

@@ -78,7 +78,8 @@ pub struct IoCounters {
 
 impl IoCounters {
     fn count(&self, write: bool, bytes: u64) {
-        let (ops, b) = if write { (&self.write_ops, &self.write_bytes) } else { (&self.read_ops, &self.read_bytes) };
+        let (ops, b) =
+            if write { (&self.write_ops, &self.write_bytes) } else { (&self.read_ops, &self.read_bytes) };
         ops.fetch_add(1, Ordering::Relaxed);
         b.fetch_add(bytes, Ordering::Relaxed);
     }

@@ -260,9 +260,14 @@ fn parse_value<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, ConfigE
     struct W<T> {
         v: T,
     }
-    let expected = OPTIONS.iter().find(|o| o.name == key).map_or("a value of the option's type", |o| o.expected());
+    let expected =
+        OPTIONS.iter().find(|o| o.name == key).map_or("a value of the option's type", |o| o.expected());
     // The parser's own words name Rust types (`expected f64`): say what the option wants instead.
-    let bad = |_: String| ConfigError::BadValue { key: key.into(), value: value.into(), why: format!("expected {expected}") };
+    let bad = |_: String| ConfigError::BadValue {
+        key: key.into(),
+        value: value.into(),
+        why: format!("expected {expected}"),
+    };
     // As TOML first (numbers, booleans, quoted strings); then as a bare string.
     match toml::from_str::<W<T>>(&format!("v = {value}")) {
         Ok(w) => Ok(w.v),

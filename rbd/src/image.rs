@@ -517,7 +517,11 @@ impl Rbd {
             let (names, next) = self.io.list(cursor.as_ref(), DATA_LIST_PAGE)?;
             listed += names.len() as u64;
             found.extend(
-                names.iter().filter_map(|n| striper::parse_object_name(n)).filter(|(i, _)| *i == id).map(|(_, n)| n),
+                names
+                    .iter()
+                    .filter_map(|n| striper::parse_object_name(n))
+                    .filter(|(i, _)| *i == id)
+                    .map(|(_, n)| n),
             );
             progress(Progress::Listed { objects: listed });
             match next {

@@ -205,7 +205,11 @@ impl Format {
 
     /// `v` as this format's JSON text (no trailing newline).
     pub fn json_text<T: serde::Serialize + ?Sized>(self, v: &T) -> String {
-        let r = if self == Format::JsonPretty { serde_json::to_string_pretty(v) } else { serde_json::to_string(v) };
+        let r = if self == Format::JsonPretty {
+            serde_json::to_string_pretty(v)
+        } else {
+            serde_json::to_string(v)
+        };
         // A `Value` or a derived Serialize of plain data cannot fail to encode.
         r.expect("plain data encodes as JSON")
     }

@@ -86,7 +86,12 @@ enum Cmd {
     /// Configuration.
     // Without this, clap's own `help` subcommand shadows `config help` (it printed clap's usage instead of the
     // options).
-    #[command(disable_help_subcommand = true)]
+    // clap leaves a subcommand named `help` out of the Commands section, so it is listed here by hand.
+    #[command(
+        disable_help_subcommand = true,
+        override_usage = "cuttle config [OPTIONS] <COMMAND>",
+        after_help = "Commands:\n  help  Every option with its default and meaning"
+    )]
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
@@ -297,8 +302,12 @@ fn client_command(c: &Client, cmd: Cmd, fmt: Format) -> Result<()> {
         Cmd::Osd { cmd: OsdCmd::Df } => out(&c.command(MonCommand::OsdDf)?, &plain_osd_df),
         Cmd::Df => out(&c.command(MonCommand::Df)?, &plain_df),
         Cmd::Osd { cmd: OsdCmd::Map { pool, object } } => out(&osd_map(c, &pool, &object)?, &plain_osd_map),
-        Cmd::Osd { cmd: OsdCmd::Out { id } } => done(c.command(MonCommand::OsdOut(id))?, &format!("marked out {id}")),
-        Cmd::Osd { cmd: OsdCmd::In { id } } => done(c.command(MonCommand::OsdIn(id))?, &format!("marked in {id}")),
+        Cmd::Osd { cmd: OsdCmd::Out { id } } => {
+            done(c.command(MonCommand::OsdOut(id))?, &format!("marked out {id}"))
+        }
+        Cmd::Osd { cmd: OsdCmd::In { id } } => {
+            done(c.command(MonCommand::OsdIn(id))?, &format!("marked in {id}"))
+        }
         Cmd::Osd { cmd: OsdCmd::Down { id } } => {
             done(c.command(MonCommand::OsdDown(id))?, &format!("marked down {id}"))
         }
@@ -344,7 +353,11 @@ fn plain_health_detail(v: &Value) -> String {
     let summaries: Vec<&str> =
         checks.into_iter().flatten().filter_map(|(_, c)| c["summary"]["message"].as_str()).collect();
     let status = v["status"].as_str().unwrap_or("HEALTH_UNKNOWN");
-    let mut s = if summaries.is_empty() { format!("{status}\n") } else { format!("{status} {}\n", summaries.join("; ")) };
+    let mut s = if summaries.is_empty() {
+        format!("{status}\n")
+    } else {
+        format!("{status} {}\n", summaries.join("; "))
+    };
     for (code, c) in checks.into_iter().flatten() {
         let sev = match c["severity"].as_str() {
             Some("HEALTH_ERR") => "ERR",
@@ -387,7 +400,13 @@ fn plain_osd_dump(v: &Value) -> String {
             addr("cluster_addr"),
             addr("heartbeat_back_addr"),
             addr("heartbeat_front_addr"),
-            o["state"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+            o["state"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
             o["uuid"].as_str().unwrap_or("")
         ));
     }
@@ -423,8 +442,13 @@ fn plain_status(v: &Value) -> String {
     s.push_str(&format!("    health: {}", plain_health(&v["health"]).replace('\n', "\n        ")));
     s = s.trim_end().to_string();
     s.push_str("\n\n  services:\n");
-    let quorum: Vec<String> =
-        v["quorum_names"].as_array().into_iter().flatten().filter_map(Value::as_str).map(String::from).collect();
+    let quorum: Vec<String> = v["quorum_names"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect();
     s.push_str(&format!(
         "    mon: {} daemons, quorum {} (age {})\n",
         v["monmap"]["num_mons"],

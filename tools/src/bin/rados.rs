@@ -210,7 +210,8 @@ fn df(client: &Client, fmt: Format) -> Result<()> {
         .flatten()
         .map(|p| {
             let st = &p["stats"];
-            let copies = n(st, "objects") * if n(st, "stored") > 0 { n(st, "bytes_used") / n(st, "stored") } else { 0 };
+            let copies = n(st, "objects")
+                * if n(st, "stored") > 0 { n(st, "bytes_used") / n(st, "stored") } else { 0 };
             serde_json::json!({
                 "name": p["name"], "id": p["id"], "size_bytes": n(st, "bytes_used"),
                 "size_kb": n(st, "bytes_used") / 1024, "num_objects": n(st, "objects"),
@@ -313,7 +314,8 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
         }
         Cmd::Rm { objs } => {
             for obj in objs {
-                io.remove(obj).map_err(|e| anyhow!("error removing object '{}' from pool '{pool}': {e}", shown(obj)))?;
+                io.remove(obj)
+                    .map_err(|e| anyhow!("error removing object '{}' from pool '{pool}': {e}", shown(obj)))?;
             }
             Ok(())
         }
@@ -340,8 +342,9 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
             Ok(())
         }
         Cmd::Listxattr { obj } => {
-            let names =
-                io.listxattrs(obj).with_context(|| format!("error listing xattrs of {pool}/{}", shown(obj)))?;
+            let names = io
+                .listxattrs(obj)
+                .with_context(|| format!("error listing xattrs of {pool}/{}", shown(obj)))?;
             if json {
                 writeln!(out, "{}", fmt.json_text(&names))?;
             } else {

@@ -506,8 +506,10 @@ fn ls_long(rbd: &Rbd, pool: &str, names: &[String], fmt: Format) -> Result<()> {
         }
     }
     if fmt.is_json() {
-        let v: Vec<serde_json::Value> =
-            rows.iter().map(|i| serde_json::json!({"image": i.name, "id": i.id, "size": i.size, "format": 2})).collect();
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|i| serde_json::json!({"image": i.name, "id": i.id, "size": i.size, "format": 2}))
+            .collect();
         println!("{}", fmt.json_text(&v));
         return Ok(());
     }
