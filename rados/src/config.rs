@@ -69,7 +69,7 @@ fn human_bytes(n: u64) -> String {
     let mut shown = format!("{n} B");
     let mut v = n;
     for unit in UNITS {
-        if v % 1024 != 0 || v == 0 {
+        if v == 0 || !v.is_multiple_of(1024) {
             break;
         }
         v /= 1024;
