@@ -30,6 +30,8 @@ fn requests() -> Vec<MonRequest> {
     let cmds = [
         MonCommand::Status,
         MonCommand::Health,
+        MonCommand::HealthDetail,
+        MonCommand::Versions,
         MonCommand::OsdTree,
         MonCommand::OsdDump,
         MonCommand::OsdDf,
@@ -71,6 +73,8 @@ fn requests() -> Vec<MonRequest> {
                 omap: 4096,
                 meta: 1 << 20,
             },
+            io: rados::msg::OsdIoStats { read_ops: 3, read_bytes: 4096, write_ops: 2, write_bytes: 8192 },
+            version: rados::msg::daemon_version(),
         },
     ];
     v.extend(cmds.into_iter().map(MonRequest::Command));

@@ -43,7 +43,7 @@ fn ops_requests() -> Vec<OsdOpRequest> {
         ),
         req("obj", vec![OsdOp::Zero { offset: 50, len: 70_000 }, OsdOp::Truncate { size: 60 }]),
         req("obj", vec![OsdOp::SetXattr { name: "x".into(), len: 3 }, OsdOp::GetXattr { name: "_".into() }]),
-        req("obj", vec![OsdOp::RmXattr { name: "_".into() }, OsdOp::Remove]),
+        req("obj", vec![OsdOp::ListXattrs, OsdOp::RmXattr { name: "_".into() }, OsdOp::Remove]),
         req(
             "obj",
             vec![

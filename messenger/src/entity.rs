@@ -54,6 +54,11 @@ impl fmt::Display for EntityName {
     }
 }
 
+/// A peer's name for logs and messages: `client.4123`, or `unidentified` before its handshake names it.
+pub fn shown_peer(name: Option<EntityName>) -> String {
+    name.map_or_else(|| "unidentified".to_string(), |n| n.to_string())
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("bad entity name {0:?}: expected TYPE.NUM with TYPE one of mon, osd, client")]
 pub struct ParseEntityError(pub String);

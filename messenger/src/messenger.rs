@@ -240,7 +240,7 @@ impl ConnShared {
                 // Once per fault: sends refused until the worker has faulted the session are not news.
                 if !std::mem::replace(&mut self.inbox.lock().backlog_fault, true) {
                     Counters::add(&self.msgr.counters.send_backlog_faults, 1);
-                    tracing::info!(peer = ?self.peer_name(), conn = self.id, queued, "outgoing bound reached; faulting");
+                    tracing::info!(peer = %crate::entity::shown_peer(self.peer_name()), conn = self.id, queued, "outgoing bound reached; faulting");
                     self.kick();
                 }
                 return Err(SendError::Backlog { queued, max });

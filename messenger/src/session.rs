@@ -460,7 +460,7 @@ impl Session {
                 if self.standby_since.is_some_and(|t| now >= t + self.cfg.standby_timeout) {
                     // Nobody came back for this session: forget it rather than keep it forever (a peer that
                     // handshakes with random identities must not accumulate sessions).
-                    tracing::info!(peer = ?self.peer_name, "standby session expired");
+                    tracing::info!(peer = %crate::entity::shown_peer(self.peer_name), "standby session expired");
                     self.drop_queues();
                     self.state = State::Closed;
                     self.outputs.push_back(Output::Reset);
@@ -663,7 +663,7 @@ impl Session {
                 self.open(now, true);
             }
             (State::Ident, Tag::SessionReset) => {
-                tracing::info!(peer = ?self.peer_name, "peer has no session for us: resetting");
+                tracing::info!(peer = %crate::entity::shown_peer(self.peer_name), "peer has no session for us: resetting");
                 self.reset_session(true);
                 self.reconnect_now(now, CloseReason::RejectedHandshake("SessionReset"));
             }

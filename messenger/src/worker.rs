@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::counters::Counters;
+use crate::entity::EntityType;
 use crate::frame::{RxBuf, TxQueue, IOV_MAX};
 use crate::message::Message;
 use crate::messenger::{ConnShared, Delivery, MsgrInner, BUSY_RETRY};
@@ -1084,9 +1085,21 @@ impl Worker {
                 {
                     msgr.counters.faults.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::info!(
-                    peer = ?se.sess.peer_name(), conn = se.conn.id, %reason, "closing socket"
-                );
+                let peer = se.sess.peer_name();
+                let shown = peer.map_or_else(|| "unidentified".to_string(), |p| p.to_string());
+                // A client that hangs up after its command, a socket replaced or marked down, a shutdown: the
+                // routine end of a session, which would otherwise fill a monitor's log (one line per CLI
+                // run). Faults and a daemon peer that vanishes stay at info.
+                let routine = match reason {
+                    CloseReason::Replaced | CloseReason::MarkedDown | CloseReason::Shutdown => true,
+                    CloseReason::PeerClosed => peer.is_some_and(|p| p.ty == EntityType::Client),
+                    _ => false,
+                };
+                if routine {
+                    tracing::debug!(peer = %shown, conn = se.conn.id, %reason, "closing socket");
+                } else {
+                    tracing::info!(peer = %shown, conn = se.conn.id, %reason, "closing socket");
+                }
                 se.connecting = false;
                 if let Some(mut s) = se.stream.take() {
                     let _ = self.poll.registry().deregister(&mut s);
@@ -1217,7 +1230,7 @@ impl Worker {
                 self.drive(token);
             }
             Adoption::Rejected { reply, reason } => {
-                tracing::info!(peer = ?conn.peer_name(), reason, "rejecting handshake");
+                tracing::info!(peer = %crate::entity::shown_peer(conn.peer_name()), reason, "rejecting handshake");
                 let mut tx = TxQueue::new();
                 tx.push_raw(&reply);
                 let msgr = Arc::clone(&conn.msgr);

@@ -473,7 +473,7 @@ fn peer_that_stops_reading_is_throttled_then_dropped() {
     assert!(c.bytes_in < written, "the server stopped reading: it read {} of {written} bytes", c.bytes_in);
     assert!(served < seq, "requests were left unread: {served} of {seq} served");
     assert!(closed_after < idle + CLOSE_WITHIN, "closed {closed_after:?} after the throttle engaged");
-    let peer = "num: 1009 }";
+    let peer = "peer=client.1009 ";
     let lines = log_lines_with(&["closing socket", peer]);
     assert!(
         lines.iter().any(|l| l.contains("reason=peer stopped reading")),
@@ -553,7 +553,7 @@ fn peer_that_never_reads_is_faulted_at_the_outgoing_bound() {
     let high = conn.outgoing_bytes_high_water();
     assert!(high <= BOUND, "held {high} bytes for the peer, over the bound {BOUND}");
     assert!(high > BOUND - REPLY_BYTES as u64, "the bound was reached: high water {high}");
-    let lines = log_lines_with(&["closing socket", "num: 1013 }"]);
+    let lines = log_lines_with(&["closing socket", "peer=client.1013 "]);
     assert!(
         lines.iter().any(|l| l.contains("reason=peer left more unread than the outgoing bound")),
         "closed for the wrong reason: {lines:?}"

@@ -319,12 +319,12 @@ impl Inner {
     fn subscribe(&self, core: &mut Core, conn: &Connection, have: Option<Epoch>, log: bool) {
         let cur = core.state.map().epoch;
         if have.is_some_and(|h| h > cur) {
-            tracing::warn!(peer = ?conn.peer_name(), ?have, %cur, "subscriber claims a newer map than ours");
+            tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), ?have, %cur, "subscriber claims a newer map than ours");
         }
         if !core.subs.contains_key(&conn.id()) {
             core.subs.retain(|_, s| !s.conn.is_closed());
             if core.subs.len() >= SUBSCRIBERS_MAX {
-                tracing::warn!(peer = ?conn.peer_name(), "too many subscribers; subscription refused");
+                tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), "too many subscribers; subscription refused");
                 return;
             }
         }
@@ -379,7 +379,7 @@ impl Inner {
     fn garbage(&self, conn: &Connection, what: &str) {
         let n = self.garbage.fetch_add(1, Ordering::Relaxed);
         if n < GARBAGE_LOGGED_FIRST || n.is_multiple_of(GARBAGE_LOGGED_EVERY) {
-            tracing::warn!(peer = ?conn.peer_name(), key = %conn.peer_key(), dropped_so_far = n, "{what}; dropped");
+            tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), key = %conn.peer_key(), dropped_so_far = n, "{what}; dropped");
         }
     }
 }

@@ -33,7 +33,8 @@ use rados::map::{
     POOLS_MAX, POOL_NAME_BYTES_MAX, POOL_PG_NUM_MAX, POOL_SIZE_MAX, WEIGHT_ONE,
 };
 use rados::msg::{
-    LogEntry, LogLevel, MapUpdate, MonCommand, MonError, MonReply, MonRequest, OsdStatfs, PgStat, PingTime,
+    LogEntry, LogLevel, MapUpdate, MonCommand, MonError, MonReply, MonRequest, OsdIoStats, OsdStatfs, PgStat,
+    PingTime, VERSION_BYTES_MAX,
 };
 use rados::{Epoch, Fsid, IdParseError, OsdId, PgId, PoolId};
 
@@ -82,7 +83,7 @@ pub enum OptionsError {
     MinDownReporters,
     #[error("{0}")]
     PoolDefaults(String),
-    #[error("mon_osd_nearfull_ratio <= mon_osd_backfillfull_ratio <= mon_osd_full_ratio, each in 0..=1, not {0:?}")]
+    #[error("mon_osd_nearfull_ratio <= mon_osd_backfillfull_ratio <= mon_osd_full_ratio, each from 0 to 1, not {0:?}")]
     FullRatios([f64; 3]),
 }
 
@@ -121,13 +122,13 @@ impl MonOptions {
         }
         if !(1..=POOL_SIZE_MAX).contains(&cfg.osd_pool_default_size) {
             return Err(OptionsError::PoolDefaults(format!(
-                "osd_pool_default_size {} not in 1..={POOL_SIZE_MAX}",
+                "osd_pool_default_size is {}: it must be 1 to {POOL_SIZE_MAX}",
                 cfg.osd_pool_default_size
             )));
         }
         if !(1..=POOL_PG_NUM_MAX).contains(&cfg.osd_pool_default_pg_num) {
             return Err(OptionsError::PoolDefaults(format!(
-                "osd_pool_default_pg_num {} not in 1..={POOL_PG_NUM_MAX}",
+                "osd_pool_default_pg_num is {}: it must be 1 to {POOL_PG_NUM_MAX}",
                 cfg.osd_pool_default_pg_num
             )));
         }
@@ -266,6 +267,33 @@ struct OsdRuntime {
     /// until its first report. A restored monitor watches every OSD it finds up, from the restart on.
     last_heard_ms: Option<u64>,
     report: Option<OsdReportState>,
+    /// Client I/O per second between its last two reports (none until two reports, or after a restart of
+    /// the OSD made its counters go back).
+    io_rate: Option<IoRate>,
+}
+
+/// Client I/O per second an OSD served between two reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IoRate {
+    pub read_ops: f64,
+    pub read_bytes: f64,
+    pub write_ops: f64,
+    pub write_bytes: f64,
+}
+
+impl IoRate {
+    /// The rate between two readings of an OSD's counters, `None` if they went back (the OSD restarted) or
+    /// no time passed.
+    fn between(before: &OsdIoStats, before_ms: u64, after: &OsdIoStats, after_ms: u64) -> Option<IoRate> {
+        let secs = after_ms.checked_sub(before_ms).filter(|&d| d > 0)? as f64 / 1000.0;
+        let d = |a: u64, b: u64| b.checked_sub(a).map(|n| n as f64 / secs);
+        Some(IoRate {
+            read_ops: d(before.read_ops, after.read_ops)?,
+            read_bytes: d(before.read_bytes, after.read_bytes)?,
+            write_ops: d(before.write_ops, after.write_ops)?,
+            write_bytes: d(before.write_bytes, after.write_bytes)?,
+        })
+    }
 }
 
 /// The last report of one OSD.
@@ -275,6 +303,8 @@ struct OsdReportState {
     pgs: Vec<PgStat>,
     ping_times: Vec<PingTime>,
     statfs: OsdStatfs,
+    io: OsdIoStats,
+    version: String,
     received_ms: u64,
 }
 
@@ -302,6 +332,21 @@ pub struct HealthCheck {
     pub severity: HealthStatus,
     pub message: String,
     pub count: u64,
+    /// One line per affected OSD or PG (`ceph health detail`), at most `HEALTH_DETAIL_LINES_MAX`.
+    pub detail: Vec<String>,
+}
+
+/// Most detail lines one health check carries; the rest are counted in a last line.
+pub const HEALTH_DETAIL_LINES_MAX: usize = 50;
+
+/// `lines` cut to [`HEALTH_DETAIL_LINES_MAX`], the cut ones counted.
+fn capped(mut lines: Vec<String>) -> Vec<String> {
+    if lines.len() > HEALTH_DETAIL_LINES_MAX {
+        let more = lines.len() - (HEALTH_DETAIL_LINES_MAX - 1);
+        lines.truncate(HEALTH_DETAIL_LINES_MAX - 1);
+        lines.push(format!("... and {more} more"));
+    }
+    lines
 }
 
 /// The cluster's health: the worst severity of its failing checks.
@@ -331,6 +376,8 @@ pub struct PgSummary {
     pub inactive_pgs: Vec<PgId>,
     pub num_objects: u64,
     pub data_bytes: u64,
+    /// Every PG that is not active+clean, with its state, in PG order (for `health detail`).
+    pub unclean: Vec<(PgId, String)>,
 }
 
 /// The monitor's state machine. See the module doc.
@@ -354,6 +401,8 @@ pub struct MonState {
     /// PG -> since when (as of the ticks) it has been inactive or unknown: a PG inactive for
     /// `pg_stuck_threshold_ms` is stuck, and makes health an error. Bounded by the PGs of the map.
     inactive_since_ms: BTreeMap<PgId, u64>,
+    /// When this monitor started (created or restored), for the age `cuttle status` shows.
+    started_ms: u64,
 }
 
 impl MonState {
@@ -374,6 +423,7 @@ impl MonState {
             next_log_seq: 1,
             last_health: BTreeMap::new(),
             inactive_since_ms: BTreeMap::new(),
+            started_ms: now_ms,
         };
         let mut effects = Vec::new();
         let inc = state.map.incremental();
@@ -438,6 +488,7 @@ impl MonState {
             next_log_seq,
             last_health: BTreeMap::new(),
             inactive_since_ms: BTreeMap::new(),
+            started_ms: now_ms,
         })
     }
 
@@ -500,8 +551,10 @@ impl MonState {
                 self.osd_failure(now_ms, from_osd, reporter, target, failed_for_ms, alive, &mut effects)
             }
             MonRequest::OsdMarkMeDown { osd } => self.osd_mark_me_down(now_ms, from_osd, osd, &mut effects),
-            MonRequest::OsdReport { osd, epoch, pgs, ping_times, statfs } => {
-                self.osd_report(now_ms, from_osd, osd, epoch, pgs, ping_times, statfs)
+            MonRequest::OsdReport { osd, epoch, pgs, ping_times, statfs, io, version } => {
+                let report =
+                    OsdReportState { epoch, pgs, ping_times, statfs, io, version, received_ms: now_ms };
+                self.osd_report(now_ms, from_osd, osd, report)
             }
             MonRequest::Command(cmd) => self.command(now_ms, cmd, &mut effects),
         };
@@ -585,25 +638,51 @@ impl MonState {
 
     /// The cluster's health now. See [`PgSummary`] for the PG rules.
     pub fn health(&self, now_ms: u64) -> Health {
+        self.health_with(now_ms, false)
+    }
+
+    /// [`MonState::health`] with the detail lines of each check (`ceph health detail`).
+    pub fn health_detail(&self, now_ms: u64) -> Health {
+        self.health_with(now_ms, true)
+    }
+
+    fn health_with(&self, now_ms: u64, detail: bool) -> Health {
         let mut checks = BTreeMap::new();
         if self.map.osds.is_empty() {
             checks.insert(
                 "TOO_FEW_OSDS",
-                HealthCheck { severity: HealthStatus::Warn, message: "no osds".into(), count: 0 },
+                HealthCheck {
+                    severity: HealthStatus::Warn,
+                    message: "no osds".into(),
+                    count: 0,
+                    detail: Vec::new(),
+                },
             );
         }
-        let down_in = self.map.osds.values().filter(|i| !i.up && i.in_).count() as u64;
-        if down_in > 0 {
+        let down_in: Vec<String> = self
+            .map
+            .osds
+            .iter()
+            .filter(|(_, i)| !i.up && i.in_)
+            .map(|(id, i)| format!("{id} (root=default,host={}) is down", i.host))
+            .collect();
+        if !down_in.is_empty() {
             checks.insert(
                 "OSD_DOWN",
                 HealthCheck {
                     severity: HealthStatus::Warn,
-                    message: format!("{down_in} osds down"),
-                    count: down_in,
+                    message: format!("{} osds down", down_in.len()),
+                    count: down_in.len() as u64,
+                    detail: capped(down_in),
                 },
             );
         }
-        let pgs = self.pg_summary(now_ms);
+        let pgs = self.pg_summary_with(now_ms, detail);
+        let pg_lines = |pred: &dyn Fn(&str) -> bool| -> Vec<String> {
+            let lines =
+                pgs.unclean.iter().filter(|(_, st)| pred(st)).map(|(pg, st)| format!("pg {pg} is {st}"));
+            capped(lines.collect())
+        };
         let inactive = pgs.inactive + pgs.unknown_stale;
         if inactive > 0 || pgs.unknown_recent > 0 {
             let mut parts = Vec::new();
@@ -629,6 +708,7 @@ impl MonState {
                     severity,
                     message: format!("Reduced data availability: {}", parts.join(", ")),
                     count: inactive + pgs.unknown_recent,
+                    detail: pg_lines(&|st| st == "unknown" || !st.starts_with("active")),
                 },
             );
         }
@@ -646,15 +726,16 @@ impl MonState {
                     severity: HealthStatus::Warn,
                     message: format!("Degraded data redundancy: {}", parts.join(", ")),
                     count: pgs.undersized.max(pgs.degraded),
+                    detail: pg_lines(&|st| st.contains("undersized") || st.contains("degraded")),
                 },
             );
         }
         // Fullness, as Ceph: each OSD counts under the highest ratio it reached (full beats backfillfull beats
         // nearfull), named in the message.
-        let mut by_level: [Vec<String>; 3] = Default::default();
+        let mut by_level: [Vec<(OsdId, f64)>; 3] = Default::default();
         for (osd, ratio) in self.osd_used_ratios() {
             if let Some(level) = self.opts.full_ratios.iter().rposition(|&r| ratio >= r) {
-                by_level[level].push(format!("{osd} ({:.0}%)", ratio * 100.0));
+                by_level[level].push((osd, ratio));
             }
         }
         let names = [
@@ -664,9 +745,19 @@ impl MonState {
         ];
         for ((check, severity, what), osds) in names.into_iter().zip(by_level) {
             if !osds.is_empty() {
-                let message = format!("{} {what} osd(s): {}", osds.len(), osds.join(", "));
-                checks.insert(check, HealthCheck { severity, message, count: osds.len() as u64 });
+                let named: Vec<String> =
+                    osds.iter().map(|(o, r)| format!("{o} ({:.0}%)", r * 100.0)).collect();
+                let message = format!("{} {what} osd(s): {}", osds.len(), named.join(", "));
+                let detail = osds.iter().map(|(o, r)| format!("{o} is {what} ({:.0}% used)", r * 100.0));
+                let count = osds.len() as u64;
+                checks.insert(
+                    check,
+                    HealthCheck { severity, message, count, detail: capped(detail.collect()) },
+                );
             }
+        }
+        if !detail {
+            checks.values_mut().for_each(|c| c.detail.clear());
         }
         let status = checks.values().map(|c| c.severity).max().unwrap_or(HealthStatus::Ok);
         Health { status, checks }
@@ -821,6 +912,11 @@ impl MonState {
     /// PG states from the reports of up OSDs. Where two OSDs report one PG (a primary change in flight), the
     /// report made at the newer map epoch wins, then the more recent one.
     pub fn pg_summary(&self, now_ms: u64) -> PgSummary {
+        self.pg_summary_with(now_ms, false)
+    }
+
+    /// [`MonState::pg_summary`], listing the PGs that are not clean when `unclean` is asked for.
+    fn pg_summary_with(&self, now_ms: u64, unclean: bool) -> PgSummary {
         let mut known: HashMap<PgId, (&PgStat, Epoch, u64)> = HashMap::new();
         for (&id, rt) in &self.osds {
             let Some(r) = &rt.report else { continue };
@@ -867,6 +963,9 @@ impl MonState {
             } else {
                 "active+clean"
             };
+            if unclean && state != "active+clean" {
+                s.unclean.push((*pgid, state.to_string()));
+            }
             *s.by_state.entry(state.to_string()).or_default() += 1;
         }
         let grace = self.opts.heartbeat_grace_ms;
@@ -881,6 +980,12 @@ impl MonState {
             s.inactive_pgs.extend(
                 (0..pool.pg_num).map(|seed| PgId { pool: *id, seed }).filter(|pg| !known.contains_key(pg)),
             );
+            for seed in (0..pool.pg_num).filter(|_| unclean) {
+                let pg = PgId::new(*id, seed);
+                if !known.contains_key(&pg) {
+                    s.unclean.push((pg, "unknown".to_string()));
+                }
+            }
             let created = self.pool_created_ms.get(id).copied().unwrap_or(0);
             if up_long_enough && now_ms.saturating_sub(created) >= grace {
                 s.unknown_stale += unknown;
@@ -888,6 +993,7 @@ impl MonState {
                 s.unknown_recent += unknown;
             }
         }
+        s.unclean.sort();
         s
     }
 
@@ -1000,7 +1106,7 @@ impl MonState {
     ) -> Result<MonReply, MonError> {
         if from_osd.is_some_and(|f| f != reporter) {
             tracing::warn!(?from_osd, %reporter, %target, "failure report signed by another OSD; dropped");
-            return Err(MonError::Refused(format!("report from {from_osd:?} signed {reporter}")));
+            return Err(MonError::Refused(format!("report from {} signed {reporter}", sender(from_osd))));
         }
         if reporter == target || !self.map.is_up(reporter) || !self.map.is_up(target) {
             // About or from a down (or unknown) OSD: stale, as Ceph drops them.
@@ -1042,7 +1148,7 @@ impl MonState {
             return Err(MonError::NoSuchOsd(osd));
         }
         if from_osd.is_some_and(|f| f != osd) {
-            return Err(MonError::Refused(format!("{from_osd:?} cannot mark {osd} down")));
+            return Err(MonError::Refused(format!("{} cannot mark {osd} down", sender(from_osd))));
         }
         if self.map.is_up(osd) {
             let mut inc = self.map.incremental();
@@ -1059,17 +1165,15 @@ impl MonState {
         now_ms: u64,
         from_osd: Option<OsdId>,
         osd: OsdId,
-        epoch: Epoch,
-        pgs: Vec<PgStat>,
-        ping_times: Vec<PingTime>,
-        statfs: OsdStatfs,
+        report: OsdReportState,
     ) -> Result<MonReply, MonError> {
+        let OsdReportState { pgs, ping_times, version, .. } = &report;
         if !self.map.osds.contains_key(&osd) {
             return Err(MonError::NoSuchOsd(osd));
         }
         if from_osd.is_some_and(|f| f != osd) {
             tracing::warn!(?from_osd, %osd, "report signed by another OSD; dropped");
-            return Err(MonError::Refused(format!("report from {from_osd:?} signed {osd}")));
+            return Err(MonError::Refused(format!("report from {} signed {osd}", sender(from_osd))));
         }
         if pgs.len() > PG_STATS_PER_REPORT_MAX || ping_times.len() > PING_TIMES_PER_REPORT_MAX {
             return Err(MonError::Invalid(format!(
@@ -1078,13 +1182,22 @@ impl MonState {
                 ping_times.len()
             )));
         }
+        if version.len() > VERSION_BYTES_MAX || version.chars().any(|c| c.is_control()) {
+            return Err(MonError::Invalid(format!(
+                "a version must be at most {VERSION_BYTES_MAX} bytes without control characters"
+            )));
+        }
         if !self.map.is_up(osd) {
             // From before it was marked down (or from an OSD that has not booted): stale.
             return Ok(MonReply::Ok);
         }
         let rt = self.runtime(osd);
         rt.last_heard_ms = Some(now_ms);
-        rt.report = Some(OsdReportState { epoch, pgs, ping_times, statfs, received_ms: now_ms });
+        rt.io_rate = rt
+            .report
+            .as_ref()
+            .and_then(|prev| IoRate::between(&prev.io, prev.received_ms, &report.io, report.received_ms));
+        rt.report = Some(report);
         Ok(MonReply::Ok)
     }
 
@@ -1097,6 +1210,10 @@ impl MonState {
         match cmd {
             MonCommand::Status => Ok(MonReply::Json(self.status_json(now_ms).to_string())),
             MonCommand::Health => Ok(MonReply::Json(health_json(&self.health(now_ms)).to_string())),
+            MonCommand::HealthDetail => {
+                Ok(MonReply::Json(health_json(&self.health_detail(now_ms)).to_string()))
+            }
+            MonCommand::Versions => Ok(MonReply::Json(self.versions_json().to_string())),
             MonCommand::OsdTree => Ok(MonReply::Json(self.osd_tree_json().to_string())),
             MonCommand::OsdDump => Ok(MonReply::Json(self.osd_dump_json().to_string())),
             MonCommand::OsdPingTimes => Ok(MonReply::Json(self.ping_times_json().to_string())),
@@ -1188,15 +1305,15 @@ impl MonState {
         }
         let size = size.unwrap_or(self.opts.pool_default_size);
         if !(1..=POOL_SIZE_MAX).contains(&size) {
-            return Err(MonError::Invalid(format!("size {size} not in 1..={POOL_SIZE_MAX}")));
+            return Err(MonError::Invalid(format!("size {size}: it must be 1 to {POOL_SIZE_MAX}")));
         }
         let min_size = min_size.unwrap_or_else(|| self.opts.default_min_size(size));
         if !(1..=size).contains(&min_size) {
-            return Err(MonError::Invalid(format!("min_size {min_size} not in 1..={size} (size)")));
+            return Err(MonError::Invalid(format!("min_size {min_size}: it must be 1 to the size, {size}")));
         }
         let pg_num = pg_num.unwrap_or(self.opts.pool_default_pg_num);
         if !(1..=POOL_PG_NUM_MAX).contains(&pg_num) {
-            return Err(MonError::Invalid(format!("pg_num {pg_num} not in 1..={POOL_PG_NUM_MAX}")));
+            return Err(MonError::Invalid(format!("pg_num {pg_num}: it must be 1 to {POOL_PG_NUM_MAX}")));
         }
         if let Some(existing) = self.map.pool_by_name(&name) {
             // A resent create (the MonClient resends after a reconnect) or a repeated one succeeds, as
@@ -1388,10 +1505,22 @@ impl MonState {
         let pgs = self.pg_summary(now_ms);
         let by_state: Vec<Value> =
             pgs.by_state.iter().map(|(s, n)| json!({"state_name": s, "count": n})).collect();
+        let raw = self.raw_statfs();
+        let mut io = IoRate::default();
+        for (o, rt) in &self.osds {
+            if let Some(r) = rt.io_rate.filter(|_| self.map.is_up(*o)) {
+                io.read_ops += r.read_ops;
+                io.read_bytes += r.read_bytes;
+                io.write_ops += r.write_ops;
+                io.write_bytes += r.write_bytes;
+            }
+        }
         json!({
             "fsid": m.fsid.to_string(),
             "health": health_json(&self.health(now_ms)),
+            "quorum": [0],
             "quorum_names": ["0"],
+            "quorum_age": now_ms.saturating_sub(self.started_ms) / 1000,
             "monmap": {"num_mons": 1},
             "osdmap": {
                 "epoch": m.epoch.0,
@@ -1406,8 +1535,48 @@ impl MonState {
                 "num_pools": m.pools.len(),
                 "num_objects": pgs.num_objects,
                 "data_bytes": pgs.data_bytes,
+                "bytes_used": raw.used(),
+                "bytes_avail": raw.available,
+                "bytes_total": raw.total,
+                "read_bytes_sec": io.read_bytes.round() as u64,
+                "write_bytes_sec": io.write_bytes.round() as u64,
+                "read_op_per_sec": io.read_ops.round() as u64,
+                "write_op_per_sec": io.write_ops.round() as u64,
             },
         })
+    }
+
+    /// Raw space over the up OSDs that reported it.
+    fn raw_statfs(&self) -> OsdStatfs {
+        let mut raw = OsdStatfs::default();
+        for (o, rt) in &self.osds {
+            if let Some(st) = rt.report.as_ref().map(|r| r.statfs).filter(|_| self.map.is_up(*o)) {
+                raw.total += st.total;
+                raw.available += st.available;
+                raw.allocated += st.allocated;
+                raw.data_stored += st.data_stored;
+                raw.omap += st.omap;
+                raw.meta += st.meta;
+            }
+        }
+        raw
+    }
+
+    /// `ceph versions`: how many daemons of each kind run each version (up OSDs, from their reports).
+    fn versions_json(&self) -> Value {
+        let mut mon: BTreeMap<String, u64> = BTreeMap::new();
+        *mon.entry(rados::msg::daemon_version()).or_default() += 1;
+        let mut osd: BTreeMap<String, u64> = BTreeMap::new();
+        for (o, rt) in &self.osds {
+            if let Some(r) = rt.report.as_ref().filter(|_| self.map.is_up(*o)) {
+                *osd.entry(r.version.clone()).or_default() += 1;
+            }
+        }
+        let mut overall = mon.clone();
+        for (v, n) in &osd {
+            *overall.entry(v.clone()).or_default() += n;
+        }
+        json!({"mon": mon, "osd": osd, "overall": overall})
     }
 
     fn osd_tree_json(&self) -> Value {
@@ -1529,6 +1698,11 @@ fn changes_placement(inc: &Incremental) -> bool {
         || inc.osd_changes.values().any(|c| c.in_.is_some() || c.weight.is_some() || c.host.is_some())
 }
 
+/// Who sent a request, for messages: an OSD's name, else "a client".
+fn sender(from_osd: Option<OsdId>) -> String {
+    from_osd.map_or_else(|| "a client".to_string(), |o| o.to_string())
+}
+
 fn check_host(host: &str) -> Result<(), MonError> {
     if host.is_empty() || host.len() > HOST_NAME_BYTES_MAX || host.chars().any(|c| c.is_control()) {
         return Err(MonError::Invalid(format!(
@@ -1552,9 +1726,11 @@ pub fn health_json(h: &Health) -> Value {
         .checks
         .iter()
         .map(|(code, c)| {
+            let detail: Vec<Value> = c.detail.iter().map(|l| json!({ "message": l })).collect();
             let v = json!({
                 "severity": c.severity.as_str(),
                 "summary": {"message": c.message, "count": c.count},
+                "detail": detail,
                 "muted": false,
             });
             (code.to_string(), v)
@@ -1720,7 +1896,15 @@ mod tests {
             let map = self.s.map().clone();
             for (osd, pgs) in self.primaries_stats(pool, acting_up, objects) {
                 let statfs = OsdStatfs::default();
-                let r = MonRequest::OsdReport { osd, epoch: map.epoch, pgs, ping_times: vec![], statfs };
+                let r = MonRequest::OsdReport {
+                    osd,
+                    epoch: map.epoch,
+                    pgs,
+                    ping_times: vec![],
+                    statfs,
+                    io: OsdIoStats::default(),
+                    version: rados::msg::daemon_version(),
+                };
                 assert_eq!(self.req(Some(osd), r), (MonReply::Ok, vec![]));
             }
         }
@@ -1762,6 +1946,8 @@ mod tests {
                 pgs,
                 ping_times: vec![],
                 statfs,
+                io: OsdIoStats::default(),
+                version: rados::msg::daemon_version(),
             };
             assert_eq!(self.req(Some(OsdId(osd)), r).0, MonReply::Ok);
         }
@@ -2591,6 +2777,8 @@ mod tests {
                 pgs: vec![],
                 ping_times: pings,
                 statfs: OsdStatfs::default(),
+                io: OsdIoStats::default(),
+                version: rados::msg::daemon_version(),
             },
         );
         let pt = c.json(MonCommand::OsdPingTimes);
@@ -2612,6 +2800,8 @@ mod tests {
             pgs: vec![],
             ping_times: vec![],
             statfs: OsdStatfs::default(),
+            io: OsdIoStats::default(),
+            version: rados::msg::daemon_version(),
         };
         assert_eq!(c.req(None, r(9)).0, MonReply::Error(MonError::NoSuchOsd(OsdId(9))));
         assert!(matches!(c.req(Some(OsdId(1)), r(0)).0, MonReply::Error(MonError::Refused(_))));
@@ -2623,6 +2813,8 @@ mod tests {
             pgs: vec![],
             ping_times: pings,
             statfs: OsdStatfs::default(),
+            io: OsdIoStats::default(),
+            version: rados::msg::daemon_version(),
         };
         assert!(matches!(c.req(None, big).0, MonReply::Error(MonError::Invalid(_))));
     }
@@ -2640,6 +2832,8 @@ mod tests {
                 pgs: vec![],
                 ping_times: vec![],
                 statfs: OsdStatfs::default(),
+                io: OsdIoStats::default(),
+                version: rados::msg::daemon_version(),
             },
         );
         c.now += OSD_REPORT_TIMEOUT_MS - 1;

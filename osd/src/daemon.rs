@@ -109,6 +109,7 @@ struct Inner {
     store: Arc<dyn ObjectStore>,
     shards: Vec<Arc<ShardHandle>>,
     stats: Vec<Arc<Mutex<BTreeMap<PgId, PgStat>>>>,
+    io: Arc<crate::shard::IoCounters>,
     writes_in_flight: Vec<Arc<AtomicUsize>>,
     flags: Arc<Flags>,
     guard: Arc<StallGuard>,
@@ -372,6 +373,7 @@ impl Osd {
         let (report_tx, report_rx) = crossbeam_channel::bounded::<()>(1);
         let stats: Vec<_> = (0..nshards).map(|_| Arc::new(Mutex::new(BTreeMap::new()))).collect();
         let in_flight: Vec<_> = (0..nshards).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let io = Arc::new(crate::shard::IoCounters::default());
         let limits = OpLimits::from_config(cfg);
         let shards: Vec<Arc<ShardHandle>> = (0..nshards)
             .map(|index| {
@@ -383,6 +385,7 @@ impl Osd {
                     limits,
                     cluster: Arc::clone(&cluster),
                     stats: Arc::clone(&stats[index]),
+                    io: Arc::clone(&io),
                     writes_in_flight: Arc::clone(&in_flight[index]),
                     report_now: report_tx.clone(),
                     guard: Arc::clone(&guard),
@@ -446,6 +449,7 @@ impl Osd {
             store: Arc::clone(&store),
             shards: shards.clone(),
             stats: stats.clone(),
+            io,
             writes_in_flight: in_flight.clone(),
             flags,
             guard: Arc::clone(&guard),
@@ -674,6 +678,8 @@ fn send_report(inner: &Inner, epoch: Epoch) {
         pgs,
         ping_times: inner.hb.ping_times(),
         statfs: inner.store.statfs(),
+        io: inner.io.snapshot(),
+        version: rados::msg::daemon_version(),
     };
     inner.monc.send_oneway(&req);
 }
@@ -775,7 +781,7 @@ impl Dispatcher for PublicDispatcher {
                 let req: OsdOpRequest = match m.decode() {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(peer = ?conn.peer_name(), "undecodable op: {e}");
+                        tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), "undecodable op: {e}");
                         let reply = rados::msg::OsdOpReply {
                             tid: m.tid,
                             epoch: Epoch(0),
@@ -807,7 +813,7 @@ impl Dispatcher for PublicDispatcher {
                 let cmd: OsdCommand = match m.decode() {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(peer = ?conn.peer_name(), "undecodable command: {e}");
+                        tracing::warn!(peer = %messenger::entity::shown_peer(conn.peer_name()), "undecodable command: {e}");
                         let reply = OsdCommandReply {
                             result: Err(OsdError::Invalid("cannot decode the command".into())),
                             next: None,
@@ -990,6 +996,7 @@ mod tests {
             limits: OpLimits::from_config(&Config::default()),
             cluster: Arc::clone(&cluster),
             stats: Arc::new(Mutex::new(BTreeMap::new())),
+            io: Arc::new(crate::shard::IoCounters::default()),
             writes_in_flight: Arc::new(AtomicUsize::new(0)),
             report_now: crossbeam_channel::bounded(1).0,
             guard: Arc::new(StallGuard::new(Duration::from_secs(3))),

@@ -263,6 +263,10 @@ pub fn execute(
                 check_omap_count(keys.len())?;
                 OpOut::Pairs(ctx.omap_get(keys)?)
             }
+            OsdOp::ListXattrs => {
+                ctx.must_exist()?;
+                OpOut::Keys(ctx.attr_names()?)
+            }
             OsdOp::OmapGetKeys { after, max } => {
                 ctx.must_exist()?;
                 let max = (*max as usize).min(OMAP_KEYS_PER_OP_MAX);
@@ -541,6 +545,25 @@ impl<'a> ObjCtx<'a> {
             }
         }
         Ok(out.into_iter().collect())
+    }
+
+    /// The object's attribute names: the stored ones with this request's changes over them.
+    fn attr_names(&self) -> Result<Vec<String>, OsdError> {
+        let mut names: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        if self.base_valid {
+            match self.store.getattrs(self.oid.pg, &self.oid.name) {
+                Ok(attrs) => names.extend(attrs.into_iter().map(|(k, _)| k)),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        for (k, v) in &self.attrs {
+            match v {
+                Some(_) => names.insert(k.clone()),
+                None => names.remove(k),
+            };
+        }
+        Ok(names.into_iter().collect())
     }
 
     fn omap_keys(&self, after: &str, max: usize) -> Result<Vec<String>, OsdError> {

@@ -690,7 +690,7 @@ impl<C> Pg<C> {
             self.start_peering(now);
         } else {
             tracing::info!(
-                pg = %self.pgid, acting = ?view.acting, min_size = pool.min_size,
+                pg = %self.pgid, acting = %osd_list(&view.acting), min_size = pool.min_size,
                 "fewer OSDs up than min_size: ops wait"
             );
         }
@@ -1458,7 +1458,7 @@ impl<C> Pg<C> {
         self.last_update = last_update;
         self.dups = Dups::from_entries(dups);
         tracing::info!(
-            pg = %self.pgid, interval = %self.interval, %last_update, acting = ?self.view.as_ref().map(|v| &v.acting),
+            pg = %self.pgid, interval = %self.interval, %last_update, acting = %self.view.as_ref().map_or_else(String::new, |v| osd_list(&v.acting)),
             took_ms = now.saturating_duration_since(p.since).as_millis() as u64, "active"
         );
         self.set_state(PgState::Active);
@@ -1544,6 +1544,12 @@ pub fn op_in_pg(op: &crate::store::TxOp, pg: PgId) -> bool {
         | SetVersion { oid, .. } => oid.pg == pg,
         RemovePg { .. } => false,
     }
+}
+
+/// OSD ids as Ceph logs them: `[1,2,0]`.
+fn osd_list(osds: &[OsdId]) -> String {
+    let ids: Vec<String> = osds.iter().map(|o| o.0.to_string()).collect();
+    format!("[{}]", ids.join(","))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 //! monitor may have given its PGs to others, and it must not answer from a stale copy.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,9 @@ use parking_lot::Mutex;
 
 use rados::ids::{Epoch, OsdId, PgId};
 use rados::map::OsdMap;
-use rados::msg::{types, OsdCommandReply, OsdError, OsdOpReply, OsdOpRequest, PgListRequest, PgStat};
+use rados::msg::{
+    types, OsdCommandReply, OsdError, OsdIoStats, OsdOp, OsdOpReply, OsdOpRequest, PgListRequest, PgStat,
+};
 use rados::placement::{object_to_pg, Placement};
 
 use crate::exec::OpLimits;
@@ -57,7 +59,39 @@ pub const INLINE_BATCH_MAX: usize = 64;
 pub struct ClientCtx {
     pub conn: Connection,
     pub tid: u64,
+    /// The op changes its object (counted as a write when answered).
+    write: bool,
+    /// Payload bytes the op brought (its writes' data).
+    in_bytes: u64,
     _msg: Message,
+}
+
+/// Client ops this OSD answered as a primary, and their bytes: counters that only grow, reported to the
+/// monitor for its client I/O rates. Shared by the shards (relaxed: each counter is a sum on its own).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    read_ops: AtomicU64,
+    read_bytes: AtomicU64,
+    write_ops: AtomicU64,
+    write_bytes: AtomicU64,
+}
+
+impl IoCounters {
+    fn count(&self, write: bool, bytes: u64) {
+        let (ops, b) =
+            if write { (&self.write_ops, &self.write_bytes) } else { (&self.read_ops, &self.read_bytes) };
+        ops.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> OsdIoStats {
+        OsdIoStats {
+            read_ops: self.read_ops.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_ops: self.write_ops.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Work for a shard.
@@ -152,6 +186,8 @@ pub struct ShardShared {
     pub cluster: Arc<Messenger>,
     /// Stats of the PGs this shard is primary for, published every tick.
     pub stats: Arc<Mutex<BTreeMap<PgId, PgStat>>>,
+    /// The OSD's client I/O counters (one set for all shards).
+    pub io: Arc<IoCounters>,
     /// Writes in flight in this shard (shutdown waits for them).
     pub writes_in_flight: Arc<AtomicUsize>,
     /// Poked when a PG becomes active or inactive (the daemon reports to the monitor soon).
@@ -254,7 +290,9 @@ impl Shard {
                     return reply_op(&conn, msg.tid, &req, Err(OsdError::Misdirected(map.epoch)), map.epoch);
                 };
                 let data = msg.crc_data();
-                let ctx = ClientCtx { conn, tid: msg.tid, _msg: msg };
+                let write = req.ops.iter().any(OsdOp::is_write);
+                let in_bytes = req.ops.iter().map(OsdOp::payload_len).sum();
+                let ctx = ClientCtx { conn, tid: msg.tid, write, in_bytes, _msg: msg };
                 let pgid = req.pgid;
                 pg.handle_client_op(now, ClientOp { req, data, ctx });
                 self.flush(pgid);
@@ -268,7 +306,7 @@ impl Shard {
                     return reply_command(&conn, msg.tid, reply);
                 };
                 let pgid = req.pgid;
-                let ctx = ClientCtx { conn, tid: msg.tid, _msg: msg };
+                let ctx = ClientCtx { conn, tid: msg.tid, write: false, in_bytes: 0, _msg: msg };
                 pg.handle_list(now, ListOp { req, ctx });
                 self.flush(pgid);
             }
@@ -438,6 +476,11 @@ impl Shard {
             match o {
                 PgOutput::Send { to, msg } => self.send_peer(to, &msg),
                 PgOutput::Reply { ctx, reply, data } => {
+                    if reply.result.is_ok() {
+                        let bytes =
+                            if ctx.write { ctx.in_bytes } else { data.iter().map(|d| d.len() as u64).sum() };
+                        self.sh.io.count(ctx.write, bytes);
+                    }
                     let m =
                         Message::encode(types::OSD_OP_REPLY, &reply).with_tid(ctx.tid).with_data_parts(data);
                     // A client that went away resends to whoever is primary then; nothing to do here.

@@ -20,8 +20,62 @@ pub const CONF_ENV: &str = "CUTTLE_CONF";
 #[derive(Clone, Copy, Debug)]
 pub struct OptionDoc {
     pub name: &'static str,
+    /// The default as Rust source (`100 << 20`); [`OptionDoc::default_value`] is what a user reads.
     pub default: &'static str,
     pub help: &'static str,
+    /// The option's Rust type, as written (see [`OptionDoc::expected`]).
+    pub ty: &'static str,
+}
+
+impl OptionDoc {
+    /// The default as a user writes and reads values: `100 MiB` for a byte count, `host`, `20.0`, `(none)`.
+    pub fn default_value(&self) -> String {
+        let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialise");
+        match defaults.get(self.name) {
+            None => "(none)".to_string(),
+            Some(toml::Value::String(s)) if s.is_empty() => "(none)".to_string(),
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(toml::Value::Integer(n)) if self.is_bytes() && *n >= 1024 => human_bytes(*n as u64),
+            Some(v) => v.to_string(),
+        }
+    }
+
+    /// Whether the option counts bytes (its name says so).
+    fn is_bytes(&self) -> bool {
+        (self.name.contains("bytes") || self.name.ends_with("_size") || self.name.ends_with("_dirty"))
+            && matches!(self.ty, "u64" | "usize")
+    }
+
+    /// What a value must look like, in words.
+    pub fn expected(&self) -> &'static str {
+        match self.ty {
+            "f64" => "a number",
+            "u64" | "usize" if self.is_bytes() => "a whole number of bytes",
+            "u8" => "a whole number from 0 to 255",
+            "u32" => "a whole number from 0 to 4294967295",
+            "u64" | "usize" => "a whole number",
+            "bool" => "true or false",
+            "String" => "text",
+            "Option<SocketAddr>" => "an address, IP:PORT",
+            "std::net::IpAddr" => "an IP address",
+            _ => "a value of the option's type",
+        }
+    }
+}
+
+/// Bytes as powers of 1024 with a unit (`100 MiB`); whole numbers only, else bytes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    let mut shown = format!("{n} B");
+    let mut v = n;
+    for unit in UNITS {
+        if v == 0 || !v.is_multiple_of(1024) {
+            break;
+        }
+        v /= 1024;
+        shown = format!("{v} {unit}");
+    }
+    shown
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +111,12 @@ macro_rules! options {
 
         /// The documentation of every option, in definition order.
         pub const OPTIONS: &[OptionDoc] = &[
-            $( OptionDoc { name: stringify!($name), default: stringify!($default), help: $doc.trim_ascii() }, )*
+            $( OptionDoc {
+                name: stringify!($name),
+                default: stringify!($default),
+                help: $doc.trim_ascii(),
+                ty: stringify!($ty),
+            }, )*
         ];
 
         impl Config {
@@ -203,7 +262,14 @@ fn parse_value<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, ConfigE
     struct W<T> {
         v: T,
     }
-    let bad = |why: String| ConfigError::BadValue { key: key.into(), value: value.into(), why };
+    let expected =
+        OPTIONS.iter().find(|o| o.name == key).map_or("a value of the option's type", |o| o.expected());
+    // The parser's own words name Rust types (`expected f64`): say what the option wants instead.
+    let bad = |_: String| ConfigError::BadValue {
+        key: key.into(),
+        value: value.into(),
+        why: format!("expected {expected}"),
+    };
     // As TOML first (numbers, booleans, quoted strings); then as a bare string.
     match toml::from_str::<W<T>>(&format!("v = {value}")) {
         Ok(w) => Ok(w.v),
@@ -328,6 +394,23 @@ mod tests {
     }
 
     #[test]
+    fn defaults_and_bad_values_read_as_values_not_rust() {
+        let shown = |name: &str| OPTIONS.iter().find(|o| o.name == name).unwrap().default_value();
+        assert_eq!(shown("ms_dispatch_throttle_bytes"), "100 MiB");
+        assert_eq!(shown("bluestore_block_size"), "10 GiB");
+        assert_eq!(shown("bluestore_min_alloc_size"), "4 KiB");
+        assert_eq!(shown("mon_osd_reporter_subtree_level"), "host");
+        assert_eq!(shown("osd_heartbeat_grace"), "20.0");
+        assert_eq!(shown("osd_pool_default_size"), "3");
+        assert_eq!(shown("public_addr"), "127.0.0.1");
+        assert_eq!(shown("mon_host"), "(none)");
+        let e = Config::default().set("osd_heartbeat_grace", "abc").unwrap_err().to_string();
+        assert_eq!(e, "bad value \"abc\" for osd_heartbeat_grace: expected a number");
+        let e = Config::default().set("osd_pool_default_size", "300").unwrap_err().to_string();
+        assert!(e.contains("osd_pool_default_size") && e.contains("0 to 255"), "{e}");
+    }
+
+    #[test]
     fn write_options_round_trips_and_keeps_other_keys() {
         let dir = std::env::temp_dir().join(format!("cuttle-conf-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -356,6 +439,12 @@ mod tests {
     fn every_option_is_documented() {
         for o in OPTIONS {
             assert!(!o.help.is_empty(), "{} has no help", o.name);
+            let shown = o.default_value();
+            // No Rust source: no shifts, no constructors, no quotes.
+            for rust in ["<<", "::", "(", "\"", "to_string"] {
+                assert!(!shown.contains(rust) || shown == "(none)", "{}: default shown as {shown}", o.name);
+            }
+            assert!(!o.expected().contains("type"), "{} ({}) has no words for its type", o.name, o.ty);
         }
         assert!(OPTIONS.iter().any(|o| o.name == "osd_heartbeat_grace" && o.default == "20.0"));
     }

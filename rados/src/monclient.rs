@@ -29,7 +29,8 @@ const CALLBACKS_MAX: usize = 64;
 pub enum MonClientError {
     #[error("monitor at {addr} did not answer within {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
-    #[error("monitor refused: {0}")]
+    /// The monitor's own words; they say what was refused.
+    #[error(transparent)]
     Mon(#[from] MonError),
     #[error("unexpected reply from the monitor: {0:?}")]
     Unexpected(MonReply),

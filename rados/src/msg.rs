@@ -41,8 +41,17 @@ pub enum MonRequest {
     OsdFailure { reporter: OsdId, target: OsdId, failed_for_ms: u64, alive: bool },
     /// The sender is shutting down cleanly.
     OsdMarkMeDown { osd: OsdId },
-    /// The sender's view of the PGs it is primary for, and its heartbeat round-trip times.
-    OsdReport { osd: OsdId, epoch: Epoch, pgs: Vec<PgStat>, ping_times: Vec<PingTime>, statfs: OsdStatfs },
+    /// The sender's view of the PGs it is primary for, its heartbeat round-trip times, its store's space, the
+    /// client I/O it has served since it started and its version (`cuttle versions`).
+    OsdReport {
+        osd: OsdId,
+        epoch: Epoch,
+        pgs: Vec<PgStat>,
+        ping_times: Vec<PingTime>,
+        statfs: OsdStatfs,
+        io: OsdIoStats,
+        version: String,
+    },
     /// An operator command.
     Command(MonCommand),
 }
@@ -79,6 +88,10 @@ pub enum MonCommand {
     OsdDf,
     /// Space of the cluster and per pool (`ceph df`).
     Df,
+    /// Health with the detail of each failing check (`ceph health detail`).
+    HealthDetail,
+    /// The version of every daemon, counted (`ceph versions`).
+    Versions,
 }
 
 /// The monitor's answer to a [`MonRequest`] (same tid).
@@ -95,9 +108,9 @@ pub enum MonReply {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum MonError {
-    #[error("no such pool {0:?}")]
+    #[error("pool '{0}' does not exist")]
     NoSuchPool(String),
-    #[error("pool {0:?} already exists")]
+    #[error("pool '{0}' already exists with other settings")]
     PoolExists(String),
     #[error("no such osd {0}")]
     NoSuchOsd(OsdId),
@@ -197,6 +210,25 @@ pub struct PgStat {
     pub min_size: u8,
     pub objects: u64,
     pub bytes: u64,
+}
+
+/// Client ops an OSD answered as a primary since it started, and their bytes (Ceph's `op_r`, `op_w`,
+/// `op_r_out_bytes`, `op_w_in_bytes`): counters that only grow, from which the monitor derives client I/O
+/// rates (`cuttle status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsdIoStats {
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+}
+
+/// Longest version string an OSD may report.
+pub const VERSION_BYTES_MAX: usize = 64;
+
+/// This build's version as a daemon reports it (`cuttle versions`), Ceph's shape: `cuttle version 0.1.0`.
+pub fn daemon_version() -> String {
+    format!("cuttle version {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// What an OSD's store holds, in bytes (Ceph's `store_statfs_t`).
@@ -302,6 +334,8 @@ pub enum OsdOp {
     AssertVersion {
         version: u64,
     },
+    /// The names of the object's attributes, in order (Ceph's `getxattrs`, without the values).
+    ListXattrs,
 }
 
 impl OsdOp {
@@ -311,6 +345,7 @@ impl OsdOp {
             OsdOp::Read { .. }
                 | OsdOp::Stat
                 | OsdOp::GetXattr { .. }
+                | OsdOp::ListXattrs
                 | OsdOp::OmapGet { .. }
                 | OsdOp::OmapGetKeys { .. }
                 | OsdOp::AssertVersion { .. }

@@ -75,7 +75,7 @@ pub enum RadosError {
     Exists,
     #[error("no such attribute")]
     NoAttr,
-    #[error("no such pool {0:?}")]
+    #[error("no such pool '{0}'")]
     NoSuchPool(String),
     /// An `assert_version` guard failed: the object changed since it was read.
     #[error("version mismatch: object is at version {actual}")]
@@ -241,6 +241,11 @@ impl ObjectOperation {
     /// Output: [`OpOutput::Data`].
     pub fn getxattr(self, name: &str) -> Self {
         self.push(OsdOp::GetXattr { name: name.to_string() }, None)
+    }
+
+    /// The object's attribute names; output: [`OpOutput::Keys`].
+    pub fn listxattrs(self) -> Self {
+        self.push(OsdOp::ListXattrs, None)
     }
 
     /// Output: [`OpOutput::Pairs`] (keys that are absent are left out).
@@ -1436,6 +1441,11 @@ impl IoCtx {
 
     pub fn getxattr(&self, oid: &str, name: &str) -> Result<Bytes, RadosError> {
         self.operate(oid, ObjectOperation::new().getxattr(name))?.data(0)
+    }
+
+    /// The names of the object's attributes, in order.
+    pub fn listxattrs(&self, oid: &str) -> Result<Vec<String>, RadosError> {
+        self.operate(oid, ObjectOperation::new().listxattrs())?.keys(0)
     }
 
     pub fn rmxattr(&self, oid: &str, name: &str) -> Result<(), RadosError> {

@@ -319,6 +319,10 @@ impl OsdState {
                     out_data.extend_from_slice(v);
                     out = OpOut::Data { len: v.len() as u64 };
                 }
+                OsdOp::ListXattrs => {
+                    let xattrs = &o.as_ref().ok_or(OsdError::NotFound)?.xattrs;
+                    out = OpOut::Keys(xattrs.keys().cloned().collect());
+                }
                 OsdOp::OmapGet { keys } => {
                     let om = &o.as_ref().ok_or(OsdError::NotFound)?.omap;
                     out = OpOut::Pairs(

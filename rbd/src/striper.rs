@@ -45,7 +45,11 @@ pub struct Layout {
 pub enum LayoutError {
     #[error("object size {object_size_bytes} bytes is not a power of two")]
     ObjectSizeNotPowerOfTwo { object_size_bytes: u64 },
-    #[error("object order {order} is outside {OBJECT_ORDER_MIN}..={OBJECT_ORDER_MAX}")]
+    #[error(
+        "object order {order} is outside {OBJECT_ORDER_MIN} to {OBJECT_ORDER_MAX} (objects of {} KiB to {} MiB)",
+        1u64 << (OBJECT_ORDER_MIN - 10),
+        1u64 << (OBJECT_ORDER_MAX - 20)
+    )]
     ObjectOrderOutOfRange { order: u32 },
     #[error("stripe unit must be at least one byte")]
     StripeUnitZero,

@@ -99,6 +99,9 @@ pub fn quiet_on_broken_pipe() {
 pub fn exit_with(name: &str, r: Result<()>) -> ! {
     let code = match r {
         Ok(()) => 0,
+        // A reader that went away (`rados ls | head`) is not an error to report: end as a C tool killed by
+        // SIGPIPE would.
+        Err(e) if is_broken_pipe(&e) => 141,
         Err(e) => {
             eprintln!("{name}: {e:#}");
             1
@@ -108,20 +111,44 @@ pub fn exit_with(name: &str, r: Result<()>) -> ! {
     std::process::exit(code)
 }
 
+/// Whether an error is a write to a closed pipe (anywhere in its chain of causes).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// A progress line on stderr, like Ceph's "Importing image: 45% complete...", drawn only when stderr is a
 /// terminal and at most every 100 ms.
 #[derive(Debug)]
 pub struct Progress {
     label: String,
     total: Option<u64>,
+    /// Counts things (`12000 objects...`) rather than bytes.
+    counting: bool,
     enabled: bool,
     last: Option<std::time::Instant>,
+    /// A line was drawn and not yet ended.
+    drawn: bool,
 }
 
 impl Progress {
+    /// Percent of `total` (bytes or items), or MiB so far when the total is unknown.
     pub fn new(label: &str, total: Option<u64>) -> Progress {
         use std::io::IsTerminal;
-        Progress { label: label.to_string(), total, enabled: std::io::stderr().is_terminal(), last: None }
+        let enabled = std::io::stderr().is_terminal();
+        Progress { label: label.to_string(), total, counting: false, enabled, last: None, drawn: false }
+    }
+
+    /// A count of objects with no known total (`Listing: 12000 objects...`); `finish` ends the line.
+    pub fn counting(label: &str) -> Progress {
+        let mut p = Progress::new(label, None);
+        p.counting = true;
+        p
+    }
+
+    pub fn set_total(&mut self, total: u64) {
+        self.total = Some(total);
     }
 
     pub fn update(&mut self, done: u64) {
@@ -129,24 +156,63 @@ impl Progress {
             return;
         }
         self.last = Some(std::time::Instant::now());
+        self.drawn = true;
         match self.total {
             Some(t) if t > 0 => eprint!("\r{}: {}% complete...", self.label, done.min(t) * 100 / t),
+            _ if self.counting => eprint!("\r{}: {done} objects...", self.label),
             _ => eprint!("\r{}: {} MiB...", self.label, done >> 20),
         }
     }
 
     pub fn finish(&mut self) {
-        if self.enabled {
+        if self.enabled && self.counting {
+            if self.drawn {
+                eprintln!("done.");
+            }
+        } else if self.enabled {
             eprintln!("\r{}: 100% complete...done.", self.label);
+        }
+        self.drawn = false;
+    }
+}
+
+impl Drop for Progress {
+    /// A counting line left open (the work failed or moved on) is ended, so what follows starts on its own
+    /// line.
+    fn drop(&mut self) {
+        if self.enabled && self.drawn {
+            eprintln!();
         }
     }
 }
 
-/// Output format of reading commands (`--format`).
+/// Output format of reading commands (`--format`), Ceph's names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Text for people.
     Plain,
+    /// JSON on one line.
     Json,
+    /// JSON, indented.
+    JsonPretty,
+}
+
+impl Format {
+    /// Either JSON format.
+    pub fn is_json(self) -> bool {
+        matches!(self, Format::Json | Format::JsonPretty)
+    }
+
+    /// `v` as this format's JSON text (no trailing newline).
+    pub fn json_text<T: serde::Serialize + ?Sized>(self, v: &T) -> String {
+        let r = if self == Format::JsonPretty {
+            serde_json::to_string_pretty(v)
+        } else {
+            serde_json::to_string(v)
+        };
+        // A `Value` or a derived Serialize of plain data cannot fail to encode.
+        r.expect("plain data encodes as JSON")
+    }
 }
 
 /// The options every admin tool (`cuttle`, `rados`, `rbd`) takes, anywhere on its command line.
@@ -156,7 +222,7 @@ pub struct ToolArgs {
     #[arg(short = 'c', long, global = true)]
     pub conf: Option<PathBuf>,
     /// Output format of reading commands.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    #[arg(short = 'f', long, global = true, value_enum, default_value_t = Format::Plain)]
     pub format: Format,
 }
 
@@ -166,8 +232,9 @@ impl ToolArgs {
         rados::config::Config::discover(self.conf.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Whether the output is JSON (either JSON format).
     pub fn json(&self) -> bool {
-        self.format == Format::Json
+        self.format.is_json()
     }
 }
 

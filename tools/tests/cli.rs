@@ -16,7 +16,7 @@ fn config_help_lists_every_option() {
     let text = stdout(&out);
     for o in rados::config::OPTIONS {
         assert!(
-            text.lines().any(|l| l.starts_with(o.name) && l.contains(o.default)),
+            text.lines().any(|l| l.starts_with(o.name) && l.contains(&o.default_value())),
             "{} missing:\n{text}",
             o.name
         );

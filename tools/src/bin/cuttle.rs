@@ -22,8 +22,11 @@ use serde_json::{json, Value};
 struct Cli {
     #[command(flatten)]
     tool: ToolArgs,
+    /// Cluster status (`cuttle -s`, as `ceph -s`).
+    #[arg(short = 's', long = "status")]
+    status: bool,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 use tools::{Format, ToolArgs};
@@ -33,6 +36,7 @@ enum Cmd {
     /// Start a local cluster: a monitor and N OSDs on 127.0.0.1, data under DIR; returns at HEALTH_OK. On an
     /// existing cluster, starts whichever of its daemons are not running.
     Up {
+        /// The cluster's directory: data, logs, pidfiles and cuttle.toml.
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// OSDs the cluster should have (default: 3 for a new cluster, else as many as DIR holds); more than
@@ -48,6 +52,7 @@ enum Cmd {
     },
     /// Stop the cluster started by `cuttle up` in DIR.
     Down {
+        /// The cluster's directory.
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
@@ -59,8 +64,13 @@ enum Cmd {
     Restart(DaemonCmd),
     /// Cluster status.
     Status,
-    /// Health, with reasons.
-    Health,
+    /// Health, with reasons (`health detail`: each affected OSD and PG).
+    Health {
+        #[command(subcommand)]
+        detail: Option<HealthCmd>,
+    },
+    /// How many daemons run each version.
+    Versions,
     /// Space used and available, for the cluster and per pool (like `ceph df`).
     Df,
     /// OSD commands.
@@ -77,13 +87,19 @@ enum Cmd {
     Watch,
     /// The last N cluster log entries.
     Log {
+        /// How many entries.
         #[arg(default_value_t = 20)]
         n: usize,
     },
     /// Configuration.
     // Without this, clap's own `help` subcommand shadows `config help` (it printed clap's usage instead of the
     // options).
-    #[command(disable_help_subcommand = true)]
+    // clap leaves a subcommand named `help` out of the Commands section, so it is listed here by hand.
+    #[command(
+        disable_help_subcommand = true,
+        override_usage = "cuttle config [OPTIONS] <COMMAND>",
+        after_help = "Commands:\n  help  Every option with its default and meaning"
+    )]
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
@@ -106,13 +122,30 @@ enum OsdCmd {
     /// The OSD map.
     Dump,
     /// Where an object lives: its PG and its up and acting OSDs.
-    Map { pool: String, object: String },
+    Map {
+        /// The pool.
+        pool: String,
+        /// The object's name.
+        object: String,
+    },
     /// Mark an OSD out (its data moves elsewhere).
-    Out { id: u32 },
+    Out {
+        /// The OSD: 2 or osd.2.
+        #[arg(value_parser = parse_osd_id)]
+        id: OsdId,
+    },
     /// Mark an OSD in.
-    In { id: u32 },
+    In {
+        /// The OSD: 2 or osd.2.
+        #[arg(value_parser = parse_osd_id)]
+        id: OsdId,
+    },
     /// Mark an OSD down (it will boot again if it is alive).
-    Down { id: u32 },
+    Down {
+        /// The OSD: 2 or osd.2.
+        #[arg(value_parser = parse_osd_id)]
+        id: OsdId,
+    },
     /// Heartbeat round-trip times, front and back, as each OSD last reported them.
     PingTimes,
     /// Space per OSD: size, raw use, data, omap, meta, available, %use, PGs (like `ceph osd df`).
@@ -120,21 +153,36 @@ enum OsdCmd {
 }
 
 #[derive(Subcommand)]
+enum HealthCmd {
+    /// Each failing check with the OSDs and PGs it concerns.
+    Detail,
+}
+
+#[derive(Subcommand)]
 enum PoolCmd {
+    /// Create a replicated pool.
     Create {
+        /// The pool's name.
         name: String,
+        /// Replicas per object (default: osd_pool_default_size).
         #[arg(long)]
         size: Option<u8>,
+        /// Replicas needed to serve I/O (default: size - size/2).
         #[arg(long)]
         min_size: Option<u8>,
+        /// Placement groups (default: osd_pool_default_pg_num).
         #[arg(long)]
         pg_num: Option<u32>,
     },
+    /// List the pools.
     Ls,
     /// Delete a pool: give its name twice and --yes-i-really-really-mean-it.
     Rm {
+        /// The pool's name.
         name: String,
+        /// The pool's name again.
         name_again: Option<String>,
+        /// Confirms that the pool's data is to be destroyed.
         #[arg(long = "yes-i-really-really-mean-it")]
         confirm: bool,
     },
@@ -144,6 +192,12 @@ enum PoolCmd {
 enum ConfigCmd {
     /// Every option with its default and meaning.
     Help,
+}
+
+/// An OSD id as Ceph takes it: `2` or `osd.2`.
+fn parse_osd_id(s: &str) -> Result<OsdId, String> {
+    let n = s.strip_prefix("osd.").unwrap_or(s);
+    n.parse::<u32>().map(OsdId).map_err(|_| format!("expected an OSD id such as 2 or osd.2, not {s:?}"))
 }
 
 const MON_TIMEOUT: Duration = Duration::from_secs(10);
@@ -211,7 +265,16 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let conf = cli.tool.conf.as_deref();
     let fmt = cli.tool.format;
-    match cli.cmd {
+    let cmd = match (cli.cmd, cli.status) {
+        (Some(cmd), _) => cmd,
+        (None, true) => Cmd::Status,
+        (None, false) => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            bail!("no command given");
+        }
+    };
+    match cmd {
         Cmd::Up { dir, osds, set, timeout } => up(&dir, osds, &set, Duration::from_secs(timeout)),
         Cmd::Down { dir } => down(&dir),
         Cmd::Start(d) => {
@@ -228,15 +291,15 @@ fn run(cli: Cli) -> Result<()> {
             local.start_one(&name)
         }
         Cmd::Config { cmd: ConfigCmd::Help } => {
-            if fmt == Format::Json {
+            if fmt.is_json() {
                 let v: Vec<Value> = OPTIONS
                     .iter()
-                    .map(|o| json!({"name": o.name, "default": o.default, "help": o.help}))
+                    .map(|o| json!({"name": o.name, "default": o.default_value(), "help": o.help}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", fmt.json_text(&v));
             } else {
                 for o in OPTIONS {
-                    println!("{:<34} {:<22} {}", o.name, o.default, o.help);
+                    println!("{:<34} {:<22} {}", o.name, o.default_value(), o.help);
                 }
             }
             Ok(())
@@ -250,29 +313,33 @@ fn run(cli: Cli) -> Result<()> {
 
 fn client_command(c: &Client, cmd: Cmd, fmt: Format) -> Result<()> {
     let out = |v: &Value, plain: &dyn Fn(&Value) -> String| {
-        if fmt == Format::Json {
-            println!("{v}");
+        if fmt.is_json() {
+            println!("{}", fmt.json_text(v));
         } else {
             print!("{}", plain(v));
         }
     };
     match cmd {
         Cmd::Status => out(&c.command(MonCommand::Status)?, &plain_status),
-        Cmd::Health => out(&c.command(MonCommand::Health)?, &plain_health),
+        Cmd::Health { detail: None } => out(&c.command(MonCommand::Health)?, &plain_health),
+        Cmd::Health { detail: Some(HealthCmd::Detail) } => {
+            out(&c.command(MonCommand::HealthDetail)?, &plain_health_detail)
+        }
+        Cmd::Versions => out(&c.command(MonCommand::Versions)?, &|v| fmt_pretty(v)),
         Cmd::Osd { cmd: OsdCmd::Tree } => out(&c.command(MonCommand::OsdTree)?, &plain_tree),
-        Cmd::Osd { cmd: OsdCmd::Dump } => out(&c.command(MonCommand::OsdDump)?, &pretty),
+        Cmd::Osd { cmd: OsdCmd::Dump } => out(&c.command(MonCommand::OsdDump)?, &plain_osd_dump),
         Cmd::Osd { cmd: OsdCmd::PingTimes } => out(&c.command(MonCommand::OsdPingTimes)?, &plain_ping_times),
         Cmd::Osd { cmd: OsdCmd::Df } => out(&c.command(MonCommand::OsdDf)?, &plain_osd_df),
         Cmd::Df => out(&c.command(MonCommand::Df)?, &plain_df),
         Cmd::Osd { cmd: OsdCmd::Map { pool, object } } => out(&osd_map(c, &pool, &object)?, &plain_osd_map),
         Cmd::Osd { cmd: OsdCmd::Out { id } } => {
-            done(c.command(MonCommand::OsdOut(OsdId(id)))?, &format!("marked out osd.{id}"))
+            done(c.command(MonCommand::OsdOut(id))?, &format!("marked out {id}"))
         }
         Cmd::Osd { cmd: OsdCmd::In { id } } => {
-            done(c.command(MonCommand::OsdIn(OsdId(id)))?, &format!("marked in osd.{id}"))
+            done(c.command(MonCommand::OsdIn(id))?, &format!("marked in {id}"))
         }
         Cmd::Osd { cmd: OsdCmd::Down { id } } => {
-            done(c.command(MonCommand::OsdDown(OsdId(id)))?, &format!("marked down osd.{id}"))
+            done(c.command(MonCommand::OsdDown(id))?, &format!("marked down {id}"))
         }
         Cmd::Pool { cmd: PoolCmd::Create { name, size, min_size, pg_num } } => {
             let v = c.command(MonCommand::PoolCreate { name: name.clone(), size, min_size, pg_num })?;
@@ -302,12 +369,92 @@ fn client_command(c: &Client, cmd: Cmd, fmt: Format) -> Result<()> {
     Ok(())
 }
 
-fn done(_v: Value, msg: &str) {
-    println!("{msg}");
+/// What a changing command says: the monitor's own words when it sent some (`pool 'x' already exists`,
+/// `osd.2 is already out.`), else `fallback`.
+fn done(v: Value, fallback: &str) {
+    match v["message"].as_str() {
+        Some(m) => println!("{m}"),
+        None => println!("{fallback}"),
+    }
 }
 
-fn pretty(v: &Value) -> String {
-    format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+fn fmt_pretty(v: &Value) -> String {
+    format!("{}\n", Format::JsonPretty.json_text(v))
+}
+
+/// `ceph health detail`: the summary line, then each check with its detail lines.
+fn plain_health_detail(v: &Value) -> String {
+    let checks = v["checks"].as_object();
+    let summaries: Vec<&str> =
+        checks.into_iter().flatten().filter_map(|(_, c)| c["summary"]["message"].as_str()).collect();
+    let status = v["status"].as_str().unwrap_or("HEALTH_UNKNOWN");
+    let mut s = if summaries.is_empty() {
+        format!("{status}\n")
+    } else {
+        format!("{status} {}\n", summaries.join("; "))
+    };
+    for (code, c) in checks.into_iter().flatten() {
+        let sev = match c["severity"].as_str() {
+            Some("HEALTH_ERR") => "ERR",
+            _ => "WRN",
+        };
+        s.push_str(&format!("[{sev}] {code}: {}\n", c["summary"]["message"].as_str().unwrap_or("")));
+        for d in c["detail"].as_array().into_iter().flatten() {
+            s.push_str(&format!("    {}\n", d["message"].as_str().unwrap_or("")));
+        }
+    }
+    s
+}
+
+/// `ceph osd dump` in plain format: the map's epoch and fsid, a line per pool, per OSD and per upmap item.
+fn plain_osd_dump(v: &Value) -> String {
+    let mut s = format!("epoch {}\nfsid {}\n", v["epoch"], v["fsid"].as_str().unwrap_or("?"));
+    for p in v["pools"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "pool {} '{}' replicated size {} min_size {} pg_num {} pgp_num {}\n",
+            p["pool"],
+            p["pool_name"].as_str().unwrap_or("?"),
+            p["size"],
+            p["min_size"],
+            p["pg_num"],
+            p["pg_placement_num"]
+        ));
+    }
+    s.push_str(&format!("max_osd {}\n", v["max_osd"]));
+    for o in v["osds"].as_array().into_iter().flatten() {
+        let word = |k: &str, yes: &'static str, no: &'static str| if o[k] == 1 { yes } else { no };
+        let addr = |k: &str| o[k].as_str().unwrap_or("-").to_string();
+        s.push_str(&format!(
+            "osd.{} {:<4} {:<3} weight {} host {} public {} cluster {} hb_back {} hb_front {} {} {}\n",
+            o["osd"],
+            word("up", "up", "down"),
+            word("in", "in", "out"),
+            o["weight"],
+            o["host"].as_str().unwrap_or("?"),
+            addr("public_addr"),
+            addr("cluster_addr"),
+            addr("heartbeat_back_addr"),
+            addr("heartbeat_front_addr"),
+            o["state"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+            o["uuid"].as_str().unwrap_or("")
+        ));
+    }
+    for u in v["pg_upmap_items"].as_array().into_iter().flatten() {
+        let pairs: Vec<String> = u["mappings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("{},{}", m["from"], m["to"]))
+            .collect();
+        s.push_str(&format!("pg_upmap_items {} [{}]\n", u["pgid"].as_str().unwrap_or("?"), pairs.join(",")));
+    }
+    s
 }
 
 fn plain_health(v: &Value) -> String {
@@ -330,22 +477,58 @@ fn plain_status(v: &Value) -> String {
     s.push_str(&format!("    health: {}", plain_health(&v["health"]).replace('\n', "\n        ")));
     s = s.trim_end().to_string();
     s.push_str("\n\n  services:\n");
+    let quorum: Vec<String> = v["quorum_names"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect();
+    s.push_str(&format!(
+        "    mon: {} daemons, quorum {} (age {})\n",
+        v["monmap"]["num_mons"],
+        quorum.join(","),
+        fmt_age(v["quorum_age"].as_u64().unwrap_or(0))
+    ));
     s.push_str(&format!(
         "    osd: {} osds: {} up, {} in (epoch e{})\n",
         m["num_osds"], m["num_up_osds"], m["num_in_osds"], m["epoch"]
     ));
     if let Some(pg) = v.get("pgmap") {
+        let n = |k: &str| pg[k].as_u64().unwrap_or(0);
         s.push_str("\n  data:\n");
-        s.push_str(&format!("    pools: {}, pgs: {}\n", pg["num_pools"], pg["num_pgs"]));
+        s.push_str(&format!("    pools:   {} pools, {} pgs\n", pg["num_pools"], pg["num_pgs"]));
+        s.push_str(&format!(
+            "    objects: {} objects, {}\n",
+            n("num_objects"),
+            tools::human_bytes(n("data_bytes"))
+        ));
+        s.push_str(&format!(
+            "    usage:   {} used, {} / {} avail\n",
+            tools::human_bytes(n("bytes_used")),
+            tools::human_bytes(n("bytes_avail")),
+            tools::human_bytes(n("bytes_total"))
+        ));
         if let Some(states) = pg["pgs_by_state"].as_array() {
+            let mut first = true;
             for st in states {
                 s.push_str(&format!(
-                    "             {} {}\n",
+                    "    {} {} {}\n",
+                    if first { "pgs:    " } else { "        " },
                     st["count"],
                     st["state_name"].as_str().unwrap_or("?")
                 ));
+                first = false;
             }
         }
+        s.push_str("\n  io:\n");
+        s.push_str(&format!(
+            "    client:   {}/s rd, {}/s wr, {} op/s rd, {} op/s wr\n",
+            tools::human_bytes(n("read_bytes_sec")),
+            tools::human_bytes(n("write_bytes_sec")),
+            n("read_op_per_sec"),
+            n("write_op_per_sec")
+        ));
     }
     s
 }
@@ -484,10 +667,20 @@ fn plain_ping_times(v: &Value) -> String {
     s
 }
 
+/// An age as Ceph shows it: `42s`, `5m`, `3h`, `2d`.
+fn fmt_age(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
 fn plain_log(v: &Value) -> String {
     let mut s = String::new();
-    // The monitor answers with the entries as a list (Ceph's `log last --format json`).
-    for e in v.as_array().or_else(|| v["entries"].as_array()).into_iter().flatten() {
+    // The monitor answers with the entries themselves, oldest first.
+    for e in v.as_array().into_iter().flatten() {
         s.push_str(&format!(
             "{} {} {} {}\n",
             e["stamp"].as_str().unwrap_or(""),
@@ -552,17 +745,15 @@ fn watch(c: &Client, fmt: Format) -> Result<()> {
     let stop = tools::termination_flag()?;
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
         if let Ok(e) = rx.recv_timeout(Duration::from_millis(200)) {
-            if fmt == Format::Json {
-                println!(
-                    "{}",
-                    json!({"seq": e.seq, "stamp_ms": e.stamp_ms, "level": format!("{:?}", e.level), "message": e.message})
-                );
+            let level = match e.level {
+                LogLevel::Info => "INF",
+                LogLevel::Warn => "WRN",
+                LogLevel::Error => "ERR",
+            };
+            if fmt.is_json() {
+                let v = json!({"seq": e.seq, "stamp_ms": e.stamp_ms, "level": level, "message": e.message});
+                println!("{}", fmt.json_text(&v));
             } else {
-                let level = match e.level {
-                    LogLevel::Info => "INF",
-                    LogLevel::Warn => "WRN",
-                    LogLevel::Error => "ERR",
-                };
                 println!("{} [{level}] {}", fmt_stamp(e.stamp_ms), e.message);
             }
         }

@@ -3,7 +3,9 @@
 //!     rados [--conf PATH] -p POOL put OBJ FILE|-
 //!     rados [--conf PATH] -p POOL get OBJ FILE|-
 //!     rados [--conf PATH] -p POOL ls | rm OBJ... | stat OBJ
-//!     rados [--conf PATH] -p POOL setxattr OBJ NAME VALUE | getxattr OBJ NAME | listomapkeys OBJ
+//!     rados [--conf PATH] -p POOL setxattr OBJ NAME VALUE | getxattr OBJ NAME | listxattr OBJ
+//!     rados [--conf PATH] -p POOL listomapkeys OBJ | cleanup [--prefix PREFIX]
+//!     rados [--conf PATH] df | lspools
 //!     rados [--conf PATH] -p POOL bench SECONDS write|seq|rand [-b SIZE] [-t CONCURRENCY] [--no-cleanup]
 //!                                                               [--format json]
 //!
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use rados::msg::MonCommand;
 use rados::objecter::{Completion, IoCtx, RadosError};
 
 /// Bytes per op when `put` and `get` move an object in pieces (Ceph's default op size).
@@ -27,13 +30,19 @@ const LIST_PAGE: usize = 1024;
 const OMAP_PAGE: u32 = 1024;
 /// The object `bench write` describes its objects in.
 const BENCH_METADATA: &str = "benchmark_last_metadata";
+/// How the names of `bench write`'s objects start.
+const BENCH_PREFIX: &str = "benchmark_data";
 /// Most concurrent ops `bench -t` accepts.
 const BENCH_CONCURRENCY_MAX: usize = 4096;
 /// Most objects one `bench write` leaves (bounds the metadata and the cleanup).
 const BENCH_OBJECTS_MAX: u64 = 100_000_000;
+/// Removes in flight during `cleanup`.
+const CLEANUP_DEPTH: usize = 64;
+/// How long `df` waits for the monitor.
+const MON_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
-#[command(name = "rados", about = "Read, write, list and benchmark the objects of a cuttle pool")]
+#[command(name = "rados", about = "Read, write, list and benchmark the objects of a cuttle pool", version)]
 struct Cli {
     #[command(flatten)]
     tool: ToolArgs,
@@ -49,28 +58,73 @@ use tools::{ClusterClient as Client, Format, ToolArgs};
 #[derive(Subcommand)]
 enum Cmd {
     /// Write FILE (`-`: stdin) as object OBJ, replacing its content.
-    Put { obj: String, file: String },
+    Put {
+        /// The object's name.
+        obj: String,
+        /// The file to read (`-`: stdin).
+        file: String,
+    },
     /// Read object OBJ into FILE (`-`: stdout).
-    Get { obj: String, file: String },
+    Get {
+        /// The object's name.
+        obj: String,
+        /// The file to write (`-`: stdout).
+        file: String,
+    },
     /// List the pool's objects.
     Ls,
     /// Remove objects.
     Rm {
+        /// The objects' names.
         #[arg(required = true)]
         objs: Vec<String>,
     },
     /// Print an object's size and version.
-    Stat { obj: String },
+    Stat {
+        /// The object's name.
+        obj: String,
+    },
     /// Set an extended attribute.
-    Setxattr { obj: String, name: String, value: String },
+    Setxattr {
+        /// The object's name.
+        obj: String,
+        /// The attribute's name.
+        name: String,
+        /// The attribute's value.
+        value: String,
+    },
     /// Print an extended attribute's value.
-    Getxattr { obj: String, name: String },
+    Getxattr {
+        /// The object's name.
+        obj: String,
+        /// The attribute's name.
+        name: String,
+    },
+    /// List an object's extended attributes.
+    Listxattr {
+        /// The object's name.
+        obj: String,
+    },
     /// List an object's omap keys.
-    Listomapkeys { obj: String },
+    Listomapkeys {
+        /// The object's name.
+        obj: String,
+    },
+    /// Space and objects per pool, and the cluster's totals.
+    Df,
+    /// List the pools.
+    Lspools,
+    /// Remove the objects a `bench write --no-cleanup` left (and its metadata object).
+    Cleanup {
+        /// Remove the objects whose names start with this instead.
+        #[arg(long, default_value = BENCH_PREFIX)]
+        prefix: String,
+    },
     /// Measure write or read throughput and latency.
     Bench {
         /// How long to run, in seconds.
         seconds: u64,
+        /// write: write new objects; seq, rand: read back what `write --no-cleanup` left.
         mode: BenchMode,
         /// Bytes per op and per object (K/M/G suffixes; default 4M).
         #[arg(short = 'b', long = "block-size")]
@@ -121,7 +175,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         _ => None,
     };
-    let pool = cli.pool.clone().ok_or_else(|| anyhow!("no pool given: use -p POOL"))?;
+    let needs_pool = !matches!(cli.cmd, Cmd::Df | Cmd::Lspools);
+    let pool = match &cli.pool {
+        Some(p) => p.clone(),
+        None if needs_pool => bail!("no pool given: use -p POOL"),
+        None => String::new(),
+    };
     // The config error's message already names its cause; `{:#}` would print the cause twice.
     let (cfg, conf_path) = cli.tool.config()?;
     if let Some(b) = bench_size {
@@ -131,7 +190,81 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     let client = Client::connect(&cfg, &conf_path)?;
-    dispatch(&cli, &client, &pool, bench_size)
+    match &cli.cmd {
+        Cmd::Df => df(&client, cli.tool.format),
+        Cmd::Lspools => lspools(&client, cli.tool.format),
+        _ => dispatch(&cli, &client, &pool, bench_size),
+    }
+}
+
+/// `rados df`: per pool its space and objects (from the monitor, which sums its OSDs' reports), then the
+/// cluster's totals.
+fn df(client: &Client, fmt: Format) -> Result<()> {
+    let text = client.monc.command(MonCommand::Df, MON_TIMEOUT).context("asking the monitor for df")?;
+    let v: serde_json::Value = serde_json::from_str(&text).context("the monitor sent malformed JSON")?;
+    let mut out = std::io::stdout().lock();
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let pools: Vec<serde_json::Value> = v["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let st = &p["stats"];
+            let copies = n(st, "objects")
+                * if n(st, "stored") > 0 { n(st, "bytes_used") / n(st, "stored") } else { 0 };
+            serde_json::json!({
+                "name": p["name"], "id": p["id"], "size_bytes": n(st, "bytes_used"),
+                "size_kb": n(st, "bytes_used") / 1024, "num_objects": n(st, "objects"),
+                "num_object_copies": copies, "stored_bytes": n(st, "stored"),
+            })
+        })
+        .collect();
+    let t = &v["stats"];
+    let total_objects: u64 = pools.iter().map(|p| n(p, "num_objects")).sum();
+    if fmt.is_json() {
+        let v = serde_json::json!({
+            "pools": pools,
+            "total_objects": total_objects,
+            "total_used": n(t, "total_used_raw_bytes") / 1024,
+            "total_avail": n(t, "total_avail_bytes") / 1024,
+            "total_space": n(t, "total_bytes") / 1024,
+        });
+        writeln!(out, "{}", fmt.json_text(&v))?;
+        return Ok(());
+    }
+    writeln!(out, "{:<16} {:>10} {:>8} {:>8} {:>10}", "POOL_NAME", "USED", "OBJECTS", "COPIES", "STORED")?;
+    for p in &pools {
+        writeln!(
+            out,
+            "{:<16} {:>10} {:>8} {:>8} {:>10}",
+            p["name"].as_str().unwrap_or("?"),
+            tools::human_bytes(n(p, "size_bytes")),
+            n(p, "num_objects"),
+            n(p, "num_object_copies"),
+            tools::human_bytes(n(p, "stored_bytes"))
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(out, "total_objects    {total_objects}")?;
+    writeln!(out, "total_used       {}", tools::human_bytes(n(t, "total_used_raw_bytes")))?;
+    writeln!(out, "total_avail      {}", tools::human_bytes(n(t, "total_avail_bytes")))?;
+    writeln!(out, "total_space      {}", tools::human_bytes(n(t, "total_bytes")))?;
+    Ok(())
+}
+
+/// `rados lspools`: the pools of the current map, by id.
+fn lspools(client: &Client, fmt: Format) -> Result<()> {
+    let map = client.monc.map().context("no cluster map from the monitor")?;
+    let names: Vec<&str> = map.pools.values().map(|p| p.name.as_str()).collect();
+    let mut out = std::io::stdout().lock();
+    if fmt.is_json() {
+        writeln!(out, "{}", fmt.json_text(&names))?;
+    } else {
+        for n in names {
+            writeln!(out, "{n}")?;
+        }
+    }
+    Ok(())
 }
 
 /// An object name for messages: long names are cut (the limit is 2 KiB; nobody reads that in an error).
@@ -145,7 +278,8 @@ fn shown(obj: &str) -> String {
 
 fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> Result<()> {
     let io = ioctx(client, pool)?;
-    let json = cli.tool.format == Format::Json;
+    let fmt = cli.tool.format;
+    let json = fmt.is_json();
     let mut out = std::io::stdout().lock();
     match &cli.cmd {
         Cmd::Put { obj, file } => {
@@ -174,13 +308,14 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
             if json {
                 let v: Vec<serde_json::Value> =
                     all.into_iter().map(|n| serde_json::json!({"namespace": "", "name": n})).collect();
-                writeln!(out, "{}", serde_json::Value::Array(v))?;
+                writeln!(out, "{}", fmt.json_text(&v))?;
             }
             Ok(())
         }
         Cmd::Rm { objs } => {
             for obj in objs {
-                io.remove(obj).with_context(|| format!("error removing {pool}>{}", shown(obj)))?;
+                io.remove(obj)
+                    .map_err(|e| anyhow!("error removing object '{}' from pool '{pool}': {e}", shown(obj)))?;
             }
             Ok(())
         }
@@ -189,7 +324,7 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
                 io.stat(obj).with_context(|| format!("error stat-ing {pool}/{}", shown(obj)))?;
             if json {
                 let v = serde_json::json!({"pool": pool, "name": obj, "size": size, "version": version});
-                writeln!(out, "{v}")?;
+                writeln!(out, "{}", fmt.json_text(&v))?;
             } else {
                 writeln!(out, "{pool}/{obj} version {version}, size {size}")?;
             }
@@ -206,6 +341,24 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
             out.write_all(&v)?;
             Ok(())
         }
+        Cmd::Listxattr { obj } => {
+            let names = io
+                .listxattrs(obj)
+                .with_context(|| format!("error listing xattrs of {pool}/{}", shown(obj)))?;
+            if json {
+                writeln!(out, "{}", fmt.json_text(&names))?;
+            } else {
+                for n in names {
+                    writeln!(out, "{n}")?;
+                }
+            }
+            Ok(())
+        }
+        Cmd::Cleanup { prefix } => {
+            drop(out);
+            cleanup(&io, prefix)
+        }
+        Cmd::Df | Cmd::Lspools => unreachable!("answered without a pool"),
         Cmd::Listomapkeys { obj } => {
             let mut after = String::new();
             loop {
@@ -225,7 +378,7 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
         Cmd::Bench { seconds, mode, concurrency, no_cleanup, .. } => {
             drop(out);
             let size = bench_size.expect("validated in run");
-            let b = Bench { io: &io, seconds: *seconds, size, concurrency: *concurrency, json };
+            let b = Bench { io: &io, seconds: *seconds, size, concurrency: *concurrency, fmt };
             match mode {
                 BenchMode::Write => b.write(*no_cleanup),
                 BenchMode::Seq => b.read(false),
@@ -233,6 +386,50 @@ fn dispatch(cli: &Cli, client: &Client, pool: &str, bench_size: Option<u64>) -> 
             }
         }
     }
+}
+
+/// `rados cleanup`: removes every object of the pool whose name starts with `prefix` (by default what
+/// `bench write --no-cleanup` left), and the benchmark metadata object, `CLEANUP_DEPTH` removes at a time.
+fn cleanup(io: &IoCtx, prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        bail!("--prefix must not be empty (that would remove every object of the pool)");
+    }
+    let mut cursor = None;
+    let mut victims = Vec::new();
+    loop {
+        let (names, next) = io.list(cursor.as_ref(), LIST_PAGE).context("error listing the pool")?;
+        victims.extend(names.into_iter().filter(|n| n.starts_with(prefix)));
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    let mut removed = 0u64;
+    let mut inflight = std::collections::VecDeque::new();
+    let wait = |c: Completion, removed: &mut u64| -> Result<()> {
+        match c.wait() {
+            Ok(_) => *removed += 1,
+            // Someone else removed it first: it is gone either way.
+            Err(RadosError::NotFound) => {}
+            Err(e) => return Err(e).context("error removing a benchmark object"),
+        }
+        Ok(())
+    };
+    for name in &victims {
+        if inflight.len() >= CLEANUP_DEPTH {
+            wait(inflight.pop_front().expect("non-empty"), &mut removed)?;
+        }
+        inflight.push_back(io.aio_remove(name)?);
+    }
+    for c in inflight {
+        wait(c, &mut removed)?;
+    }
+    match io.remove(BENCH_METADATA) {
+        Ok(()) | Err(RadosError::NotFound) => {}
+        Err(e) => return Err(e).context("error removing the benchmark metadata"),
+    }
+    println!("Removed {removed} objects");
+    Ok(())
 }
 
 /// Reads FILE (or stdin), refusing more than the largest object.
@@ -313,7 +510,7 @@ struct Bench<'a> {
     seconds: u64,
     size: u64,
     concurrency: usize,
-    json: bool,
+    fmt: Format,
 }
 
 /// What `bench write` leaves for `seq` and `rand`: `prefix=...`, `objects=N`, `object_size=S` lines.
@@ -437,7 +634,7 @@ impl Bench<'_> {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".into());
         let prefix = format!("benchmark_data_{host}_{}", std::process::id());
-        if !self.json {
+        if !self.fmt.is_json() {
             println!("hints = 1");
             println!(
                 "Maintaining {} concurrent writes of {} bytes to objects of size {} for up to {} seconds or 0 objects",
@@ -465,12 +662,12 @@ impl Bench<'_> {
             .context("writing the benchmark metadata")?;
         self.report(&stats, "writes", "Write")?;
         if !no_cleanup {
-            if !self.json {
+            if !self.fmt.is_json() {
                 println!("Cleaning up (deleting benchmark objects)");
             }
             let t = Instant::now();
             self.cleanup(&prefix, objects)?;
-            if !self.json {
+            if !self.fmt.is_json() {
                 println!("Removed {objects} objects");
                 println!("Clean up completed and total clean up time :{:.6}", t.elapsed().as_secs_f64());
             }
@@ -524,7 +721,7 @@ impl Bench<'_> {
         mut submit: impl FnMut(usize) -> Option<(Result<Completion, RadosError>, usize)>,
     ) -> Result<Stats> {
         let mut stats = Stats::new(opts.op_size);
-        let mut progress = Progress::new(self.json || opts.quiet);
+        let mut progress = Progress::new(self.fmt.is_json() || opts.quiet);
         // At most `concurrency` completions are outstanding, so the callbacks never block on this channel.
         let (tx, rx) = crossbeam_channel::bounded::<Finished>(self.concurrency);
         let mut in_flight = 0usize;
@@ -633,7 +830,7 @@ impl Bench<'_> {
         let (_, iops_sd) = mean_stddev(&iops_samples);
         let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-        if self.json {
+        if self.fmt.is_json() {
             let v = serde_json::json!({
                 "total_time_run": total,
                 "total_ops": ops,
@@ -652,7 +849,7 @@ impl Bench<'_> {
                 "lat_s_max": lat_max,
                 "lat_s_min": lat_min,
             });
-            println!("{v}");
+            println!("{}", self.fmt.json_text(&v));
             return Ok(());
         }
         let mut o = std::io::stdout().lock();

@@ -1,14 +1,15 @@
 //! rbd: manage block images on a cuttle pool, shaped like Ceph's `rbd` tool.
 //!
 //!     rbd [--conf PATH] create --size 10G [--object-size 4M] [--stripe-unit 64K --stripe-count 4] POOL/IMAGE
-//!     rbd ls [POOL] | info POOL/IMAGE | du POOL/IMAGE | rm POOL/IMAGE | rename SRC DST
+//!     rbd ls [-l] [POOL] | info POOL/IMAGE | du POOL/IMAGE | rm POOL/IMAGE | rename SRC DST
 //!     rbd resize --size N [--allow-shrink] POOL/IMAGE
 //!     rbd import FILE|- POOL/IMAGE | export POOL/IMAGE FILE|-
 //!     rbd bench --io-type read|write|readwrite [--io-size 4K] [--io-threads 16] [--io-total 1G]
 //!               [--io-pattern seq|rand] POOL/IMAGE
 //!     rbd map POOL/IMAGE [--socket PATH | --port N] [--read-only] | showmapped [--all] | unmap POOL/IMAGE|URI
 //!
-//! An image spec without a pool means pool `rbd`. `map` plays rbd-nbd's role without a kernel device: it
+//! A size without a unit is in MiB, as Ceph's (`--size 10` is 10 MiB). An image spec without a pool means the
+//! pool `-p` names, else `rbd`. `map` plays rbd-nbd's role without a kernel device: it
 //! starts this binary again as a background NBD server (the hidden `nbd-serve` command) in its own process
 //! group, with a pidfile, a log and a mapping record under the run directory ($CUTTLE_RBD_RUN_DIR, else
 //! $XDG_RUNTIME_DIR/cuttle-rbd-nbd, else /tmp/cuttle-rbd-nbd), and prints the NBD URI. The run directory is
@@ -49,10 +50,13 @@ const MAP_TIMEOUT: Duration = Duration::from_secs(30);
 const UNMAP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
-#[command(name = "rbd", about = "Manage cuttle block images and map them over NBD")]
+#[command(name = "rbd", about = "Manage cuttle block images and map them over NBD", version)]
 struct Cli {
     #[command(flatten)]
     tool: ToolArgs,
+    /// The pool of image specs that name none, and of `ls` (default: rbd).
+    #[arg(short = 'p', long = "pool", global = true)]
+    pool: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -61,54 +65,96 @@ struct Cli {
 enum Cmd {
     /// Create an image.
     Create {
+        /// POOL/IMAGE, or IMAGE in the default pool.
         spec: String,
-        /// Image size (K/M/G/T suffixes).
+        /// Image size: a number of MiB, or with a K/M/G/T suffix.
         #[arg(short = 's', long)]
         size: String,
         /// Object size, a power of two from 4K to 32M (default 4M).
         #[arg(long)]
         object_size: Option<String>,
+        /// Bytes of one stripe unit (with --stripe-count; K/M suffixes).
         #[arg(long)]
         stripe_unit: Option<String>,
+        /// Objects a stripe spans (with --stripe-unit).
         #[arg(long)]
         stripe_count: Option<u32>,
     },
     /// List the images of a pool (default: rbd).
     #[command(alias = "list")]
-    Ls { pool: Option<String> },
+    Ls {
+        /// The pool (else -p, else rbd).
+        pool: Option<String>,
+        /// One line per image with its size and format, as Ceph's `rbd ls -l`.
+        #[arg(short = 'l', long)]
+        long: bool,
+    },
     /// Show an image's size, layout and id.
-    Info { spec: String },
+    Info {
+        /// POOL/IMAGE, or IMAGE in the default pool.
+        spec: String,
+    },
     /// Provisioned and used bytes of an image (used: the sizes of its existing data objects).
-    Du { spec: String },
+    Du {
+        /// POOL/IMAGE, or IMAGE in the default pool.
+        spec: String,
+    },
     /// Remove an image and its data.
     #[command(alias = "remove")]
-    Rm { spec: String },
+    Rm {
+        /// POOL/IMAGE, or IMAGE in the default pool.
+        spec: String,
+    },
     /// Rename an image within its pool.
     #[command(alias = "mv")]
-    Rename { src: String, dst: String },
+    Rename {
+        /// The image's spec now.
+        src: String,
+        /// Its new spec, in the same pool.
+        dst: String,
+    },
     /// Change an image's size.
     Resize {
+        /// POOL/IMAGE, or IMAGE in the default pool.
         spec: String,
+        /// The new size: a number of MiB, or with a K/M/G/T suffix.
         #[arg(short = 's', long)]
         size: String,
+        /// Allow a smaller size (the data past it is lost).
         #[arg(long)]
         allow_shrink: bool,
     },
     /// Create an image from FILE (`-`: stdin); all-zero blocks are not written.
-    Import { file: String, spec: String },
+    Import {
+        /// The file to read (`-`: stdin).
+        file: String,
+        /// The new image: POOL/IMAGE, or IMAGE in the default pool.
+        spec: String,
+    },
     /// Write an image to FILE (`-`: stdout); holes stay holes in a file.
-    Export { spec: String, file: String },
+    Export {
+        /// POOL/IMAGE, or IMAGE in the default pool.
+        spec: String,
+        /// The file to write (`-`: stdout).
+        file: String,
+    },
     /// Measure image I/O.
     Bench {
+        /// POOL/IMAGE, or IMAGE in the default pool.
         spec: String,
+        /// What to do: read, write or readwrite.
         #[arg(long, value_enum)]
         io_type: IoType,
+        /// Bytes per I/O (K/M suffixes).
         #[arg(long, default_value = "4K")]
         io_size: String,
+        /// I/Os in flight at once.
         #[arg(long, default_value_t = 16)]
         io_threads: usize,
+        /// Bytes to move in all (K/M/G suffixes).
         #[arg(long, default_value = "1G")]
         io_total: String,
+        /// Where the I/Os go: seq or rand.
         #[arg(long, value_enum, default_value_t = IoPattern::Seq)]
         io_pattern: IoPattern,
         /// Percentage of reads in readwrite mode.
@@ -117,6 +163,7 @@ enum Cmd {
     },
     /// Serve an image over NBD in the background and print its URI.
     Map {
+        /// POOL/IMAGE, or IMAGE in the default pool.
         spec: String,
         /// Unix socket path (default: IMAGE's socket in the run directory).
         #[arg(long, conflicts_with = "port")]
@@ -124,6 +171,7 @@ enum Cmd {
         /// Listen on 127.0.0.1:PORT instead (0: any free port).
         #[arg(long)]
         port: Option<u16>,
+        /// Serve the image read-only.
         #[arg(long)]
         read_only: bool,
         /// Also attach a kernel NBD device: /dev/nbdN, or `auto` for the first free one (needs the nbd
@@ -138,7 +186,10 @@ enum Cmd {
         all: bool,
     },
     /// Stop the NBD server of a mapped image (by POOL/IMAGE, URI or /dev/nbdN), detaching its device.
-    Unmap { target: String },
+    Unmap {
+        /// POOL/IMAGE, the NBD URI or the device.
+        target: String,
+    },
     /// The background NBD server `map` starts.
     #[command(hide = true)]
     NbdServe {
@@ -156,27 +207,62 @@ enum Cmd {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum IoType {
+    /// Reads only.
     Read,
+    /// Writes only.
     Write,
+    /// Reads and writes, mixed by --rw-mix-read.
     Readwrite,
+}
+
+impl IoType {
+    fn name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Readwrite => "readwrite",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum IoPattern {
+    /// One offset after the other.
     Seq,
+    /// Random offsets.
     Rand,
+}
+
+impl IoPattern {
+    fn name(self) -> &'static str {
+        match self {
+            IoPattern::Seq => "seq",
+            IoPattern::Rand => "rand",
+        }
+    }
 }
 
 fn main() {
     tools::quiet_on_broken_pipe();
-    tools::exit_with("rbd", run(Cli::parse()))
+    let cli = Cli::parse();
+    if let Some(p) = &cli.pool {
+        DEFAULT_POOL_ARG.set(p.clone()).expect("set once, here");
+    }
+    tools::exit_with("rbd", run(cli))
 }
 
-/// POOL/IMAGE or IMAGE (pool rbd).
+/// The pool `-p` named for specs without one, else `rbd`; set once in `main`, before any spec is parsed.
+static DEFAULT_POOL_ARG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn default_pool() -> &'static str {
+    DEFAULT_POOL_ARG.get().map_or(DEFAULT_POOL, String::as_str)
+}
+
+/// POOL/IMAGE or IMAGE (in the default pool).
 fn parse_spec(spec: &str) -> Result<(String, String)> {
     let (pool, image) = match spec.split_once('/') {
         Some((p, i)) => (p, i),
-        None => (DEFAULT_POOL, spec),
+        None => (default_pool(), spec),
     };
     if pool.is_empty() || image.is_empty() {
         bail!("bad image spec {spec:?}: expected POOL/IMAGE");
@@ -187,6 +273,16 @@ fn parse_spec(spec: &str) -> Result<(String, String)> {
 
 fn size_arg(what: &str, s: &str) -> Result<u64> {
     tools::parse_size(s).with_context(|| format!("invalid {what} {s:?}"))
+}
+
+/// An image size as Ceph's rbd reads it: a bare number is MiB (`--size 10`), else a K/M/G/T suffix.
+fn image_size_arg(what: &str, s: &str) -> Result<u64> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        let mib: u64 = t.parse().with_context(|| format!("invalid {what} {s:?}: too large"))?;
+        return mib.checked_mul(1 << 20).with_context(|| format!("invalid {what} {s:?}: too large"));
+    }
+    size_arg(what, s)
 }
 
 fn rbd_pool(client: &Client, pool: &str) -> Result<Rbd> {
@@ -246,7 +342,7 @@ fn precheck(cmd: &Cmd) -> Result<Pre> {
     match cmd {
         Cmd::Create { spec, size, object_size, stripe_unit, stripe_count } => {
             parse_spec(spec)?;
-            p.size = size_arg("--size", size)?;
+            p.size = image_size_arg("--size", size)?;
             if let Some(os) = object_size {
                 let b = size_arg("--object-size", os)?;
                 if !b.is_power_of_two() {
@@ -265,7 +361,7 @@ fn precheck(cmd: &Cmd) -> Result<Pre> {
         }
         Cmd::Resize { spec, size, .. } => {
             parse_spec(spec)?;
-            p.size = size_arg("--size", size)?;
+            p.size = image_size_arg("--size", size)?;
         }
         Cmd::Bench { spec, io_size, io_threads, io_total, rw_mix_read, .. } => {
             parse_spec(spec)?;
@@ -303,7 +399,8 @@ fn precheck(cmd: &Cmd) -> Result<Pre> {
 }
 
 fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
-    let json = cli.tool.format == Format::Json;
+    let fmt = cli.tool.format;
+    let json = fmt.is_json();
     match &cli.cmd {
         Cmd::Create { spec, .. } => {
             let (pool, image) = parse_spec(spec)?;
@@ -311,13 +408,15 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
                 .create(&image, pre.size, pre.opts)
                 .map_err(|e| anyhow!("error creating {pool}/{image}: {e}"))?;
         }
-        Cmd::Ls { pool } => {
-            let pool = pool.as_deref().unwrap_or(DEFAULT_POOL);
-            let mut names =
-                rbd_pool(client, pool)?.list().map_err(|e| anyhow!("error listing {pool}: {e}"))?;
+        Cmd::Ls { pool, long } => {
+            let pool = pool.as_deref().unwrap_or(default_pool());
+            let rbd = rbd_pool(client, pool)?;
+            let mut names = rbd.list().map_err(|e| anyhow!("error listing {pool}: {e}"))?;
             names.sort();
-            if json {
-                println!("{}", serde_json::to_string(&names)?);
+            if *long {
+                ls_long(&rbd, pool, &names, fmt)?;
+            } else if json {
+                println!("{}", fmt.json_text(&names));
             } else {
                 for n in names {
                     println!("{n}");
@@ -329,11 +428,11 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
             let info = rbd_pool(client, &pool)?
                 .info(&image)
                 .map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
-            print_info(&info, json)?;
+            print_info(&info, fmt)?;
         }
         Cmd::Du { spec } => {
             let (pool, image) = parse_spec(spec)?;
-            du(client, &pool, &image, json)?;
+            du(client, &pool, &image, fmt)?;
         }
         Cmd::Rm { spec } => {
             let (pool, image) = parse_spec(spec)?;
@@ -343,9 +442,19 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
             {
                 bail!("{pool}/{image} is mapped (pid {}, {}): unmap it first", m.pid, m.uri);
             }
+            let mut listing = tools::Progress::counting("Finding the image's objects");
+            let mut removing = tools::Progress::new("Removing image", None);
             rbd_pool(client, &pool)?
-                .remove(&image)
+                .remove_with(&image, &mut |p| match p {
+                    rbd::image::Progress::Listed { objects } => listing.update(objects),
+                    rbd::image::Progress::Removed { done, total } => {
+                        listing.finish();
+                        removing.set_total(total);
+                        removing.update(done);
+                    }
+                })
                 .map_err(|e| anyhow!("error removing {pool}/{image}: {e}"))?;
+            removing.finish();
         }
         Cmd::Rename { src, dst } => {
             let (pool, a) = parse_spec(src)?;
@@ -380,7 +489,7 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
                 pattern: *io_pattern,
                 rw_mix_read: *rw_mix_read,
             };
-            let r = bench(Arc::clone(&img), &b, json);
+            let r = bench(Arc::clone(&img), &b, fmt);
             img.close();
             r?;
         }
@@ -396,15 +505,43 @@ fn dispatch(cli: &Cli, client: &Client, pre: Pre) -> Result<()> {
     Ok(())
 }
 
-fn print_info(i: &ImageInfo, json: bool) -> Result<()> {
-    if json {
+/// `rbd ls -l`: name, size, parent, format, protection and lock of each image (Ceph's columns; cuttle has
+/// no clones, snapshots or locks, so those columns are empty).
+fn ls_long(rbd: &Rbd, pool: &str, names: &[String], fmt: Format) -> Result<()> {
+    let mut rows = Vec::new();
+    for n in names {
+        match rbd.info(n) {
+            Ok(i) => rows.push(i),
+            // Removed between the listing and now.
+            Err(rbd::image::RbdError::NoSuchImage(_)) => {}
+            Err(e) => bail!("error opening {pool}/{n}: {e}"),
+        }
+    }
+    if fmt.is_json() {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|i| serde_json::json!({"image": i.name, "id": i.id, "size": i.size, "format": 2}))
+            .collect();
+        println!("{}", fmt.json_text(&v));
+        return Ok(());
+    }
+    let width = rows.iter().map(|i| i.name.len()).max().unwrap_or(0).max(4);
+    println!("{:<width$}  {:>9}  {:<6}  {:<3}  {:<4}  LOCK", "NAME", "SIZE", "PARENT", "FMT", "PROT");
+    for i in &rows {
+        println!("{:<width$}  {:>9}  {:<6}  {:<3}  {:<4}", i.name, tools::human_bytes(i.size), "", 2, "");
+    }
+    Ok(())
+}
+
+fn print_info(i: &ImageInfo, fmt: Format) -> Result<()> {
+    if fmt.is_json() {
         let v = serde_json::json!({
             "name": i.name, "id": i.id, "size": i.size, "objects": i.num_objs, "order": i.order,
             "object_size": i.object_size, "block_name_prefix": i.block_name_prefix, "format": 2,
             "features": i.features, "stripe_unit": i.stripe_unit, "stripe_count": i.stripe_count,
             "create_timestamp": i.created_unix_s,
         });
-        println!("{v}");
+        println!("{}", fmt.json_text(&v));
         return Ok(());
     }
     println!("rbd image '{}':", i.name);
@@ -422,11 +559,24 @@ fn print_info(i: &ImageInfo, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn du(client: &Client, pool: &str, image: &str, json: bool) -> Result<()> {
+/// `rbd du`: the image's size and the bytes of its data objects that exist. The objects are found by
+/// listing the pool (`Rbd::data_objects`), not by trying every object the image could have.
+fn du(client: &Client, pool: &str, image: &str, fmt: Format) -> Result<()> {
     let rbd = rbd_pool(client, pool)?;
     let info = rbd.info(image).map_err(|e| anyhow!("error opening {pool}/{image}: {e}"))?;
     let io = rbd.ioctx();
+    let mut listing = tools::Progress::counting("Finding the image's objects");
+    let objects = rbd
+        .data_objects(&info.id, &mut |p| {
+            if let rbd::image::Progress::Listed { objects } = p {
+                listing.update(objects)
+            }
+        })
+        .map_err(|e| anyhow!("error listing the objects of {pool}/{image}: {e}"))?;
+    listing.finish();
+    let mut progress = tools::Progress::new("Calculating image usage", Some(objects.len() as u64));
     let mut used = 0u64;
+    let mut done = 0u64;
     let mut inflight = VecDeque::new();
     let mut collect = |c: rados::objecter::Completion| -> Result<()> {
         match c.wait() {
@@ -434,9 +584,12 @@ fn du(client: &Client, pool: &str, image: &str, json: bool) -> Result<()> {
             Err(RadosError::NotFound) => {}
             Err(e) => bail!("stat: {e}"),
         }
+        done += 1;
+        progress.update(done);
         Ok(())
     };
-    for n in 0..info.num_objs {
+    // Objects past the image's end (left by a shrink that was cut short) are not the image's data.
+    for n in objects.into_iter().filter(|&n| n < info.num_objs) {
         let oid = rbd::striper::object_name(&info.id, n);
         inflight.push_back(io.aio_operate(&oid, ObjectOperation::new().stat())?);
         if inflight.len() >= STAT_DEPTH {
@@ -446,11 +599,10 @@ fn du(client: &Client, pool: &str, image: &str, json: bool) -> Result<()> {
     for c in inflight {
         collect(c)?;
     }
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"images": [{"name": image, "provisioned_size": info.size, "used_size": used}]})
-        );
+    progress.finish();
+    if fmt.is_json() {
+        let v = serde_json::json!({"images": [{"name": image, "provisioned_size": info.size, "used_size": used}]});
+        println!("{}", fmt.json_text(&v));
     } else {
         println!("{:<20} {:>12} {:>12}", "NAME", "PROVISIONED", "USED");
         println!("{:<20} {:>12} {:>12}", image, tools::human_bytes(info.size), tools::human_bytes(used));
@@ -692,7 +844,8 @@ impl BenchRun {
     }
 }
 
-fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
+fn bench(img: Arc<Image>, b: &BenchArgs, fmt: Format) -> Result<()> {
+    let json = fmt.is_json();
     let size = img.size();
     if size < b.io_size {
         bail!("the image ({size} bytes) is smaller than --io-size ({})", b.io_size);
@@ -701,8 +854,8 @@ fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
     if !json {
         let pattern = if b.pattern == IoPattern::Seq { "sequential" } else { "random" };
         println!(
-            "bench  type {:?} io_size {} io_threads {} bytes {} pattern {pattern}",
-            b.io_type,
+            "bench  type {} io_size {} io_threads {} bytes {} pattern {pattern}",
+            b.io_type.name(),
             b.io_size,
             b.threads,
             total_ops * b.io_size
@@ -766,16 +919,14 @@ fn bench(img: Arc<Image>, b: &BenchArgs, json: bool) -> Result<()> {
     let ops_per_s = ops as f64 / elapsed;
     let bytes_per_s = ops_per_s * b.io_size as f64;
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "io_type": format!("{:?}", b.io_type).to_lowercase(), "io_size": b.io_size,
-                "io_threads": b.threads, "io_pattern": format!("{:?}", b.pattern).to_lowercase(),
+        let v = serde_json::json!({
+                "io_type": b.io_type.name(), "io_size": b.io_size,
+                "io_threads": b.threads, "io_pattern": b.pattern.name(),
                 "ops": ops, "elapsed_s": elapsed, "ops_per_s": ops_per_s, "bytes_per_s": bytes_per_s,
                 "lat_us_avg": avg, "lat_us_p99": p99,
                 "rbd_cache": img.options().cache.enabled, "queue_depth": img.queue_depth(),
-            })
-        );
+        });
+        println!("{}", fmt.json_text(&v));
     } else {
         println!(
             "elapsed: {:.0}   ops: {ops}   ops/sec: {ops_per_s:.2}   bytes/sec: {}/s",
@@ -1003,6 +1154,11 @@ fn map(
         }
         if let Some(st) = child.try_wait()? {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // The server's own error line (`rbd: ...`, from `exit_with`) says why; the log lines around it
+            // are the messenger's and stay in the log.
+            if let Some(why) = text.lines().rev().find_map(|l| l.strip_prefix("rbd: ")) {
+                bail!("{why}");
+            }
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             let _ = std::fs::remove_file(&log);
@@ -1130,8 +1286,8 @@ fn showmapped(cli: &Cli, all: bool) -> Result<()> {
         let fsid = config_fsid(cli)?;
         ms.retain(|m| m.fsid == fsid);
     }
-    if cli.tool.format == Format::Json {
-        println!("{}", serde_json::to_string(&ms)?);
+    if cli.tool.format.is_json() {
+        println!("{}", cli.tool.format.json_text(&ms));
         return Ok(());
     }
     let cluster = |m: &Mapping| if m.fsid.is_empty() { "-".to_string() } else { m.fsid.clone() };
