@@ -707,7 +707,12 @@ mod tests {
         let owner = PidOwner { program: "sleep".into(), arg: "30".into() };
         let rec = PidRecord { pid: child.id(), start_time: process_start_time(child.id()) };
         std::fs::write(&p, rec.encode()).unwrap();
-        assert_eq!(check_pidfile(&p, &owner), PidStatus::Running(child.id()));
+        // Until the child has exec'd, its command line is still this test's: wait for it (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while check_pidfile(&p, &owner) != PidStatus::Running(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "the child never showed as `sleep 30`");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let err = PidFile::create(&p, &owner).unwrap_err().to_string();
         assert!(err.contains("already running"), "{err}");
         child.kill().unwrap();
