@@ -29,13 +29,7 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
-    /// The same file opened with O_DIRECT, when asked for and the file system allows it: writes of whole
-    /// [`DIRECT_ALIGN`] blocks at such offsets go through it, past the page cache.
-    direct: Option<File>,
 }
-
-/// What O_DIRECT asks of a write's offset, length and buffer.
-pub const DIRECT_ALIGN: usize = 4096;
 
 impl FileDevice {
     /// Opens (or creates) `path` and takes an exclusive lock on it, so two processes never share a store.
@@ -51,20 +45,7 @@ impl FileDevice {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
-        Ok(FileDevice { file, direct: None })
-    }
-
-    /// [`FileDevice::open`], and whole aligned blocks are written with O_DIRECT (the write-ahead log, whose
-    /// records are whole 4 KiB blocks at 4 KiB offsets): no copy into the page cache and no writeback for the
-    /// flush to wait for. Where the file system refuses O_DIRECT (tmpfs), writes stay buffered.
-    pub fn open_direct(path: &Path, create: bool) -> io::Result<FileDevice> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut dev = FileDevice::open(path, create)?;
-        match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => dev.direct = Some(f),
-            Err(e) => tracing::info!("{}: no O_DIRECT ({e}); writes go through the page cache", path.display()),
-        }
-        Ok(dev)
+        Ok(FileDevice { file })
     }
 }
 
@@ -74,17 +55,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        match &self.direct {
-            Some(d) if offset.is_multiple_of(DIRECT_ALIGN as u64) && data.len().is_multiple_of(DIRECT_ALIGN) => {
-                // O_DIRECT wants an aligned buffer too.
-                let mut buf = vec![0u8; data.len() + DIRECT_ALIGN];
-                let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                let aligned = &mut buf[at..at + data.len()];
-                aligned.copy_from_slice(data);
-                d.write_all_at(aligned, offset)
-            }
-            _ => self.file.write_all_at(data, offset),
-        }
+        self.file.write_all_at(data, offset)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -152,11 +123,6 @@ impl redb::StorageBackend for RedbBackend {
 pub trait Env: Send + Sync + std::fmt::Debug {
     /// Opens the device file `name`; `create` makes it if missing.
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn BlockDevice>>;
-    /// [`Env::open`] for a file written only in whole aligned blocks (the WAL), which a real file system
-    /// may then write past its page cache.
-    fn open_direct(&self, name: &str, create: bool) -> io::Result<Arc<dyn BlockDevice>> {
-        self.open(name, create)
-    }
     /// Whether the file `name` exists.
     fn exists(&self, name: &str) -> io::Result<bool>;
     /// Replaces the file `name` with `data` atomically and durably.
@@ -182,10 +148,6 @@ impl DirEnv {
 impl Env for DirEnv {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn BlockDevice>> {
         Ok(Arc::new(FileDevice::open(&self.dir.join(name), create)?))
-    }
-
-    fn open_direct(&self, name: &str, create: bool) -> io::Result<Arc<dyn BlockDevice>> {
-        Ok(Arc::new(FileDevice::open_direct(&self.dir.join(name), create)?))
     }
 
     fn exists(&self, name: &str) -> io::Result<bool> {

@@ -508,7 +508,7 @@ impl BlueStore {
             .map_err(|e| db_err(&e))?;
         let damaged = |why: String| BlueStoreError::Damaged { where_: where_.clone(), why };
         let au = 1u64 << au_shift;
-        let wal = env.open_direct(WAL_FILE, false).map_err(io("wal file"))?;
+        let wal = env.open(WAL_FILE, false).map_err(io("wal file"))?;
         let replayed = replay_wal(&db, &wal, &block, au, label.block_bytes).map_err(|e| match e {
             ReplayError::Io(what, source) => BlueStoreError::Io { where_: where_.clone(), what, source },
             ReplayError::Damaged(why) => damaged(why),
