@@ -3,6 +3,7 @@
 # IOPS, the daemons' CPU per write (utime+stime of mon + OSDs) and the disk's own bytes per write (sectors
 # written to the disk under the cluster, after a sync).
 # Usage: benches/scripts/overwrite-after-fill.sh [IMAGE_SIZE] [IO_TOTAL]   (default 1G 128M)
+#        UPARGS="--set osd_objectstore=memstore" benches/scripts/overwrite-after-fill.sh   (the same on MemStore)
 set -euo pipefail
 size="${1:-1G}"; total="${2:-128M}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -10,7 +11,8 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="$root/target/release"
 work="$(mktemp -d /tmp/overwrite-after-fill.XXXXXX)"
 trap '"$bin/cuttle" down --dir "$work/c" >/dev/null 2>&1; rm -rf "$work"' EXIT
-"$bin/cuttle" up --dir "$work/c" >/dev/null
+# shellcheck disable=SC2086
+"$bin/cuttle" up --dir "$work/c" ${UPARGS:-} >/dev/null
 pids=$(awk '{print $1}' "$work"/c/*.pid)
 dev="$(basename "$(df --output=source "$work" | tail -1)")"
 ticks() { local t=0 p; for p in $pids; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
