@@ -76,6 +76,20 @@ cuttle_up() {
 
 cuttle_down() { "$bin/cuttle" down --dir "$1" >/dev/null; }
 
+# For the A/B scripts (one build against another; no Ceph): bin = BIN_DIR made absolute, work = a fresh
+# /tmp/NAME.XXXXXX, a `cuttle up` cluster from that build in $work/c (ARGS go to `cuttle up`; kpids = its
+# daemons, conf = its config); cluster and $work go on exit.
+ab_init() {
+  bin="$(cd "$2" && pwd)"
+  work="$(mktemp -d "/tmp/$1.XXXXXX")"
+  trap '"$bin/cuttle" down --dir "$work/c" >/dev/null 2>&1; rm -rf "$work"' EXIT
+  cuttle_up "$work/c" "${@:3}"
+  conf="$work/c/cuttle.toml"
+}
+
+# field KEY: the last word of the stdin line that starts with KEY (rados bench's summary lines).
+field() { awk -v k="$1" 'index($0, k) == 1 {print $NF}'; }
+
 ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 # Bytes written to the block device under $work so far (sectors written x 512, /sys/class/block/DEV/stat), after a
 # `sync`, so that what a phase left in the page cache is counted with it. Whoever wrote them: only one cluster runs

@@ -545,12 +545,16 @@ fn parse_pid_record(text: &str) -> Option<PidRecord> {
     Some(PidRecord { pid, start_time })
 }
 
-/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks after boot.
-pub fn process_start_time(pid: u32) -> Option<u64> {
+/// Field `n` (numbered from 1, as proc(5) does; 3 or later) of `/proc/PID/stat`.
+fn proc_stat_field(pid: u32, n: usize) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count fields after the last ')'.
-    let rest = s.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    s.rsplit_once(')')?.1.split_whitespace().nth(n - 3).map(str::to_string)
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks after boot.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    proc_stat_field(pid, 22)?.parse().ok()
 }
 
 fn process_cmdline(pid: u32) -> Option<Vec<String>> {
@@ -610,14 +614,8 @@ pub fn read_pid_record(path: &Path) -> Option<PidRecord> {
 
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            // Field 3 is the state; a zombie ("Z") has exited.
-            let state = s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-            state != Some("Z")
-        }
-        Err(_) => false,
-    }
+    // Field 3 is the state; a zombie ("Z") has exited.
+    proc_stat_field(pid, 3).is_some_and(|state| state != "Z")
 }
 
 /// Set when SIGTERM or SIGINT arrives.

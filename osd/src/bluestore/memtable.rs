@@ -75,12 +75,7 @@ impl Memtable {
         lo: Bound<&[u8]>,
         hi: Bound<&[u8]>,
     ) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
-        let own = |b: Bound<&[u8]>| match b {
-            Bound::Included(k) => Bound::Included(k.to_vec()),
-            Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        self.tables[table as usize].range((own(lo), own(hi))).map(|(k, v)| (k.as_slice(), v.as_deref()))
+        self.tables[table as usize].range::<[u8], _>((lo, hi)).map(|(k, v)| (k.as_slice(), v.as_deref()))
     }
 
     /// Every row, table by table.

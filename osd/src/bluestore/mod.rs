@@ -1667,7 +1667,8 @@ fn del_row(rows: &mut Vec<WalOp>, table: TableId, key: &[u8]) {
     rows.push(WalOp::Del { table, key: key.to_vec() });
 }
 
-type Rows = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+/// A committed table of byte keys and values, read with the memtable over it.
+type MetaTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 
 impl Inner {
     /// Works a batch's layer out against the committed metadata (`mem` over `rtx`): the rows it changes and
@@ -1771,7 +1772,7 @@ impl Inner {
         &self,
         c: &mut Committer,
         mem: &Memtable,
-        omap: &Rows,
+        omap: &MetaTable,
         nid: u64,
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
@@ -1793,8 +1794,8 @@ impl Inner {
         &self,
         c: &mut Committer,
         mem: &Memtable,
-        blobs: &Rows,
-        omap: &Rows,
+        blobs: &MetaTable,
+        omap: &MetaTable,
         nid: u64,
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
@@ -1824,7 +1825,7 @@ impl Inner {
         &self,
         c: &mut Committer,
         mem: &Memtable,
-        blobs: &Rows,
+        blobs: &MetaTable,
         nid: u64,
         old_size: u64,
         e: &ObjLayer,
